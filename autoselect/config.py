@@ -1,0 +1,129 @@
+"""`AutoSelectConfig`: every knob of the method in one JSON-serialisable dataclass.
+
+Defaults follow the DiffPrune/AutoSelect paper (see docs in ``shared/docs/method.md``):
+a 2-block global-attention scorer, a 1-block diagonal-attention denoiser and a cosine
+temperature schedule 2.0 -> 0.1 over 2000 steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+POSITION_POLICIES = ("repack", "original")
+
+
+@dataclass
+class AutoSelectConfig:
+    """Configuration of the scorer, denoiser, budget and schedules.
+
+    ``budget`` is either an ``int`` K (visual tokens kept per image) or a ``float`` ratio
+    in (0, 1] of the N visual tokens an image has.
+    """
+
+    budget: int | float = 64
+    # Scorer: transformer blocks with global attention over the visual tokens + linear head.
+    scorer_layers: int = 2
+    scorer_width: int | None = None  # None: the backbone's vision feature width
+    scorer_heads: int | None = None  # None: width // 64 (at least 1), as in the paper (1024 / 16)
+    scorer_mlp_ratio: float = 4.0
+    # Denoiser: transformer blocks whose attention sees only the token itself (identity mask).
+    denoiser_layers: int = 1
+    denoiser_mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    # Budgeted soft top-K temperature: cosine from start to end over `temperature_steps`.
+    temperature_start: float = 2.0
+    temperature_end: float = 0.1
+    temperature_steps: int = 2000
+    # Noise gate: standardise with per-channel batch statistics so the VP property holds for
+    # features that are not unit-variance (the paper assumes "normalized visual tokens").
+    gate_standardize: bool = True
+    # Position ids of kept tokens at inference: "repack" (contiguous) or "original" (with gaps).
+    position_policy: str = "repack"
+    # Filled in by `AutoSelectModel.attach` so a saved scorer can be checked against a VLM.
+    vision_width: int | None = None
+    backbone: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        validate_budget(self.budget)
+        if self.position_policy not in POSITION_POLICIES:
+            raise ValueError(
+                f"position_policy must be one of {POSITION_POLICIES}, got {self.position_policy!r}"
+            )
+        for name in ("scorer_layers", "denoiser_layers", "temperature_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.temperature_start > 0 and self.temperature_end > 0):
+            raise ValueError("temperature_start and temperature_end must be > 0")
+        if self.scorer_width is not None and self.scorer_width < 1:
+            raise ValueError(f"scorer_width must be >= 1, got {self.scorer_width}")
+
+    # ---- budget -------------------------------------------------------------------------
+    def resolve_budget(self, num_tokens: int, budget: int | float | None = None) -> int:
+        """Number of tokens K to keep out of ``num_tokens`` (N) for ``budget`` (default: ours)."""
+        return resolve_budget(self.budget if budget is None else budget, num_tokens)
+
+    # ---- schedules ----------------------------------------------------------------------
+    def temperature(self, step: int) -> float:
+        """Cosine-annealed soft top-K temperature at optimiser step ``step``."""
+        progress = min(max(step, 0), self.temperature_steps) / self.temperature_steps
+        cos = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.temperature_end + (self.temperature_start - self.temperature_end) * cos
+
+    def resolved_heads(self, width: int) -> int:
+        heads = self.scorer_heads or max(1, width // 64)
+        if width % heads:
+            raise ValueError(f"scorer width {width} is not divisible by scorer_heads={heads}")
+        return heads
+
+    # ---- serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AutoSelectConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown AutoSelectConfig keys: {unknown}")
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json_string(cls, text: str) -> "AutoSelectConfig":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json_string() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AutoSelectConfig":
+        return cls.from_json_string(Path(path).read_text())
+
+
+def validate_budget(budget: int | float) -> None:
+    """Reject budgets that can never be valid, whatever N is."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"budget must be an int K or a float ratio in (0, 1], got {budget!r}")
+    if isinstance(budget, int):
+        if budget <= 0:
+            raise ValueError(f"budget must be a positive number of tokens, got {budget}")
+    elif not (0.0 < budget <= 1.0) or math.isnan(budget):
+        raise ValueError(f"budget ratio must be in (0, 1], got {budget}")
+
+
+def resolve_budget(budget: int | float, num_tokens: int) -> int:
+    """Turn an int K or a ratio into K for an image with ``num_tokens`` visual tokens."""
+    validate_budget(budget)
+    if isinstance(budget, float):
+        return max(1, min(num_tokens, round(budget * num_tokens)))
+    if budget > num_tokens:
+        raise ValueError(f"budget K={budget} exceeds the {num_tokens} visual tokens of the image")
+    return budget

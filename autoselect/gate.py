@@ -1,0 +1,38 @@
+"""Variance-preserving noise gate: ``x~ = sqrt(a) * x + sqrt(1 - a) * eps``.
+
+A token with retention ``a ~ 1`` passes unchanged; ``a ~ 0`` replaces its content with noise.
+Unlike a scale gate ``a * x``, the token keeps its feature scale, so normalisation layers
+downstream cannot undo the restriction, and the output is differentiable in ``a`` for every
+token (noise held fixed), which is how the scorer gets gradient from dropped tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def vp_noise_gate(
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    standardize: bool = True,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gate tokens ``x [B, N, D]`` with retention weights ``alpha [B, N]``.
+
+    With ``standardize`` the gate acts on ``(x - mu) / sigma`` with per-channel statistics of
+    the batch (detached), and maps back, i.e. ``mu + sqrt(a)(x - mu) + sqrt(1-a) sigma eps``:
+    the exact paper form for unit-variance features, and variance-preserving for any others.
+    ``noise`` defaults to fresh standard normal noise for every token and channel.
+    """
+    if noise is None:
+        noise = torch.randn_like(x)
+    a = alpha.to(x.dtype).clamp(0.0, 1.0).unsqueeze(-1)
+    keep, mix = a.sqrt(), (1.0 - a).sqrt()
+    if not standardize:
+        return keep * x + mix * noise
+    with torch.no_grad():
+        flat = x.reshape(-1, x.shape[-1]) if valid is None else x[valid.bool()]
+        mu = flat.mean(0)
+        sigma = flat.std(0, unbiased=False).clamp_min(1e-6) if flat.shape[0] > 1 else torch.ones_like(mu)
+    return mu + keep * (x - mu) + mix * sigma * noise

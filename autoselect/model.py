@@ -1,0 +1,225 @@
+"""`AutoSelectModel`: a frozen VLM with a trainable scorer (and train-only denoiser) attached.
+
+Train mode:  visual tokens -> scorer -> soft top-K (sum = K) -> VP noise gate -> denoiser
+             -> frozen projector -> frozen LLM; the loss is the VLM's own next-token loss.
+Eval mode:   visual tokens -> scorer -> hard top-K (order kept) -> frozen projector on the K kept
+             tokens -> frozen LLM, with ``input_ids``/``attention_mask``/``labels`` rebuilt so each
+             image contributes K tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from autoselect.backbones import BackboneAdapter, get_adapter
+from autoselect.config import AutoSelectConfig
+from autoselect.denoiser import Denoiser
+from autoselect.gate import vp_noise_gate
+from autoselect.placeholders import placeholder_positions, prune_placeholders
+from autoselect.scorer import Scorer
+from autoselect.selection import gather_tokens, topk_indices
+from autoselect.soft_topk import soft_topk
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class Selection:
+    """What the scorer decided for a batch of images (exposed for evaluation and serving)."""
+
+    scores: torch.Tensor  # [num_images, N]
+    indices: torch.Tensor  # [num_images, K], sorted
+    num_tokens: int  # N
+
+    @property
+    def budget(self) -> int:
+        return int(self.indices.shape[-1])
+
+
+class AutoSelectModel(nn.Module):
+    """Wraps one VLM instance; only ``scorer`` and ``denoiser`` have trainable parameters."""
+
+    def __init__(self, vlm: nn.Module, config: AutoSelectConfig, adapter: BackboneAdapter) -> None:
+        super().__init__()
+        self.vlm = vlm
+        self.adapter = adapter
+        self.config = config
+        width = config.scorer_width or adapter.vision_width
+        self.scorer = Scorer(
+            vision_width=adapter.vision_width,
+            width=width,
+            layers=config.scorer_layers,
+            heads=config.resolved_heads(width),
+            mlp_ratio=config.scorer_mlp_ratio,
+            dropout=config.dropout,
+        )
+        self.denoiser = Denoiser(
+            adapter.vision_width, config.denoiser_layers, config.denoiser_mlp_ratio, config.dropout
+        )
+        self.training_step = 0
+        dtype = next(vlm.parameters()).dtype
+        device = next(vlm.parameters()).device
+        self.scorer.to(device=device, dtype=dtype)
+        self.denoiser.to(device=device, dtype=dtype)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def attach(cls, vlm: nn.Module, config: AutoSelectConfig | None = None) -> "AutoSelectModel":
+        """Freeze ``vlm`` and attach a fresh scorer and denoiser sized for its vision tokens."""
+        config = config or AutoSelectConfig()
+        adapter = get_adapter(vlm)
+        config.vision_width = adapter.vision_width
+        config.backbone = type(vlm).__name__
+        vlm.requires_grad_(False)
+        vlm.eval()
+        return cls(vlm, config, adapter)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, vlm: nn.Module) -> "AutoSelectModel":
+        """Load a scorer/denoiser saved by ``save_pretrained`` onto ``vlm``."""
+        directory = Path(directory)
+        config = AutoSelectConfig.load(directory / CONFIG_NAME)
+        adapter = get_adapter(vlm)
+        if config.vision_width is not None and config.vision_width != adapter.vision_width:
+            raise ValueError(
+                f"the saved AutoSelect scorer expects visual tokens of width {config.vision_width} "
+                f"(trained on {config.backbone}), but this {type(vlm).__name__} produces width "
+                f"{adapter.vision_width}"
+            )
+        model = cls.attach(vlm, config)
+        state = load_file(str(directory / WEIGHTS_NAME), device=str(next(vlm.parameters()).device))
+        model.trainable_modules().load_state_dict(state, strict=True)
+        return model
+
+    def trainable_modules(self) -> nn.ModuleDict:
+        return nn.ModuleDict({"scorer": self.scorer, "denoiser": self.denoiser})
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` holding only scorer + denoiser."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory / CONFIG_NAME)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_modules().state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "backbone": str(self.config.backbone)})
+        return directory
+
+    # ---- nn.Module plumbing -------------------------------------------------------------
+    def train(self, mode: bool = True) -> "AutoSelectModel":
+        """Scorer/denoiser follow ``mode``; the frozen VLM always stays in eval mode."""
+        self.training = mode
+        self.scorer.train(mode)
+        self.denoiser.train(mode)
+        self.vlm.eval()
+        return self
+
+    def set_training_step(self, step: int) -> None:
+        """Tell the model the optimiser step, which drives the temperature schedule."""
+        self.training_step = int(step)
+
+    @property
+    def temperature(self) -> float:
+        return self.config.temperature(self.training_step)
+
+    def num_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.num_trainable_parameters()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    # ---- the method ---------------------------------------------------------------------
+    def _split_inputs(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        image_inputs = {k: inputs.pop(k) for k in self.adapter.image_input_names if k in inputs}
+        if image_inputs.get("pixel_values") is None:
+            return {}, inputs
+        return image_inputs, inputs
+
+    def visual_tokens(self, **image_inputs: Any) -> torch.Tensor:
+        with torch.no_grad():  # the vision encoder is frozen: no activations kept for backward
+            return self.adapter.visual_tokens(**image_inputs)
+
+    def score(self, **image_inputs: Any) -> torch.Tensor:
+        """Scorer logits ``[num_images, N]`` for the images (no gradient in eval mode)."""
+        with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
+            return self.scorer(self.visual_tokens(**image_inputs))
+
+    def select(self, budget: int | float | None = None, **image_inputs: Any) -> tuple[Selection, torch.Tensor]:
+        """Hard top-K: the selection and the kept (pre-projector) tokens ``[num_images, K, D]``."""
+        tokens = self.visual_tokens(**image_inputs)
+        with torch.no_grad():
+            scores = self.scorer(tokens)
+        k = self.config.resolve_budget(tokens.shape[1], budget)
+        indices = topk_indices(scores, k)
+        return Selection(scores, indices, tokens.shape[1]), gather_tokens(tokens, indices)
+
+    def retention_weights(self, tokens: torch.Tensor, budget: int | float | None = None) -> torch.Tensor:
+        k = self.config.resolve_budget(tokens.shape[1], budget)
+        return soft_topk(self.scorer(tokens), k, temperature=self.temperature)
+
+    def _train_inputs(self, image_inputs: dict[str, Any], text: dict[str, Any], budget) -> dict[str, Any]:
+        tokens = self.visual_tokens(**image_inputs)
+        placeholder_positions(text["input_ids"], self.adapter.image_token_id, tokens.shape[1], tokens.shape[0])
+        alpha = self.retention_weights(tokens, budget)
+        restored = self.denoiser(vp_noise_gate(tokens, alpha, standardize=self.config.gate_standardize))
+        self._last_alpha = alpha.detach()
+        return {**text, "mm_encoder_outputs": self.adapter.encoder_outputs(self.adapter.project(restored))}
+
+    def _pruned_inputs(self, image_inputs, text: dict[str, Any], budget, for_generation: bool) -> dict[str, Any]:
+        input_ids = text.pop("input_ids", None)
+        if input_ids is None:
+            raise ValueError("AutoSelect needs input_ids with image placeholder tokens to prune visual tokens")
+        selection, kept = self.select(budget, **image_inputs)
+        self.last_selection = selection
+        rebuilt = prune_placeholders(
+            input_ids,
+            selection.indices,
+            image_token_id=self.adapter.image_token_id,
+            tokens_per_image=selection.num_tokens,
+            attention_mask=text.pop("attention_mask", None),
+            labels=text.pop("labels", None),
+            position_ids=text.pop("position_ids", None),
+            position_policy=self.config.position_policy,
+            for_generation=for_generation,
+            pad_token_id=self.adapter.pad_token_id,
+        )
+        projected = self.adapter.project(kept)
+        return {**text, **rebuilt.as_kwargs(), "mm_encoder_outputs": self.adapter.encoder_outputs(projected)}
+
+    def forward(self, budget: int | float | None = None, **inputs: Any):
+        """Train mode: soft, gated path (needs ``labels`` for a loss). Eval mode: hard top-K."""
+        image_inputs, text = self._split_inputs(dict(inputs))
+        if not image_inputs:
+            return self.vlm(**text)
+        if self.training:
+            return self.vlm(**self._train_inputs(image_inputs, text, budget))
+        return self.vlm(**self._pruned_inputs(image_inputs, text, budget, for_generation=False))
+
+    @torch.no_grad()
+    def generate(self, budget: int | float | None = None, **inputs: Any) -> torch.Tensor:
+        """``vlm.generate`` with each image pruned to ``budget`` tokens (default: the config's).
+
+        The returned sequences start with the rebuilt prompt (K placeholders per image).
+        """
+        image_inputs, text = self._split_inputs(dict(inputs))
+        if not image_inputs:
+            return self.vlm.generate(**text)
+        return self.vlm.generate(**self._pruned_inputs(image_inputs, text, budget, for_generation=True))
+
+    # ---- diagnostics for logging --------------------------------------------------------
+    def retention_stats(self) -> dict[str, float]:
+        """Mean and mean binary entropy (nats) of the last training step's retention weights."""
+        alpha = getattr(self, "_last_alpha", None)
+        if alpha is None:
+            return {}
+        a = alpha.float().clamp(1e-6, 1 - 1e-6)
+        entropy = -(a * a.log() + (1 - a) * (1 - a).log()).mean()
+        return {"alpha_mean": float(alpha.float().mean()), "alpha_entropy": float(entropy), "temperature": self.temperature}
+

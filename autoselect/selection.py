@@ -1,0 +1,23 @@
+"""Hard, order-preserving top-K selection for a batch (the inference path)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest ``scores [B, N]`` per row, sorted ascending (original order).
+
+    Ties are broken towards the earlier token, so the result is deterministic.
+    """
+    n = scores.shape[-1]
+    if not 1 <= k <= n:
+        raise ValueError(f"budget K={k} must be between 1 and the {n} visual tokens")
+    # A stable descending sort breaks ties towards the earlier token on every device.
+    idx = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[..., :k]
+    return idx.sort(dim=-1).values
+
+
+def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``tokens [B, N, D]``, ``indices [B, K]`` -> ``[B, K, D]``."""
+    return tokens.gather(1, indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
