@@ -80,6 +80,8 @@ def prune_placeholders(
         return TextInputs(input_ids, attention_mask, labels, position_ids)
 
     keep_mask = input_ids != image_token_id
+    if attention_mask is not None:
+        keep_mask &= attention_mask.bool()  # old padding is dropped; rows are re-padded below
     keep_mask[rows.gather(1, keep), cols.gather(1, keep)] = True
     if position_policy == "original" and position_ids is None:
         position_ids = default_position_ids(attention_mask, input_ids.shape, for_generation).to(input_ids.device)

@@ -1,0 +1,67 @@
+import json
+
+import pytest
+import torch
+
+from autoselect import AutoSelectConfig, resolve_budget, vp_noise_gate
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("standardize", [True, False])
+def test_vp_gate_preserves_per_feature_variance(alpha, standardize):
+    torch.manual_seed(0)
+    x = torch.randn(16, 2048, 16)
+    out = vp_noise_gate(x, torch.full((16, 2048), alpha), standardize=standardize)
+    ratio = out.var(dim=(0, 1)) / x.var(dim=(0, 1))
+    assert torch.all((ratio - 1).abs() < 0.05), ratio
+
+
+def test_vp_gate_is_identity_at_one_and_noise_at_zero():
+    x = torch.randn(2, 16, 8) * 3 + 1
+    noise = torch.randn_like(x)
+    assert torch.allclose(vp_noise_gate(x, torch.ones(2, 16), noise), x, atol=1e-5)
+    out = vp_noise_gate(x, torch.zeros(2, 16), noise, standardize=False)
+    assert torch.allclose(out, noise)
+
+
+def test_vp_gate_standardized_preserves_variance_of_scaled_features():
+    torch.manual_seed(1)
+    x = torch.randn(16, 2048, 16) * 5 + 2
+    out = vp_noise_gate(x, torch.rand(16, 2048))
+    assert ((out.var(dim=(0, 1)) / x.var(dim=(0, 1))) - 1).abs().max() < 0.05
+
+
+def test_config_json_round_trip_and_defaults():
+    config = AutoSelectConfig(budget=0.25, scorer_width=48, position_policy="original")
+    again = AutoSelectConfig.from_json_string(config.to_json_string())
+    assert again == config
+    assert json.loads(config.to_json_string())["budget"] == 0.25
+    default = AutoSelectConfig()
+    assert (default.scorer_layers, default.denoiser_layers) == (2, 1)
+    assert default.temperature(0) == pytest.approx(2.0)
+    assert default.temperature(1000) == pytest.approx(1.05)
+    assert default.temperature(2000) == pytest.approx(0.1)
+    assert default.temperature(5000) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "budget,match",
+    [(0, "positive"), (-3, "positive"), (0.0, r"ratio must be in \(0, 1\]"), (1.5, r"ratio must be in \(0, 1\]"),
+     (-0.2, r"ratio must be in \(0, 1\]"), ("64", "int K or a float ratio")],
+)
+def test_bad_budgets_are_named(budget, match):
+    with pytest.raises(ValueError, match=match):
+        AutoSelectConfig(budget=budget)
+
+
+def test_budget_resolution():
+    assert resolve_budget(64, 576) == 64
+    assert resolve_budget(1 / 9, 576) == 64
+    assert resolve_budget(1.0, 576) == 576
+    with pytest.raises(ValueError, match="exceeds the 576 visual tokens"):
+        resolve_budget(577, 576)
+
+
+def test_unknown_config_keys_are_rejected():
+    with pytest.raises(ValueError, match="unknown AutoSelectConfig keys"):
+        AutoSelectConfig.from_dict({"budget": 4, "bugdet": 3})

@@ -1,0 +1,224 @@
+"""AutoSelectModel on a tiny random LLaVA-1.5 (CLIP vision + Llama), built offline."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from autoselect import AutoSelectConfig, AutoSelectModel
+from autoselect.testing import build_tiny_llava
+
+N = 64  # 32 px images, patch 4, CLS dropped
+PROMPTS = [
+    "USER: <image>\nWhat is in the image? ASSISTANT:",
+    "USER: <image>\nDescribe the picture in one short sentence please. ASSISTANT:",
+]
+
+
+def images(count: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+@pytest.fixture
+def tiny():
+    return build_tiny_llava(seed=0)
+
+
+@pytest.fixture
+def batch(tiny):
+    _, processor = tiny
+    return processor(images=images(2), text=PROMPTS, return_tensors="pt", padding=True)
+
+
+def language_model_inputs(vlm: nn.Module):
+    """Record the kwargs the frozen LLM receives (to inspect rebuilt sequences and positions)."""
+    seen: list[dict] = []
+    handle = vlm.model.language_model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: seen.append(dict(kwargs)), with_kwargs=True
+    )
+    return seen, handle
+
+
+def test_attach_freezes_vlm_and_only_scorer_denoiser_train(tiny):
+    vlm, _ = tiny
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("scorer.", "denoiser.")) for n in trainable)
+    assert not any(p.requires_grad for p in vlm.parameters())
+    assert model.config.vision_width == 32 and model.config.backbone == "LlavaForConditionalGeneration"
+
+
+def test_training_step_reaches_every_logit_and_no_vlm_parameter(tiny, batch):
+    vlm, _ = tiny
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16))
+    logits_seen = []
+
+    def keep_logits(_module, _inputs, out):
+        out.retain_grad()
+        logits_seen.append(out)
+
+    model.scorer.register_forward_hook(keep_logits)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    model.train()
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == vlm.config.image_token_id, -100)
+    loss = model(**batch, labels=labels).loss
+    loss.backward()
+    optimizer.step()
+
+    (scores,) = logits_seen
+    assert scores.shape == (2, N)
+    assert torch.isfinite(scores.grad).all() and (scores.grad != 0).all()
+    assert all(p.grad is None for p in vlm.parameters())
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert not torch.equal(param.detach(), before[name]), f"{name} did not change"
+
+
+def test_k_equals_n_matches_unmodified_vlm(tiny, batch):
+    vlm, _ = tiny
+    with torch.no_grad():
+        reference = vlm(**batch).logits
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=N)).eval()
+    with torch.no_grad():
+        pruned = model(**batch).logits
+    assert pruned.shape == reference.shape
+    assert torch.allclose(pruned, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("budget,k", [(16, 16), (0.5, 32), (1, 1)])
+def test_k_below_n_keeps_exactly_k_sorted_tokens(tiny, batch, budget, k):
+    vlm, _ = tiny
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=budget)).eval()
+    seen, handle = language_model_inputs(vlm)
+    with torch.no_grad():
+        out = model(**batch)
+    handle.remove()
+    indices = model.last_selection.indices
+    assert indices.shape == (2, k)
+    assert torch.all(indices[:, 1:] > indices[:, :-1])
+    assert out.logits.shape[1] == batch["input_ids"].shape[1] - (N - k)
+    assert seen[0]["inputs_embeds"].shape[1] == batch["input_ids"].shape[1] - (N - k)
+
+
+def test_budget_per_call_overrides_config(tiny, batch):
+    vlm, _ = tiny
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16)).eval()
+    with torch.no_grad():
+        model(**batch, budget=8)
+    assert model.last_selection.indices.shape == (2, 8)
+
+
+def test_batched_generate_equals_per_sample_generate(tiny):
+    vlm, processor = tiny
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16)).eval()
+    imgs = images(2, seed=3)
+    batch = processor(images=imgs, text=PROMPTS, return_tensors="pt", padding=True)
+    assert (batch["attention_mask"][:, 0] == 0).any(), "the test needs left padding"
+    batched = model.generate(**batch, max_new_tokens=6, do_sample=False, budget=16)
+    for row, (image, prompt) in enumerate(zip(imgs, PROMPTS)):
+        single = processor(images=[image], text=[prompt], return_tensors="pt")
+        alone = model.generate(**single, max_new_tokens=6, do_sample=False, budget=16)
+        assert torch.equal(batched[row, -6:], alone[0, -6:])
+        expected_prompt = single["input_ids"].shape[1] - (N - 16)
+        assert alone.shape[1] == expected_prompt + 6
+
+
+def test_generate_k_equals_n_matches_unmodified_generate(tiny, batch):
+    vlm, _ = tiny
+    reference = vlm.generate(**batch, max_new_tokens=5, do_sample=False)
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=N)).eval()
+    assert torch.equal(model.generate(**batch, max_new_tokens=5, do_sample=False), reference)
+
+
+def test_multi_image_rows_are_repadded(tiny):
+    vlm, processor = tiny
+    prompts = ["USER: <image><image>\nCompare them. ASSISTANT:", "USER: <image>\nWhat is it? ASSISTANT:"]
+    batch = processor(images=images(3), text=prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        reference = vlm(**batch).logits
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=N)).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, reference, atol=1e-5)
+    seen, handle = language_model_inputs(vlm)
+    with torch.no_grad():
+        model(**batch, budget=8)
+    handle.remove()
+    mask = seen[0]["attention_mask"]
+    # row 0 lost 2 x 56 placeholders, row 1 lost 56; the shorter row is padded on the left
+    lengths = [int(batch["attention_mask"][0].sum()) - 2 * (N - 8), int(batch["attention_mask"][1].sum()) - (N - 8)]
+    assert mask.shape[1] == max(lengths)
+    assert mask.sum(-1).tolist() == lengths
+    short = int(np.argmin(lengths))
+    assert mask[short, 0] == 0 and mask[short, -1] == 1
+
+
+def test_original_position_policy_keeps_positions_with_gaps(tiny):
+    vlm, processor = tiny
+    batch = processor(images=images(1), text=PROMPTS[:1], return_tensors="pt")
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=8, position_policy="original")).eval()
+    seen, handle = language_model_inputs(vlm)
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    positions = seen[0]["position_ids"][0]
+    start = int((batch["input_ids"][0] == vlm.config.image_token_id).nonzero()[0])
+    kept = model.last_selection.indices[0]
+    assert positions[start : start + 8].tolist() == (start + kept).tolist()
+    assert positions[start + 8] == start + N  # the first text token after the image keeps its place
+    generated = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == batch["input_ids"].shape[1] - (N - 8) + 3
+
+
+def test_save_and_load_round_trip(tiny, batch, tmp_path):
+    vlm, _ = tiny
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16))
+    with torch.no_grad():
+        for p in model.scorer.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # not the init, so the test sees the weights move
+    model.eval()
+    scores = model.score(pixel_values=batch["pixel_values"])
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+    fresh_vlm, _ = build_tiny_llava(seed=0)
+    loaded = AutoSelectModel.from_pretrained(tmp_path, fresh_vlm).eval()
+    assert torch.equal(loaded.score(pixel_values=batch["pixel_values"]), scores)
+    assert loaded.config.budget == 16
+
+
+def test_from_pretrained_refuses_other_vision_width(tiny, tmp_path):
+    vlm, _ = tiny
+    AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16)).save_pretrained(tmp_path)
+    wider, _ = build_tiny_llava(vision_width=48)
+    with pytest.raises(ValueError, match="width 32.*width 48"):
+        AutoSelectModel.from_pretrained(tmp_path, wider)
+
+
+def test_bad_inputs_raise_named_value_errors(tiny, batch):
+    vlm, _ = tiny
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16)).eval()
+    with pytest.raises(ValueError, match="positive"):
+        model.generate(**batch, budget=0, max_new_tokens=1)
+    with pytest.raises(ValueError, match="exceeds the 64 visual tokens"):
+        model(**batch, budget=65)
+    with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\]"):
+        model(**batch, budget=1.5)
+    one_image = {**batch, "pixel_values": batch["pixel_values"][:1]}
+    with pytest.raises(ValueError, match="number of images and image tokens do not match"):
+        model(**one_image)
+    model.train()
+    with pytest.raises(ValueError, match="number of images and image tokens do not match"):
+        model(**one_image, labels=batch["input_ids"])
+
+
+def test_unsupported_vlm_gets_a_clear_error():
+    class NotAVLM(nn.Module):
+        class config:
+            model_type = "blip_2"
+
+    with pytest.raises(ValueError, match="no backbone adapter for NotAVLM.*supported model types: .*llava"):
+        AutoSelectModel.attach(NotAVLM())
