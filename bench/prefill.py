@@ -1,0 +1,152 @@
+"""Full vs pruned LLM prefill at LLaVA-1.5-7B geometry, and the scorer's own cost, in one run.
+
+The model is a real ``LlavaForConditionalGeneration`` with LLaVA-1.5's 336 px / patch-14 vision
+geometry (576 visual tokens, width 1024) and a LLaMA-2-7B-shaped language model (hidden 4096,
+MLP 11008, 32 heads) cut to ``--lm-layers`` decoder layers with random weights, so it fits a
+CPU. Prefill is 32 identical decoder layers plus a near-free embedding merge and one LM-head
+row, so the full/pruned *ratio* of a few layers is the ratio of the whole 7B prefill; the 7B
+prefill time is extrapolated as ``32 / lm_layers`` times the measured one (layer-exact
+extrapolation). Timings are medians of interleaved repetitions after a warm-up.
+
+    python bench/prefill.py                       # CPU, fp32
+    python bench/prefill.py --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Callable
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from autoselect import AutoSelectConfig, AutoSelectModel, gather_tokens, topk_indices
+from autoselect.placeholders import prune_placeholders
+
+IMAGE_TOKEN_ID = 32000
+FULL_7B_LAYERS = 32
+
+
+def build_model(lm_layers: int, vision_layers: int, device: str, dtype: torch.dtype) -> LlavaForConditionalGeneration:
+    vision = CLIPVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
+        num_attention_heads=16, image_size=336, patch_size=14,
+    )
+    text = LlamaConfig(
+        vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=lm_layers,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
+        vision_feature_select_strategy="default", vision_feature_layer=-2,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
+
+
+def median_ms(fn: Callable[[], object], device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[192, 128, 64])
+    parser.add_argument("--text-tokens", type=int, default=98, help="text tokens around the image (paper FLOPs imply ~98)")
+    parser.add_argument("--lm-layers", type=int, default=1)
+    parser.add_argument("--vision-layers", type=int, default=2, help="vision depth (not timed; only feeds the scorer)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--json-out", default=None, help="also write the JSON result here")
+    args = parser.parse_args()
+
+    dtype = getattr(torch, args.dtype)
+    vlm = build_model(args.lm_layers, args.vision_layers, args.device, dtype)
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=args.budgets[0])).eval()
+    n = 576
+    before = args.text_tokens // 10
+    ids = torch.cat([
+        torch.randint(0, 32000, (1, before)),
+        torch.full((1, n), IMAGE_TOKEN_ID),
+        torch.randint(0, 32000, (1, args.text_tokens - before)),
+    ], dim=1).to(args.device)
+    pixel_values = torch.randn(1, 3, 336, 336, device=args.device, dtype=dtype)
+
+    with torch.inference_mode():
+        tokens = model.visual_tokens(pixel_values=pixel_values)
+        assert tokens.shape[1] == n, tokens.shape
+
+        def prefill(kept: torch.Tensor, input_ids: torch.Tensor) -> None:
+            projected = model.adapter.project(kept)
+            vlm(input_ids=input_ids, mm_encoder_outputs=model.adapter.encoder_outputs(projected), logits_to_keep=1)
+
+        def select(k: int) -> torch.Tensor:
+            return gather_tokens(tokens, topk_indices(model.scorer(tokens), k))
+
+        pruned_ids = {}
+        for k in args.budgets:
+            keep = topk_indices(model.scorer(tokens), k)
+            pruned_ids[k] = prune_placeholders(ids, keep, IMAGE_TOKEN_ID, n).input_ids
+        cases: dict[str, Callable[[], object]] = {"full": lambda: prefill(tokens, ids)}
+        for k in args.budgets:
+            kept = select(k)
+            cases[f"pruned_{k}"] = lambda kept=kept, k=k: prefill(kept, pruned_ids[k])
+        cases["scorer"] = lambda: select(min(args.budgets))
+
+        for fn in cases.values():  # warm-up
+            fn()
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        for _ in range(args.repeats):  # interleaved so drift hits every case alike
+            for name, fn in cases.items():
+                times[name].append(median_ms(fn, args.device))
+    med = {name: statistics.median(values) for name, values in times.items()}
+
+    full_ms = med["full"]
+    full_7b_ms = full_ms * FULL_7B_LAYERS / args.lm_layers
+    result = {
+        "geometry": {"visual_tokens": n, "text_tokens": args.text_tokens, "lm": "llama-2-7b shape",
+                     "lm_layers_run": args.lm_layers, "extrapolation": f"layer-exact, x{FULL_7B_LAYERS / args.lm_layers:g}"},
+        "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(), "repeats": args.repeats,
+        "full_prefill_ms_measured": round(full_ms, 2),
+        "full_prefill_ms_7b_extrapolated": round(full_7b_ms, 1),
+        "scorer_ms": round(med["scorer"], 3),
+        "scorer_fraction_of_full_prefill": round(med["scorer"] / full_7b_ms, 5),
+        "budgets": {},
+    }
+    for k in args.budgets:
+        limit = (n + args.text_tokens) / (k + args.text_tokens)
+        speedup = full_ms / med[f"pruned_{k}"]
+        result["budgets"][str(k)] = {
+            "prefill_ms_measured": round(med[f"pruned_{k}"], 2),
+            "prefill_speedup": round(speedup, 3),
+            "compute_limit": round(limit, 3),
+            "fraction_of_limit": round(speedup / limit, 3),
+        }
+    result["prefill_speedup"] = {k: v["prefill_speedup"] for k, v in result["budgets"].items()}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            f.write(text + "\n")
+
+    print(f"\n| K | prefill ms ({args.lm_layers} layer{'s' if args.lm_layers > 1 else ''}) | speedup | token limit | of limit |")
+    print("|---|---|---|---|---|")
+    print(f"| {n} (full) | {full_ms:.1f} | 1.00x | 1.00x | - |")
+    for k, row in result["budgets"].items():
+        print(f"| {k} | {row['prefill_ms_measured']:.1f} | {row['prefill_speedup']:.2f}x | {row['compute_limit']:.2f}x | {100 * row['fraction_of_limit']:.0f}% |")
+    print(f"\nscorer + top-K: {med['scorer']:.2f} ms = {100 * result['scorer_fraction_of_full_prefill']:.2f}% "
+          f"of the extrapolated 7B full prefill ({full_7b_ms:.0f} ms)")
+
+
+if __name__ == "__main__":
+    main()
