@@ -7,13 +7,15 @@ VLM's own next-token loss; at inference only the scorer and a hard, order-preser
 from autoselect.backbones import get_adapter, register_backbone, supported_model_types
 from autoselect.config import AutoSelectConfig, resolve_budget
 from autoselect.gate import vp_noise_gate
-from autoselect.model import AutoSelectModel, Selection
+from autoselect.model import AutoSelectModel
+from autoselect.pruned import PrunedVLM, Selection
 from autoselect.selection import gather_tokens, topk_indices
 from autoselect.soft_topk import soft_topk
 
 __all__ = [
     "AutoSelectConfig",
     "AutoSelectModel",
+    "PrunedVLM",
     "Selection",
     "gather_tokens",
     "get_adapter",

@@ -3,13 +3,11 @@
 Train mode:  visual tokens -> scorer -> soft top-K (sum = K) -> VP noise gate -> denoiser
              -> frozen projector -> frozen LLM; the loss is the VLM's own next-token loss.
 Eval mode:   visual tokens -> scorer -> hard top-K (order kept) -> frozen projector on the K kept
-             tokens -> frozen LLM, with ``input_ids``/``attention_mask``/``labels`` rebuilt so each
-             image contributes K tokens.
+             tokens -> frozen LLM (the shared `PrunedVLM` path).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,35 +19,21 @@ from autoselect.backbones import BackboneAdapter, get_adapter
 from autoselect.config import AutoSelectConfig
 from autoselect.denoiser import Denoiser
 from autoselect.gate import vp_noise_gate
-from autoselect.placeholders import placeholder_positions, prune_placeholders
+from autoselect.placeholders import placeholder_positions
+from autoselect.pruned import PrunedVLM, Selection
 from autoselect.scorer import Scorer
-from autoselect.selection import gather_tokens, topk_indices
+from autoselect.selection import topk_indices
 from autoselect.soft_topk import soft_topk
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-@dataclass
-class Selection:
-    """What the scorer decided for a batch of images (exposed for evaluation and serving)."""
-
-    scores: torch.Tensor  # [num_images, N]
-    indices: torch.Tensor  # [num_images, K], sorted
-    num_tokens: int  # N
-
-    @property
-    def budget(self) -> int:
-        return int(self.indices.shape[-1])
-
-
-class AutoSelectModel(nn.Module):
+class AutoSelectModel(PrunedVLM):
     """Wraps one VLM instance; only ``scorer`` and ``denoiser`` have trainable parameters."""
 
     def __init__(self, vlm: nn.Module, config: AutoSelectConfig, adapter: BackboneAdapter) -> None:
-        super().__init__()
-        self.vlm = vlm
-        self.adapter = adapter
+        super().__init__(vlm, config.budget, adapter, config.position_policy)
         self.config = config
         width = config.scorer_width or adapter.vision_width
         self.scorer = Scorer(
@@ -60,14 +44,20 @@ class AutoSelectModel(nn.Module):
             mlp_ratio=config.scorer_mlp_ratio,
             dropout=config.dropout,
         )
-        self.denoiser = Denoiser(
-            adapter.vision_width, config.denoiser_layers, config.denoiser_mlp_ratio, config.dropout
-        )
+        self.denoiser = Denoiser(adapter.vision_width, config.denoiser_layers, config.denoiser_mlp_ratio, config.dropout)
         self.training_step = 0
-        dtype = next(vlm.parameters()).dtype
-        device = next(vlm.parameters()).device
-        self.scorer.to(device=device, dtype=dtype)
-        self.denoiser.to(device=device, dtype=dtype)
+        reference = next(vlm.parameters())
+        self.scorer.to(device=reference.device, dtype=reference.dtype)
+        self.denoiser.to(device=reference.device, dtype=reference.dtype)
+
+    # The config is the single source of truth for the budget and position policy.
+    @property
+    def default_budget(self) -> int | float:
+        return self.config.budget
+
+    @property
+    def position_policy(self) -> str:
+        return self.config.position_policy
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -136,32 +126,17 @@ class AutoSelectModel(nn.Module):
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
     # ---- the method ---------------------------------------------------------------------
-    def _split_inputs(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        image_inputs = {k: inputs.pop(k) for k in self.adapter.image_input_names if k in inputs}
-        if image_inputs.get("pixel_values") is None:
-            return {}, inputs
-        return image_inputs, inputs
-
-    def visual_tokens(self, **image_inputs: Any) -> torch.Tensor:
-        with torch.no_grad():  # the vision encoder is frozen: no activations kept for backward
-            return self.adapter.visual_tokens(**image_inputs)
-
     def score(self, **image_inputs: Any) -> torch.Tensor:
-        """Scorer logits ``[num_images, N]`` for the images (no gradient in eval mode)."""
+        """Scorer logits ``[num_images, N]`` (no gradient outside training)."""
         with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
             return self.scorer(self.visual_tokens(**image_inputs))
 
-    def select(self, budget: int | float | None = None, **image_inputs: Any) -> tuple[Selection, torch.Tensor]:
-        """Hard top-K: the selection and the kept (pre-projector) tokens ``[num_images, K, D]``."""
-        tokens = self.visual_tokens(**image_inputs)
-        with torch.no_grad():
-            scores = self.scorer(tokens)
-        k = self.config.resolve_budget(tokens.shape[1], budget)
-        indices = topk_indices(scores, k)
-        return Selection(scores, indices, tokens.shape[1]), gather_tokens(tokens, indices)
+    def choose(self, tokens: torch.Tensor, k: int, image_inputs: dict[str, Any]) -> Selection:
+        scores = self.scorer(tokens)
+        return Selection(indices=topk_indices(scores, k), num_tokens=tokens.shape[1], scores=scores)
 
     def retention_weights(self, tokens: torch.Tensor, budget: int | float | None = None) -> torch.Tensor:
-        k = self.config.resolve_budget(tokens.shape[1], budget)
+        k = self.resolve_budget(tokens.shape[1], budget)
         return soft_topk(self.scorer(tokens), k, temperature=self.temperature)
 
     def _train_inputs(self, image_inputs: dict[str, Any], text: dict[str, Any], budget) -> dict[str, Any]:
@@ -172,46 +147,14 @@ class AutoSelectModel(nn.Module):
         self._last_alpha = alpha.detach()
         return {**text, "mm_encoder_outputs": self.adapter.encoder_outputs(self.adapter.project(restored))}
 
-    def _pruned_inputs(self, image_inputs, text: dict[str, Any], budget, for_generation: bool) -> dict[str, Any]:
-        input_ids = text.pop("input_ids", None)
-        if input_ids is None:
-            raise ValueError("AutoSelect needs input_ids with image placeholder tokens to prune visual tokens")
-        selection, kept = self.select(budget, **image_inputs)
-        self.last_selection = selection
-        rebuilt = prune_placeholders(
-            input_ids,
-            selection.indices,
-            image_token_id=self.adapter.image_token_id,
-            tokens_per_image=selection.num_tokens,
-            attention_mask=text.pop("attention_mask", None),
-            labels=text.pop("labels", None),
-            position_ids=text.pop("position_ids", None),
-            position_policy=self.config.position_policy,
-            for_generation=for_generation,
-            pad_token_id=self.adapter.pad_token_id,
-        )
-        projected = self.adapter.project(kept)
-        return {**text, **rebuilt.as_kwargs(), "mm_encoder_outputs": self.adapter.encoder_outputs(projected)}
-
     def forward(self, budget: int | float | None = None, **inputs: Any):
         """Train mode: soft, gated path (needs ``labels`` for a loss). Eval mode: hard top-K."""
-        image_inputs, text = self._split_inputs(dict(inputs))
+        if not self.training:
+            return super().forward(budget=budget, **inputs)
+        image_inputs, text = self.split_inputs(dict(inputs))
         if not image_inputs:
             return self.vlm(**text)
-        if self.training:
-            return self.vlm(**self._train_inputs(image_inputs, text, budget))
-        return self.vlm(**self._pruned_inputs(image_inputs, text, budget, for_generation=False))
-
-    @torch.no_grad()
-    def generate(self, budget: int | float | None = None, **inputs: Any) -> torch.Tensor:
-        """``vlm.generate`` with each image pruned to ``budget`` tokens (default: the config's).
-
-        The returned sequences start with the rebuilt prompt (K placeholders per image).
-        """
-        image_inputs, text = self._split_inputs(dict(inputs))
-        if not image_inputs:
-            return self.vlm.generate(**text)
-        return self.vlm.generate(**self._pruned_inputs(image_inputs, text, budget, for_generation=True))
+        return self.vlm(**self._train_inputs(image_inputs, text, budget))
 
     # ---- diagnostics for logging --------------------------------------------------------
     def retention_stats(self) -> dict[str, float]:
@@ -222,4 +165,3 @@ class AutoSelectModel(nn.Module):
         a = alpha.float().clamp(1e-6, 1 - 1e-6)
         entropy = -(a * a.log() + (1 - a) * (1 - a).log()).mean()
         return {"alpha_mean": float(alpha.float().mean()), "alpha_entropy": float(entropy), "temperature": self.temperature}
-
