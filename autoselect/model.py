@@ -29,21 +29,38 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+def build_scorer(config: AutoSelectConfig, vision_width: int) -> Scorer:
+    width = config.scorer_width or vision_width
+    return Scorer(
+        vision_width=vision_width,
+        width=width,
+        layers=config.scorer_layers,
+        heads=config.resolved_heads(width),
+        mlp_ratio=config.scorer_mlp_ratio,
+        dropout=config.dropout,
+    )
+
+
+def load_scorer(directory: str | Path) -> tuple[Scorer, AutoSelectConfig]:
+    """The scorer alone from a ``save_pretrained`` folder (no VLM needed), in eval mode."""
+    directory = Path(directory)
+    config = AutoSelectConfig.load(directory / CONFIG_NAME)
+    if config.vision_width is None:
+        raise ValueError(f"{directory / CONFIG_NAME} has no vision_width; save it with AutoSelectModel.save_pretrained")
+    scorer = build_scorer(config, config.vision_width)
+    prefix = "scorer."
+    state = {k[len(prefix):]: v for k, v in load_file(str(directory / WEIGHTS_NAME)).items() if k.startswith(prefix)}
+    scorer.load_state_dict(state, strict=True)
+    return scorer.eval(), config
+
+
 class AutoSelectModel(PrunedVLM):
     """Wraps one VLM instance; only ``scorer`` and ``denoiser`` have trainable parameters."""
 
     def __init__(self, vlm: nn.Module, config: AutoSelectConfig, adapter: BackboneAdapter) -> None:
         super().__init__(vlm, config.budget, adapter, config.position_policy)
         self.config = config
-        width = config.scorer_width or adapter.vision_width
-        self.scorer = Scorer(
-            vision_width=adapter.vision_width,
-            width=width,
-            layers=config.scorer_layers,
-            heads=config.resolved_heads(width),
-            mlp_ratio=config.scorer_mlp_ratio,
-            dropout=config.dropout,
-        )
+        self.scorer = build_scorer(config, adapter.vision_width)
         self.denoiser = Denoiser(adapter.vision_width, config.denoiser_layers, config.denoiser_mlp_ratio, config.dropout)
         self.training_step = 0
         reference = next(vlm.parameters())

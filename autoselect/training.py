@@ -31,13 +31,18 @@ def cosine_schedule(total_steps: int, warmup_steps: int = 0) -> Callable[[int], 
     return factor
 
 
-def compute_loss(model: AutoSelectModel, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """Forward one batch in train mode at optimiser ``step``; returns the loss and metrics."""
+def compute_loss(
+    model: AutoSelectModel, batch: dict[str, Any], step: int, forward: Callable[..., Any] | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Forward one batch in train mode at optimiser ``step``; returns the loss and metrics.
+
+    ``forward`` is what runs the batch (default: ``model``; a DeepSpeed engine wrapping it).
+    """
     if batch.get("labels") is None:
         raise ValueError("training batches need `labels` (answer tokens; -100 elsewhere)")
     model.train()
     model.set_training_step(step)
-    loss = model(**batch).loss
+    loss = (forward or model)(**batch).loss
     return loss, {"loss": float(loss.detach()), **model.retention_stats()}
 
 

@@ -1,0 +1,86 @@
+"""MLflow glue: tracking set-up, the scorer as a pyfunc model, registration with tags.
+
+MLflow's transformers flavour does not support transformers 5, and the frozen VLM is not ours
+to ship, so the registered model is a small custom pyfunc that holds only the AutoSelect folder
+(``config.json`` + ``model.safetensors``). ``predict`` scores visual tokens; serving and
+evaluation load the folder onto their VLM with ``AutoSelectModel.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types import Schema, TensorSpec
+
+ARTIFACT_KEY = "autoselect"
+MODEL_NAME_IN_RUN = "scorer"
+
+
+class AutoSelectScorerModel(mlflow.pyfunc.PythonModel):
+    """Scores visual tokens ``[images, N, vision_width]`` -> logits ``[images, N]``."""
+
+    def load_context(self, context) -> None:
+        from autoselect.model import load_scorer
+
+        self.scorer, self.config = load_scorer(context.artifacts[ARTIFACT_KEY])
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        import torch
+
+        tokens = np.asarray(model_input["visual_tokens"] if isinstance(model_input, dict) else model_input, dtype=np.float32)
+        if tokens.ndim != 3 or tokens.shape[-1] != self.config.vision_width:
+            raise ValueError(
+                f"visual_tokens must have shape [images, N, {self.config.vision_width}], got {list(tokens.shape)}"
+            )
+        with torch.no_grad():
+            return self.scorer(torch.from_numpy(tokens)).numpy()
+
+
+def setup_tracking(tracking_uri: str, experiment: str, artifact_location: str | None = None) -> str:
+    """Point MLflow at ``tracking_uri`` and make sure ``experiment`` exists; returns its id."""
+    mlflow.set_tracking_uri(tracking_uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    if artifact_location is None and tracking_uri.startswith("sqlite:"):
+        artifact_location = Path("outputs/mlartifacts").resolve().as_uri()
+    return mlflow.create_experiment(experiment, artifact_location=artifact_location)
+
+
+def log_and_register(autoselect_dir: str | Path, registered_model: str, tags: dict[str, str]) -> dict[str, str]:
+    """Log the AutoSelect folder as a pyfunc model in the active run and register a new version."""
+    from autoselect import AutoSelectConfig
+
+    config = AutoSelectConfig.load(Path(autoselect_dir) / "config.json")
+    signature = ModelSignature(  # N varies per image and backbone: only the width is fixed
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, config.vision_width or -1), "visual_tokens")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]),
+    )
+    info = mlflow.pyfunc.log_model(
+        name=MODEL_NAME_IN_RUN,
+        python_model=AutoSelectScorerModel(),
+        artifacts={ARTIFACT_KEY: str(autoselect_dir)},
+        registered_model_name=registered_model,
+        signature=signature,
+    )
+    version = info.registered_model_version
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_model, version, key, value)
+    return {"model_uri": info.model_uri, "registered_model": registered_model, "version": str(version)}
+
+
+def download_autoselect(model_uri: str, dst: str | Path | None = None) -> Path:
+    """Fetch a registered scorer (``models:/name@alias`` or ``models:/name/3``) as a local folder."""
+    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=None if dst is None else str(dst)))
+    matches = sorted(root.rglob("config.json"))
+    folders = [m.parent for m in matches if (m.parent / "model.safetensors").exists()]
+    if not folders:
+        raise FileNotFoundError(f"{model_uri} holds no AutoSelect folder (config.json + model.safetensors)")
+    return folders[0]
+

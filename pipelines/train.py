@@ -1,0 +1,140 @@
+"""Train an AutoSelect scorer with Ray Train + DeepSpeed, track it in MLflow, register it.
+
+    python pipelines/train.py --config pipelines/configs/tiny-llava.yaml
+    ray job submit --working-dir . -- python pipelines/train.py --config pipelines/configs/mini-llava.yaml
+    python pipelines/train.py --config cfg.yaml --set ray.num_workers=4 --set optim.steps=2000
+
+Reads the shards of ``pipelines/preprocess.py`` as a Ray Dataset (each worker streams its
+split), runs ``pipelines/train_loop.py`` on ``ray.num_workers`` workers with DeepSpeed ZeRO,
+checkpoints to ``ray.storage_path`` (local or ``s3://``), resumes from the last checkpoint when
+a worker dies (``ray.max_failures``), logs to MLflow (sqlite by default, or a server) and
+registers the scorer as a new version of ``mlflow.registered_model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python pipelines/train.py` from a checkout: make `pipelines` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mlflow
+import ray
+import ray.data
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from pipelines import registry, storage
+from pipelines.train_config import TrainConfig, load_train_config
+from pipelines.train_loop import AUTOSELECT_DIR, train_loop_per_worker
+
+
+def flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            flatten(f"{prefix}.{key}" if prefix else key, item, out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def run_config(config: TrainConfig, run_name: str) -> RunConfig:
+    fs, path = storage.resolve(config.ray.storage_path, config.data.s3_endpoint)
+    return RunConfig(
+        name=run_name,
+        storage_path=path,
+        storage_filesystem=fs if storage.is_s3(config.ray.storage_path) else None,
+        failure_config=FailureConfig(max_failures=config.ray.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=config.ray.num_to_keep),
+    )
+
+
+def train(config: TrainConfig, config_path: str | None = None) -> dict[str, Any]:
+    """Run the job; returns a summary (run id, checkpoint, registered version, final metrics)."""
+    if not config.data.train:
+        raise ValueError("data.train is empty: point it at the data/ folder written by pipelines/preprocess.py")
+    fs, data_path = storage.resolve(config.data.train, config.data.s3_endpoint)
+    dataset = ray.data.read_parquet(data_path, filesystem=fs)
+
+    tracking_uri = config.tracking_uri()
+    experiment_id = registry.setup_tracking(tracking_uri, config.mlflow.experiment, config.mlflow.artifact_location)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=config.name) as run:
+        run_id = run.info.run_id
+        mlflow.log_params(flatten("", config.to_dict(), {}))
+        mlflow.log_dict(config.to_dict(), "train_config.json")
+        if config_path:
+            mlflow.log_artifact(config_path)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": config.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri},
+            scaling_config=ScalingConfig(
+                num_workers=config.ray.num_workers,
+                use_gpu=config.ray.use_gpu,
+                resources_per_worker={"CPU": config.ray.cpus_per_worker, **({"GPU": 1} if config.ray.use_gpu else {})},
+            ),
+            torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo"),
+            run_config=run_config(config, f"{config.name}-{run_id[:8]}"),
+            datasets={"train": dataset},
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError("training finished without a checkpoint")
+        autoselect_config = config.autoselect_config()
+        with result.checkpoint.as_directory() as directory:
+            registered = registry.log_and_register(
+                Path(directory) / AUTOSELECT_DIR,
+                config.mlflow.registered_model,
+                tags={
+                    "backbone": config.model.path,
+                    "budget": str(autoselect_config.budget),
+                    "vision_width": str(registry_width(Path(directory) / AUTOSELECT_DIR)),
+                    "run_name": config.name,
+                },
+            )
+        summary = {
+            "run_id": run_id,
+            "experiment_id": experiment_id,
+            "tracking_uri": tracking_uri,
+            "checkpoint": result.checkpoint.path,
+            "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+            **registered,
+        }
+        mlflow.log_dict(summary, "summary.json")
+    return summary
+
+
+def registry_width(autoselect_dir: Path) -> int | None:
+    return json.loads((autoselect_dir / "config.json").read_text()).get("vision_width")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file (see pipelines/configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    parser.add_argument("--num-workers", type=int, help="shortcut for --set ray.num_workers=N")
+    parser.add_argument("--use-gpu", action="store_true", help="shortcut for --set ray.use_gpu=true")
+    args = parser.parse_args(argv)
+    overrides = list(args.set)
+    if args.num_workers is not None:
+        overrides.append(f"ray.num_workers={args.num_workers}")
+    if args.use_gpu:
+        overrides.append("ray.use_gpu=true")
+    try:
+        config = load_train_config(args.config, overrides)
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
+    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
+    summary = train(config, args.config)
+    print(json.dumps(summary, indent=2, default=str))
+    print(f"\nMLflow run {summary['run_id']} at {summary['tracking_uri']}; "
+          f"registered {summary['registered_model']} version {summary['version']}; checkpoint {summary['checkpoint']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The training job's configuration: one YAML per backbone under ``pipelines/configs/``.
+
+Every section is a dataclass; ``autoselect`` holds `AutoSelectConfig` fields verbatim.
+Validation runs on the driver before Ray starts any worker.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from autoselect import AutoSelectConfig
+from pipelines.config_io import from_mapping, set_dotted
+
+TINY_LLAVA = "autoselect-testing/tiny-llava"  # built from configs in-process, no files needed
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelSection:
+    """The frozen VLM: a local folder or hub id (``from_pretrained``), or the built-in tiny LLaVA."""
+
+    path: str = TINY_LLAVA
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+
+@dataclass
+class DataSection:
+    """Shards written by ``pipelines/preprocess.py`` (its ``data/`` folder), local or ``s3://``."""
+
+    train: str = ""
+    batch_size: int = 4  # per worker (DeepSpeed's micro batch)
+    s3_endpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class OptimSection:
+    steps: int = 100
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    checkpoint_every: int = 50
+    log_every: int = 1
+    seed: int = 0
+    fail_at_step: int | None = None  # fault injection for tests: worker rank 1 exits once at this step
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class RaySection:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    storage_path: str = "outputs/ray"  # local folder or s3://bucket/prefix (checkpoints)
+    max_failures: int = 1
+    num_to_keep: int = 2
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 2
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+
+
+@dataclass
+class MlflowSection:
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db
+    experiment: str = "autoselect"
+    registered_model: str = "autoselect-scorer"
+    artifact_location: str | None = None  # default: outputs/mlartifacts (or the server's)
+    log_system_metrics: bool = True
+
+
+@dataclass
+class TrainConfig:
+    name: str
+    model: ModelSection = field(default_factory=ModelSection)
+    autoselect: dict[str, Any] = field(default_factory=dict)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    ray: RaySection = field(default_factory=RaySection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    mlflow: MlflowSection = field(default_factory=MlflowSection)
+
+    def __post_init__(self) -> None:
+        self.autoselect_config()  # unknown or bad method keys fail here, on the driver
+
+    def autoselect_config(self) -> AutoSelectConfig:
+        return AutoSelectConfig.from_dict(dict(self.autoselect))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def tracking_uri(self) -> str:
+        uri = self.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        return uri or f"sqlite:///{Path('outputs/mlflow.db').resolve()}"
+
+
+def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Read ``path`` and apply ``section.key=value`` overrides; errors name the file and key."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of sections")
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects section.key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        set_dotted(data, key, value)
+    return from_mapping(TrainConfig, data, where=str(path))

@@ -1,0 +1,181 @@
+"""What each Ray Train worker runs: DeepSpeed over the AutoSelect model, fed by its data shard.
+
+Only the scorer and denoiser are handed to DeepSpeed's optimiser; the frozen VLM is loaded once
+per worker and never checkpointed (``exclude_frozen_parameters=True``). Checkpoints hold the
+DeepSpeed state (weights, optimiser, LR scheduler), the step and the data position, plus the
+AutoSelect folder (``autoselect/``) that registration and serving use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import deepspeed
+import mlflow
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForImageTextToText
+
+from autoselect import AutoSelectModel
+from autoselect.data import collate
+from autoselect.training import compute_loss, cosine_schedule
+from pipelines.config_io import from_mapping
+from pipelines.shards import example_from_row
+from pipelines.train_config import TINY_LLAVA, TrainConfig
+
+CHECKPOINT_TAG = "state"
+AUTOSELECT_DIR = "autoselect"
+
+
+def load_vlm(config: TrainConfig, device: torch.device) -> torch.nn.Module:
+    dtype = config.model.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if config.model.path == TINY_LLAVA:
+        from autoselect.testing import build_tiny_llava
+
+        vlm, _ = build_tiny_llava(seed=0)
+    else:
+        vlm = AutoModelForImageTextToText.from_pretrained(
+            config.model.path, dtype=getattr(torch, dtype), trust_remote_code=config.model.trust_remote_code
+        )
+    return vlm.to(device=device, dtype=getattr(torch, dtype))
+
+
+def deepspeed_config(config: TrainConfig, bf16: bool) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": config.data.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": config.optim.grad_clip,
+        "zero_optimization": {"stage": config.deepspeed.zero_stage},
+        "bf16": {"enabled": bf16},
+        "optimizer": {
+            "type": "AdamW",
+            # torch's AdamW: DeepSpeed's fused one would need a JIT build (and CUDA)
+            "params": {"lr": config.optim.lr, "weight_decay": config.optim.weight_decay, "torch_adam": True},
+        },
+        "steps_per_print": 10**9,
+    }
+
+
+def batches(shard, batch_size: int, pad_token_id: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of collated batches from this worker's shard, skipping the first ``skip``."""
+    for index, table in enumerate(shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True)):
+        if index < skip:
+            continue
+        yield collate([example_from_row(row) for row in table.to_pylist()], pad_token_id)
+
+
+@contextlib.contextmanager
+def full_parameters(model: AutoSelectModel, zero_stage: int):
+    """ZeRO-3 shards parameters across ranks: gather the trainable ones to save them."""
+    if zero_stage < 3:
+        yield
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def maybe_fail(config: TrainConfig, step: int, rank: int, world: int, marker: Path) -> None:
+    """Fault injection for tests: one worker dies (once per run) when reaching ``fail_at_step``."""
+    if config.optim.fail_at_step != step or rank != min(1, world - 1) or marker.exists():
+        return
+    marker.write_text(f"worker rank {rank} killed at step {step}\n")
+    os._exit(1)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    config = from_mapping(TrainConfig, loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config.optim.seed)
+
+    model = AutoSelectModel.attach(load_vlm(config, device), config.autoselect_config())
+    bf16 = next(model.vlm.parameters()).dtype == torch.bfloat16
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")  # reuses Ray's group
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(config, bf16),
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
+            optimizer, cosine_schedule(config.optim.steps, config.optim.warmup_steps)
+        ),
+    )
+
+    step, epoch, skip, resumed_from = 0, 0, 0, -1
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            _, client_state = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG, load_module_strict=False)
+        step, epoch, skip = client_state["step"], client_state["epoch"], client_state["batch_in_epoch"]
+        resumed_from = step
+
+    if rank == 0:
+        mlflow.set_tracking_uri(loop_config["tracking_uri"])
+        mlflow.start_run(run_id=loop_config["run_id"], log_system_metrics=config.mlflow.log_system_metrics)
+        if resumed_from >= 0:
+            mlflow.set_tag("resumed_from_step", str(resumed_from))
+    marker = Path(tempfile.gettempdir()) / f"autoselect-fault-{loop_config['run_id']}"
+    shard = ray.train.get_dataset_shard("train")
+    pad = model.adapter.pad_token_id
+
+    while step < config.optim.steps:
+        batch_in_epoch = skip
+        produced = False
+        for batch in batches(shard, config.data.batch_size, pad, skip):
+            produced = True
+            maybe_fail(config, step, rank, world, marker)
+            started = time.perf_counter()
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss, metrics = compute_loss(model, batch, step, forward=engine)
+            engine.backward(loss)
+            engine.step()
+            step += 1
+            batch_in_epoch += 1
+            tokens = torch.tensor([float(batch["attention_mask"].sum()), float(loss.detach())], device=device)
+            dist.all_reduce(tokens)
+            metrics.update(
+                loss=float(tokens[1]) / world,
+                lr=engine.get_lr()[0],
+                tokens_per_s=float(tokens[0]) / max(time.perf_counter() - started, 1e-9),
+                step=step,
+                epoch=epoch,
+                resumed_from_step=resumed_from,
+            )
+            save = step % config.optim.checkpoint_every == 0 or step == config.optim.steps
+            if save:
+                report_checkpoint(engine, model, config, metrics, step, epoch, batch_in_epoch, rank)
+            elif step % config.optim.log_every == 0:
+                ray.train.report(metrics)
+            if rank == 0 and (save or step % config.optim.log_every == 0):
+                mlflow.log_metrics({k: v for k, v in metrics.items() if k not in ("step", "epoch")}, step=step)
+            if step >= config.optim.steps:
+                break
+        if not produced:
+            raise ValueError(f"the training data yields no full batch of {config.data.batch_size} per worker")
+        epoch, skip = epoch + 1, 0
+    if rank == 0:
+        mlflow.end_run()
+
+
+def report_checkpoint(engine, model: AutoSelectModel, config: TrainConfig, metrics: dict, step: int, epoch: int, batch_in_epoch: int, rank: int) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        engine.save_checkpoint(
+            directory,
+            tag=CHECKPOINT_TAG,
+            client_state={"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch},
+            exclude_frozen_parameters=True,
+        )
+        with full_parameters(model, config.deepspeed.zero_stage):
+            if rank == 0:
+                model.save_pretrained(Path(directory) / AUTOSELECT_DIR)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
