@@ -5,6 +5,7 @@ mid-run -> MLflow (sqlite) metrics and a registered model that loads back."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -124,3 +125,10 @@ def test_config_errors_are_named(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text("name: x\n")
     assert load_train_config(good, ["deepspeed.zero_stage=3"]).deepspeed.zero_stage == 3
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parent.parent.glob("pipelines/configs/*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_validate(path):
+    config = load_train_config(path)
+    assert config.name and config.autoselect_config().budget
+    assert config.deepspeed.zero_stage in (1, 2, 3)
