@@ -27,10 +27,24 @@ class Selection:
     indices: torch.Tensor  # [num_images, K], sorted
     num_tokens: int  # N
     scores: torch.Tensor | None = None  # [num_images, N] when the selector scores tokens
+    # [num_images, K, D] pre-projector tokens to send instead of ``tokens[indices]``, for selectors
+    # that make new tokens (VisionZip's merged contextual tokens); ``indices`` then names the
+    # placeholder slot (and, with position_policy="original", the position) each one takes.
+    tokens: torch.Tensor | None = None
 
     @property
     def budget(self) -> int:
         return int(self.indices.shape[-1])
+
+    def kept_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The ``[num_images, K, D]`` tokens that reach the projector, from all ``tokens [num_images, N, D]``."""
+        if self.tokens is None:
+            return gather_tokens(tokens, self.indices)
+        if self.tokens.shape[:2] != self.indices.shape:
+            raise ValueError(
+                f"Selection.tokens has shape {tuple(self.tokens.shape)}, indices {tuple(self.indices.shape)}"
+            )
+        return self.tokens
 
 
 class PrunedVLM(nn.Module):
@@ -64,7 +78,10 @@ class PrunedVLM(nn.Module):
 
     # ---- to override --------------------------------------------------------------------
     def choose(self, tokens: torch.Tensor, k: int, image_inputs: dict[str, Any]) -> Selection:
-        """Pick ``k`` of the ``tokens [num_images, N, D]`` per image; indices sorted."""
+        """Pick ``k`` of the ``tokens [num_images, N, D]`` per image; indices sorted.
+
+        Set ``Selection.tokens`` to send other (e.g. merged) tokens in the ``k`` kept slots.
+        """
         raise NotImplementedError
 
     # ---- shared path --------------------------------------------------------------------
@@ -88,7 +105,7 @@ class PrunedVLM(nn.Module):
         k = self.resolve_budget(tokens.shape[1], budget)
         with torch.no_grad():
             selection = self.choose(tokens, k, image_inputs)
-        return selection, gather_tokens(tokens, selection.indices)
+        return selection, selection.kept_tokens(tokens)
 
     def pruned_inputs(
         self, image_inputs: dict[str, Any], text: dict[str, Any], budget: int | float | None, for_generation: bool

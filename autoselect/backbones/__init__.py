@@ -1,7 +1,7 @@
 """Backbone adapters, one file per VLM family. Importing this package registers them all."""
 
-from autoselect.backbones.base import BackboneAdapter
+from autoselect.backbones.base import BackboneAdapter, VisionAttention
 from autoselect.backbones.registry import get_adapter, register_backbone, supported_model_types
 from autoselect.backbones import llava  # noqa: F401  (registers the adapter)
 
-__all__ = ["BackboneAdapter", "get_adapter", "register_backbone", "supported_model_types"]
+__all__ = ["BackboneAdapter", "VisionAttention", "get_adapter", "register_backbone", "supported_model_types"]

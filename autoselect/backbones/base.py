@@ -10,10 +10,20 @@ is patched process-wide, so pruned and unpruned models can live side by side.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+
+@dataclass
+class VisionAttention:
+    """One vision-tower pass with what attention-based pruners (VisionZip) read at the feature layer."""
+
+    tokens: torch.Tensor  # [num_images, N, vision_width], exactly what `visual_tokens` returns
+    cls_attention: torch.Tensor  # [num_images, N]: softmax attention from the CLS query, mean over heads
+    keys: torch.Tensor  # [num_images, N, head_dim]: attention keys, mean over heads
 
 
 class BackboneAdapter(ABC):
@@ -53,3 +63,7 @@ class BackboneAdapter(ABC):
     @abstractmethod
     def encoder_outputs(self, projected: torch.Tensor) -> dict[str, Any]:
         """``mm_encoder_outputs`` for the VLM's forward/generate from projected tokens."""
+
+    def vision_attention(self, **image_inputs: Any) -> VisionAttention:
+        """Visual tokens plus the vision encoder's CLS attention and keys (optional: for baselines)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose vision-encoder attention")

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from autoselect.backbones.base import BackboneAdapter
+from autoselect.backbones.base import BackboneAdapter, VisionAttention
 from autoselect.backbones.registry import register_backbone
 
 
@@ -43,6 +43,39 @@ class LlavaAdapter(BackboneAdapter):
         if config.vision_feature_select_strategy == "default":
             hidden = [h[:, 1:] for h in hidden]
         return torch.cat(hidden, dim=-1)
+
+    def vision_attention(self, pixel_values: torch.Tensor, **_: Any) -> VisionAttention:
+        """One tower pass. The CLS attention row and the keys are rebuilt from the q/k projections of
+        the (deepest) feature layer, so they come out under any attention implementation (sdpa, flash)."""
+        attention = self._feature_layer_attention()
+        captured: dict[str, torch.Tensor] = {}
+        hooks = [
+            getattr(attention, name).register_forward_hook(lambda _m, _i, out, name=name: captured.update({name: out}))
+            for name in ("q_proj", "k_proj")
+        ]
+        try:
+            tokens = self.visual_tokens(pixel_values)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        heads = self.vlm.config.vision_config.num_attention_heads
+        queries, keys = (captured[name].unflatten(-1, (heads, -1)) for name in ("q_proj", "k_proj"))  # [B, S, H, d]
+        logits = torch.einsum("bhd,bshd->bhs", queries[:, 0].float(), keys.float()) * keys.shape[-1] ** -0.5
+        first = 1 if self.vlm.config.vision_feature_select_strategy == "default" else 0
+        return VisionAttention(tokens, logits.softmax(-1).mean(1)[:, first:], keys.mean(2)[:, first:])
+
+    def _feature_layer_attention(self):
+        """The attention module inside the layer whose output `visual_tokens` reads (CLS query at 0)."""
+        tower = self._core.vision_tower
+        if not any(hasattr(m, "class_embedding") or hasattr(m, "cls_token") for m in tower.modules()):
+            raise NotImplementedError(f"{type(tower).__name__} has no CLS token to take attention from")
+        attentions = [m for m in tower.modules() if hasattr(m, "q_proj") and hasattr(m, "k_proj")]
+        layers = self.vlm.config.vision_feature_layer
+        # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i - 1
+        index = max(i % (len(attentions) + 1) for i in ([layers] if isinstance(layers, int) else layers)) - 1
+        if index < 0:
+            raise ValueError("vision_feature_layer 0 (the embeddings) has no attention")
+        return attentions[index]
 
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         return self._core.multi_modal_projector(tokens)
