@@ -89,6 +89,9 @@ def maybe_fail(config: TrainConfig, step: int, rank: int, world: int, marker: Pa
     if config.optim.fail_at_step != step or rank != min(1, world - 1) or marker.exists():
         return
     marker.write_text(f"worker rank {rank} killed at step {step}\n")
+    # Die only once Ray Train has registered every checkpoint reported so far, so the test
+    # knows which one the restarted group must resume from (otherwise it is a race).
+    ray.train.get_all_reported_checkpoints(timeout_s=120)
     os._exit(1)
 
 
