@@ -84,3 +84,14 @@ def download_autoselect(model_uri: str, dst: str | Path | None = None) -> Path:
         raise FileNotFoundError(f"{model_uri} holds no AutoSelect folder (config.json + model.safetensors)")
     return folders[0]
 
+
+def resolve_version(model_uri: str, client: MlflowClient | None = None):
+    """The registered ``ModelVersion`` that ``models:/name@alias``, ``models:/name/3`` or
+    ``models:/name/latest`` points at now (resolve once, then load that exact version)."""
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    client = client or MlflowClient()
+    resolved = get_model_name_and_version(client, model_uri)
+    if len(resolved) != 2:
+        raise ValueError(f"{model_uri} names a logged model, not a registered model version")
+    return client.get_model_version(*resolved)

@@ -119,8 +119,16 @@ class TrainConfig:
         return asdict(self)
 
     def tracking_uri(self) -> str:
-        uri = self.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        return uri or f"sqlite:///{Path('outputs/mlflow.db').resolve()}"
+        return resolve_tracking_uri(self.mlflow.tracking_uri)
+
+
+def resolve_tracking_uri(explicit: str | None = None) -> str:
+    """``explicit``, else ``$MLFLOW_TRACKING_URI``, else the local sqlite store ``outputs/mlflow.db``.
+
+    Shared by training, promotion and serving so all three find the same registry by default.
+    """
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{Path('outputs/mlflow.db').resolve()}"
 
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:

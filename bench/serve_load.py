@@ -1,0 +1,181 @@
+"""Bounded concurrent load on the Serve app: full budget vs pruned budget (N/9) in one run.
+
+Each round runs one phase per budget (order alternating between rounds, so drift on a shared
+machine hits both alike): ``--requests`` chat completions with one image each, from
+``--concurrency`` client threads. Reports requests/s, p50/p95 latency and prompt tokens per
+budget, and pruned/full ratios, as JSON and a markdown table.
+
+    python bench/serve_load.py                                     # starts its own app (tiny LLaVA, throwaway registry)
+    python bench/serve_load.py --backbone .cache/backbones/mini-llava
+    python bench/serve_load.py --url http://127.0.0.1:8000 --model autoselect-scorer [--api-key KEY]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import io
+import json
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import requests
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def image_url(side: int = 224, seed: int = 0) -> str:
+    pixels = np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@contextlib.contextmanager
+def local_app(backbone: str, max_batch_size: int) -> Iterator[tuple[str, str]]:
+    """Ray on 127.0.0.1 + the app with one replica and an untrained scorer; stops what it started."""
+    import ray
+    from ray import serve
+
+    from serve.app import AutoSelectServer
+    from serve.config import ServeArgs
+    from serve.local import register_scorer
+
+    workdir, ray_dir = tempfile.mkdtemp(prefix="serve-bench-"), tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: socket paths
+    tracking = f"sqlite:///{workdir}/mlflow.db"
+    register_scorer(tracking, "bench-scorer", backbone=backbone, alias="champion", artifact_location=Path(workdir, "art").as_uri())
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_dir, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    try:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        args = ServeArgs(backbone=backbone, scorer_uri="models:/bench-scorer@champion", tracking_uri=tracking,
+                         max_batch_size=max_batch_size)
+        serve.run(AutoSelectServer.options(num_replicas=1, max_ongoing_requests=2 * max_batch_size).bind(args),
+                  name="bench", route_prefix="/")
+        yield f"http://127.0.0.1:{port}", "bench-scorer"
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+        for directory in (workdir, ray_dir):
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def phase(url: str, payload: dict, headers: dict, requests_: int, concurrency: int) -> dict:
+    """``requests_`` completions from ``concurrency`` threads; latencies and wall time."""
+    def one(_: int) -> tuple[float, dict]:
+        start = time.perf_counter()
+        response = requests.post(f"{url}/v1/chat/completions", json=payload, headers=headers, timeout=300)
+        response.raise_for_status()
+        return time.perf_counter() - start, response.json()
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, range(requests_)))
+    return {"wall_s": time.perf_counter() - start, "latencies": [r[0] for r in results], "last": results[-1][1],
+            "batch_sizes": [r[1]["autoselect"]["batch_size"] for r in results]}
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def summarise(phases: list[dict]) -> dict:
+    latencies = [x for p in phases for x in p["latencies"]]
+    last = phases[-1]["last"]
+    return {
+        "requests": len(latencies),
+        "requests_per_s": len(latencies) / sum(p["wall_s"] for p in phases),
+        "requests_per_s_by_round": [len(p["latencies"]) / p["wall_s"] for p in phases],
+        "p50_ms": 1e3 * percentile(latencies, 50),
+        "p95_ms": 1e3 * percentile(latencies, 95),
+        "mean_batch_size": statistics.mean(b for p in phases for b in p["batch_sizes"]),
+        "prompt_tokens": last["usage"]["prompt_tokens"],
+        "visual_tokens": f"{last['autoselect']['visual_tokens_kept']}/{last['autoselect']['visual_tokens_total']}",
+    }
+
+
+def run(url: str, model: str, api_key: str | None, budgets: dict[str, float], args) -> dict:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    payloads = {name: {"model": model, "temperature": 0, "max_tokens": args.max_tokens, "autoselect": {"budget": budget},
+                       "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url()}},
+                                                                 {"type": "text", "text": "Describe the picture."}]}]}
+                for name, budget in budgets.items()}
+    for name, payload in payloads.items():  # warm-up (and fail fast on a bad URL/model/key)
+        phase(url, payload, headers, args.concurrency, args.concurrency)
+    phases: dict[str, list[dict]] = {name: [] for name in budgets}
+    for round_ in range(args.rounds):
+        order = list(budgets) if round_ % 2 == 0 else list(reversed(budgets))
+        for name in order:
+            phases[name].append(phase(url, payloads[name], headers, args.requests, args.concurrency))
+    stats = {name: {"budget": budgets[name], **summarise(p)} for name, p in phases.items()}
+    full, pruned = stats["full"], stats["pruned"]
+    return {
+        "url": url, "model": model, "concurrency": args.concurrency, "requests_per_phase": args.requests,
+        "rounds": args.rounds, "max_tokens": args.max_tokens, "budgets": stats,
+        "throughput_ratio_pruned_over_full": pruned["requests_per_s"] / full["requests_per_s"],
+        "p50_latency_ratio_full_over_pruned": full["p50_ms"] / pruned["p50_ms"],
+        "prompt_token_ratio_full_over_pruned": full["prompt_tokens"] / pruned["prompt_tokens"],
+    }
+
+
+def table(result: dict) -> str:
+    lines = ["| budget | visual tokens | prompt tokens | req/s | p50 ms | p95 ms | mean batch |", "|---|---|---|---|---|---|---|"]
+    for name, s in result["budgets"].items():
+        lines.append(f"| {name} ({s['budget']:.4g}) | {s['visual_tokens']} | {s['prompt_tokens']} | {s['requests_per_s']:.2f} "
+                     f"| {s['p50_ms']:.0f} | {s['p95_ms']:.0f} | {s['mean_batch_size']:.2f} |")
+    lines.append(f"\npruned/full throughput {result['throughput_ratio_pruned_over_full']:.2f}x, "
+                 f"p50 latency full/pruned {result['p50_latency_ratio_full_over_pruned']:.2f}x, "
+                 f"prompt tokens full/pruned {result['prompt_token_ratio_full_over_pruned']:.2f}x "
+                 f"(concurrency {result['concurrency']}, {result['rounds']} rounds x {result['requests_per_phase']} requests, "
+                 f"max_tokens {result['max_tokens']})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="a running app; default: start one here")
+    parser.add_argument("--model", default="autoselect-scorer", help="served model id (with --url)")
+    parser.add_argument("--api-key", default=os.environ.get("AUTOSELECT_API_KEY"))
+    parser.add_argument("--backbone", default="autoselect-testing/tiny-llava", help="for the app started here")
+    parser.add_argument("--pruned-budget", default="1/9", help="ratio of N kept in the pruned phase (default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=24, help="per phase")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--max-batch-size", type=int, default=8, help="for the app started here")
+    parser.add_argument("--json-out", help="also write the JSON result here")
+    args = parser.parse_args()
+    budgets = {"full": 1.0, "pruned": float(Fraction(args.pruned_budget))}
+    if Path(args.backbone).exists():  # replicas do not share our working directory
+        args.backbone = str(Path(args.backbone).resolve())
+
+    with contextlib.ExitStack() as stack:
+        url, model = (args.url.rstrip("/"), args.model) if args.url else stack.enter_context(local_app(args.backbone, args.max_batch_size))
+        result = run(url, model, args.api_key, budgets, args)
+    if not args.url:
+        result["backbone"] = args.backbone
+    print(json.dumps(result, indent=2))
+    print(table(result))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Move a registry alias to a model version only if its evaluation metrics pass the gates.
+
+    python -m pipelines.promote --model autoselect-scorer --version 3 --require retention_avg>=0.95
+    python -m pipelines.promote --model autoselect-scorer --version latest --alias challenger
+    python -m pipelines.promote --model autoselect-scorer --list
+
+Metric values come from the version's tags (an evaluation job may tag the version it scored)
+and then from the metrics of the run that logged it. Aliases only: MLflow stages are deprecated.
+Exit status: 0 promoted (or would be, with --dry-run), 1 a gate failed or a metric is missing,
+2 bad arguments or an unknown model/version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import operator
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+if __package__ in (None, ""):  # `python pipelines/promote.py` from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipelines.train_config import MlflowSection, resolve_tracking_uri
+
+OPERATORS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq,
+}
+_REQUIREMENT = re.compile(r"^\s*([^<>=!\s]+)\s*(>=|<=|==|>|<)\s*(\S+)\s*$")
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """``metric OP threshold``, e.g. ``retention_avg>=0.95``."""
+
+    metric: str
+    op: str
+    threshold: float
+
+    @classmethod
+    def parse(cls, text: str) -> "Requirement":
+        match = _REQUIREMENT.match(text)
+        if not match:
+            raise ValueError(f"--require expects METRIC(>=|<=|>|<|==)NUMBER, got {text!r}")
+        try:
+            threshold = float(match.group(3))
+        except ValueError:
+            raise ValueError(f"--require {text!r}: {match.group(3)!r} is not a number") from None
+        return cls(match.group(1), match.group(2), threshold)
+
+    def failure(self, value: float | None, source: str) -> str | None:
+        """Why ``value`` fails this gate, or None when it passes."""
+        if value is None:
+            return f"{self.metric}: not found (required {self.op} {self.threshold:g})"
+        if not math.isnan(value) and OPERATORS[self.op](value, self.threshold):
+            return None
+        gap = {">": "short", ">=": "short", "<": "over", "<=": "over"}.get(self.op, "off")
+        return (f"{self.metric} = {value:g} ({source}) fails {self.op} {self.threshold:g}"
+                f" ({gap} by {abs(value - self.threshold):.6g})")
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.threshold:g}"
+
+
+def version_values(client: MlflowClient, version) -> dict[str, tuple[float, str]]:
+    """``metric -> (value, source)`` for a version: numeric version tags win over run metrics."""
+    values: dict[str, tuple[float, str]] = {}
+    if version.run_id:
+        for name, value in client.get_run(version.run_id).data.metrics.items():
+            values[name] = (float(value), "run metric")
+    for name, text in version.tags.items():
+        try:
+            values[name] = (float(text), "version tag")
+        except ValueError:
+            continue
+    return values
+
+
+def check(requirements: list[Requirement], values: dict[str, tuple[float, str]]) -> list[str]:
+    """One message per failed gate (empty when every gate passes)."""
+    failures = []
+    for requirement in requirements:
+        value, source = values.get(requirement.metric, (None, ""))
+        message = requirement.failure(value, source)
+        if message:
+            failures.append(message)
+    return failures
+
+
+def get_version(client: MlflowClient, name: str, version: str):
+    """A version by number, or the newest one for ``latest``."""
+    if version != "latest":
+        return client.get_model_version(name, version)
+    versions = client.search_model_versions(f"name = '{name}'")
+    if not versions:
+        raise MlflowException(f"registered model {name!r} has no versions")
+    return max(versions, key=lambda v: int(v.version))
+
+
+def list_versions(client: MlflowClient, name: str) -> str:
+    """A plain table of every version with its aliases, metrics and tags."""
+    versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+    aliases: dict[str, list[str]] = {}  # search results leave ModelVersion.aliases empty; ask the model
+    for alias, number in client.get_registered_model(name).aliases.items():
+        aliases.setdefault(str(number), []).append(alias)
+    lines = [f"{name}: {len(versions)} version(s)"]
+    for version in versions:
+        metrics = client.get_run(version.run_id).data.metrics if version.run_id else {}
+        lines.append(
+            f"  v{version.version:<4} aliases=[{', '.join(sorted(aliases.get(str(version.version), [])))}]"
+            f" run={(version.run_id or '-')[:8]}"
+            f" metrics={{{', '.join(f'{k}={v:g}' for k, v in sorted(metrics.items()))}}}"
+            f" tags={{{', '.join(f'{k}={v}' for k, v in sorted(version.tags.items()))}}}"
+        )
+    return "\n".join(lines)
+
+
+def promote(client: MlflowClient, name: str, version: str, alias: str, requirements: list[Requirement],
+            dry_run: bool = False) -> tuple[bool, str]:
+    """Check the gates; move ``alias`` to the version when they pass. Returns (passed, report)."""
+    target = get_version(client, name, version)
+    failures = check(requirements, version_values(client, target))
+    gates = ", ".join(map(str, requirements)) or "no gates"
+    if failures:
+        return False, (f"refused: {name} v{target.version} does not meet {gates}; alias {alias!r} unchanged\n  "
+                       + "\n  ".join(failures))
+    try:
+        previous = client.get_model_version_by_alias(name, alias).version
+    except MlflowException:
+        previous = None
+    if dry_run:
+        return True, f"dry run: {name} v{target.version} meets {gates}; would move {alias!r} from v{previous} to v{target.version}"
+    client.set_registered_model_alias(name, alias, target.version)
+    return True, f"promoted: {name}@{alias} -> v{target.version} (was v{previous}); passed {gates}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=MlflowSection().registered_model, help="registered model name (default: %(default)s)")
+    parser.add_argument("--version", help="version number, or 'latest'")
+    parser.add_argument("--alias", default="champion", help="alias to move (default: %(default)s)")
+    parser.add_argument("--require", action="append", default=[], metavar="METRIC>=VALUE",
+                        help="gate on a run metric or version tag; repeatable (ops: >= <= > < ==)")
+    parser.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db")
+    parser.add_argument("--list", action="store_true", help="list versions with aliases, metrics and tags")
+    parser.add_argument("--dry-run", action="store_true", help="check the gates without moving the alias")
+    args = parser.parse_args(argv)
+    if not args.list and not args.version:
+        parser.error("--version is required unless --list is given")
+    try:
+        requirements = [Requirement.parse(text) for text in args.require]
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(args.tracking_uri))
+    client = MlflowClient()
+    try:
+        if args.list:
+            print(list_versions(client, args.model))
+            return 0
+        passed, report = promote(client, args.model, args.version, args.alias, requirements, args.dry_run)
+    except MlflowException as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    print(report, file=sys.stdout if passed else sys.stderr)
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""What a replica does with a request, without Ray: validate and encode it, then generate a batch.
+
+One replica holds one frozen VLM (loaded once) and one AutoSelect scorer over it; the scorer is
+replaced as a whole (`Scorer`) when the registry alias moves. A request is pinned to the scorer
+it was validated with, so a reload never changes the budget or the weights under a request that
+is already in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from transformers import AutoProcessor
+from transformers.generation.streamers import BaseStreamer
+
+from autoselect import AutoSelectModel
+from autoselect.config import resolve_budget, validate_budget
+from autoselect.data import collate
+from pipelines import registry
+from pipelines.train_config import TINY_LLAVA, ModelSection, TrainConfig
+from serve.config import ServeArgs
+from serve.errors import APIError
+from serve.images import ImageLoader
+from serve.schemas import ChatCompletionRequest, ImagePart, Message
+
+logger = logging.getLogger("ray.serve")
+
+
+# ---- loading -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Backbone:
+    """The frozen VLM and its processor (tokenizer padding on the left, for batched generation)."""
+
+    vlm: torch.nn.Module
+    processor: Any
+    path: str
+    # request threads encode while the generation thread decodes: fast tokenizers are not safe
+    # to share across threads ("Already borrowed"), so every use of the processor takes this lock
+    lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def encode(self, messages: list[dict], images: list) -> dict[str, torch.Tensor]:
+        with self.lock:
+            prompt = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.processor(text=[prompt], images=images or None, return_tensors="pt")
+
+    def decode(self, tokens: list[int]) -> str:
+        with self.lock:
+            return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.vlm.config.get_text_config().max_position_embeddings)
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        eos = self.vlm.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        return ids | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+
+
+def load_backbone(path: str, dtype: str = "auto") -> Backbone:
+    """The training job's loader (`load_vlm`), so serving sees exactly the VLM the scorer was trained on."""
+    from pipelines.train_loop import load_vlm  # imports deepspeed: keep it out of module import time
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vlm = load_vlm(TrainConfig(name="serve", model=ModelSection(path=path, dtype=dtype)), device)
+    if path == TINY_LLAVA:
+        from autoselect.testing import build_tiny_llava
+
+        processor = build_tiny_llava(seed=0)[1]
+    else:
+        processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    return Backbone(vlm=vlm.eval(), processor=processor, path=path)
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """An AutoSelect model over the shared VLM, and the registry version it came from."""
+
+    model: AutoSelectModel
+    uri: str
+    name: str
+    version: str
+    alias: str | None
+    run_id: str | None
+
+    def describe(self) -> dict[str, Any]:
+        return {"scorer_uri": self.uri, "registered_model": self.name, "version": self.version,
+                "alias": self.alias, "run_id": self.run_id, "default_budget": self.model.default_budget}
+
+
+def alias_of(uri: str) -> str | None:
+    last = uri.rstrip("/").rsplit("/", 1)[-1]
+    return last.rsplit("@", 1)[1] if "@" in last else None
+
+
+def load_scorer(uri: str, vlm: torch.nn.Module, version=None) -> Scorer:
+    """Resolve ``uri`` (alias) to a version once, then load exactly that version onto ``vlm``."""
+    version = version or registry.resolve_version(uri)
+    workdir = tempfile.mkdtemp(prefix="autoselect-scorer-")
+    try:
+        directory = registry.download_autoselect(f"models:/{version.name}/{version.version}", workdir)
+        model = AutoSelectModel.from_pretrained(directory, vlm).eval()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)  # weights are copied into the model
+    return Scorer(model, uri, version.name, str(version.version), alias_of(uri), version.run_id)
+
+
+# ---- requests ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prepared:
+    """A validated, encoded request: everything the batch needs, nothing left to fail on input."""
+
+    example: dict[str, torch.Tensor]  # input_ids [L] + the processor's image tensors
+    images: int
+    tokens_per_image: int  # N
+    kept_per_image: int  # K
+    budget: int | float
+    max_tokens: int
+    temperature: float
+    top_p: float
+    scorer: Scorer
+
+    def pruned_length(self, kept_per_image: int) -> int:
+        """Prompt tokens the LLM prefills once each image's N placeholders are cut to ``kept_per_image``."""
+        return len(self.example["input_ids"]) - self.images * (self.tokens_per_image - kept_per_image)
+
+    @property
+    def group_key(self) -> tuple:
+        """Requests that can share one ``generate`` call."""
+        sampling = (self.temperature, self.top_p) if self.temperature > 0 else (0.0, 1.0)
+        return id(self.scorer), type(self.budget), self.budget, self.images > 0, sampling
+
+
+def _hf_messages(messages: list[Message]) -> tuple[list[dict], list[str]]:
+    """OpenAI messages -> the processor's chat-template messages, plus the image URLs in order."""
+    converted, urls = [], []
+    for message in messages:
+        parts: list[dict] = []
+        if isinstance(message.content, str):
+            parts.append({"type": "text", "text": message.content})
+        for part in message.content if isinstance(message.content, list) else []:
+            if isinstance(part, ImagePart):
+                if message.role != "user":
+                    raise APIError("image_url parts are only allowed in user messages", param="messages",
+                                   code="invalid_value")
+                urls.append(part.image_url.url)
+                parts.append({"type": "image"})
+            else:
+                parts.append({"type": "text", "text": part.text})
+        converted.append({"role": "system" if message.role == "developer" else message.role, "content": parts})
+    return converted, urls
+
+
+def prepare(request: ChatCompletionRequest, scorer: Scorer, backbone: Backbone, loader: ImageLoader,
+            args: ServeArgs) -> Prepared:
+    """Validate ``request`` and encode it; raises `APIError` (4xx) naming the first problem."""
+    if request.n not in (None, 1):
+        raise APIError("only n=1 is supported", param="n", code="unsupported_parameter")
+    if request.stop:
+        raise APIError("stop sequences are not supported", param="stop", code="unsupported_parameter")
+    if request.tools:
+        raise APIError("tools are not supported", param="tools", code="unsupported_parameter")
+    max_tokens = request.max_completion_tokens or request.max_tokens or args.default_max_tokens
+    if max_tokens > args.max_tokens_limit:
+        raise APIError(f"max_tokens={max_tokens} is above this server's limit of {args.max_tokens_limit}",
+                       param="max_tokens", code="invalid_value")
+    budget = scorer.model.default_budget if request.autoselect is None or request.autoselect.budget is None \
+        else request.autoselect.budget
+    try:
+        validate_budget(budget)
+    except ValueError as exc:
+        raise APIError(str(exc), param="autoselect.budget", code="invalid_budget") from None
+
+    messages, urls = _hf_messages(request.messages)
+    if len(urls) > args.images.max_images:
+        raise APIError(f"{len(urls)} images in one request; the limit is {args.images.max_images}",
+                       param="messages", code="too_many_images")
+    if not urls and args.require_image:
+        raise APIError("this endpoint needs at least one image_url part in a user message",
+                       param="messages", code="image_required")
+    images = [loader.load(url) for url in urls]
+
+    try:
+        encoded = backbone.encode(messages, images)
+    except ValueError as exc:  # e.g. a literal image placeholder typed into the text
+        raise APIError(f"could not encode the prompt: {exc}", param="messages", code="invalid_value") from None
+    input_ids = encoded["input_ids"][0]
+    example = {"input_ids": input_ids, **{k: v for k, v in encoded.items() if k not in ("input_ids", "attention_mask")}}
+
+    n = k = 0
+    if images:
+        placeholders = int((input_ids == scorer.model.adapter.image_token_id).sum())
+        n = placeholders // len(images)
+        if n * len(images) != placeholders:
+            raise APIError(f"the prompt expands to {placeholders} image tokens for {len(images)} images",
+                           param="messages", code="invalid_value")
+        try:
+            k = resolve_budget(budget, n)
+        except ValueError as exc:
+            raise APIError(str(exc), param="autoselect.budget", code="invalid_budget") from None
+    temperature = 1.0 if request.temperature is None else request.temperature
+    prepared = Prepared(example, len(images), n, k, budget, max_tokens, temperature,
+                        1.0 if request.top_p is None else request.top_p, scorer)
+    limit = min(args.max_prompt_tokens or backbone.context_length, backbone.context_length - max_tokens)
+    if prepared.pruned_length(k) > limit:
+        raise APIError(
+            f"the prompt has {prepared.pruned_length(k)} tokens after pruning; with max_tokens={max_tokens} the "
+            f"limit is {limit} (context {backbone.context_length})", param="messages", code="context_length_exceeded")
+    return prepared
+
+
+# ---- generation --------------------------------------------------------------------------
+@dataclass
+class Job:
+    """One request in a batch; ``deltas`` (streaming only) receives text pieces, then None."""
+
+    prepared: Prepared
+    deltas: asyncio.Queue | None = None
+
+    def emitter(self, loop: asyncio.AbstractEventLoop) -> Callable[[str], None] | None:
+        if self.deltas is None:
+            return None
+        queue = self.deltas
+        return lambda text: loop.call_soon_threadsafe(queue.put_nowait, text)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str  # "stop" (EOS) or "length"
+    completion_tokens: int
+    prepared: Prepared
+    batch_size: int  # requests that shared this forward pass
+    kept_per_image: int  # K as the model actually selected it (not just as requested)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.prepared.pruned_length(self.kept_per_image)
+
+
+@dataclass
+class _Row:
+    """One row of a batched ``generate``: its tokens, its own max_tokens, incremental text."""
+
+    decode: Callable[[list[int]], str]
+    eos: set[int]
+    max_tokens: int
+    emit: Callable[[str], None] | None
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    sent: str = ""
+
+    def add(self, token: int) -> None:
+        if self.finish_reason:
+            return
+        if token in self.eos:
+            self.finish_reason = "stop"
+            return
+        self.tokens.append(token)
+        if len(self.tokens) >= self.max_tokens:
+            self.finish_reason = "length"
+        self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        if self.emit is None:
+            return
+        text = self.text()
+        if text.endswith("\ufffd") and not final:  # half of a multi-byte character: wait for the rest
+            return
+        if len(text) > len(self.sent):
+            self.emit(text[len(self.sent):])
+            self.sent = text
+
+    def text(self) -> str:
+        return self.decode(self.tokens)
+
+    def finish(self) -> None:
+        self.finish_reason = self.finish_reason or "length"
+        self._flush(final=True)
+
+
+class _BatchStreamer(BaseStreamer):
+    """transformers calls ``put`` with the prompt, then with each step's ``[batch]`` new tokens."""
+
+    def __init__(self, rows: list[_Row]) -> None:
+        self.rows, self.prompt_seen = rows, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for row, token in zip(self.rows, value.reshape(len(self.rows), -1)[:, -1].tolist()):
+            row.add(int(token))
+
+    def end(self) -> None:
+        pass
+
+
+def generate_group(jobs: list[Job], backbone: Backbone, loop: asyncio.AbstractEventLoop) -> list[Completion]:
+    """One left-padded ``generate`` for requests sharing scorer, budget and sampling settings."""
+    first = jobs[0].prepared
+    pad = first.scorer.model.adapter.pad_token_id
+    batch = collate([job.prepared.example for job in jobs], pad, padding_side="left")
+    batch.pop("labels")
+    device = next(backbone.vlm.parameters()).device
+    batch = {name: tensor.to(device) for name, tensor in batch.items()}
+    rows = [_Row(backbone.decode, backbone.eos_token_ids, job.prepared.max_tokens, job.emitter(loop)) for job in jobs]
+    sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p} \
+        if first.temperature > 0 else {"do_sample": False}
+    model = first.scorer.model
+    model.last_selection = None  # this thread is the model's only user (one batch at a time)
+    model.generate(
+        budget=first.budget, **batch, **sampling, max_new_tokens=max(r.max_tokens for r in rows),
+        pad_token_id=pad, streamer=_BatchStreamer(rows),
+    )
+    kept = model.last_selection.budget if first.images else 0
+    completions = []
+    for job, row in zip(jobs, rows):
+        row.finish()
+        completions.append(Completion(row.text(), row.finish_reason, len(row.tokens), job.prepared, len(jobs), kept))
+    return completions
+
+
+def run_batch(jobs: list[Job], backbone: Backbone, loop: asyncio.AbstractEventLoop) -> list[Completion | APIError]:
+    """Split a Serve batch into groups that can share a forward pass; a failing group fails alone."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for index, job in enumerate(jobs):
+        groups[job.prepared.group_key].append(index)
+    results: list[Completion | APIError] = [None] * len(jobs)  # type: ignore[list-item]
+    for indices in groups.values():
+        try:
+            for index, completion in zip(indices, generate_group([jobs[i] for i in indices], backbone, loop)):
+                results[index] = completion
+        except Exception as exc:  # one bad group must not take the others (or the replica) down
+            logger.exception("generation failed for a group of %d request(s)", len(indices))
+            for index in indices:
+                results[index] = APIError(f"generation failed: {type(exc).__name__}: {exc}", status=500,
+                                          type="server_error", code="generation_failed")
+    return results
