@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+_SQRT_EPS = 1e-20
+
 
 def vp_noise_gate(
     x: torch.Tensor,
@@ -28,7 +30,9 @@ def vp_noise_gate(
     if noise is None:
         noise = torch.randn_like(x)
     a = alpha.to(x.dtype).clamp(0.0, 1.0).unsqueeze(-1)
-    keep, mix = a.sqrt(), (1.0 - a).sqrt()
+    # sqrt has an infinite slope at 0; at low temperature alpha saturates to exactly 0 or 1 in
+    # float32, and inf * 0 from the soft top-K Jacobian would turn the whole update into NaN.
+    keep, mix = a.clamp_min(_SQRT_EPS).sqrt(), (1.0 - a).clamp_min(_SQRT_EPS).sqrt()
     if not standardize:
         return keep * x + mix * noise
     with torch.no_grad():

@@ -65,3 +65,15 @@ def test_budget_resolution():
 def test_unknown_config_keys_are_rejected():
     with pytest.raises(ValueError, match="unknown AutoSelectConfig keys"):
         AutoSelectConfig.from_dict({"budget": 4, "bugdet": 3})
+
+
+def test_vp_gate_gradient_is_finite_at_saturated_weights():
+    """At low temperature alpha is exactly 0 or 1 in float32; sqrt's slope there must not give NaN."""
+    from autoselect import soft_topk
+
+    scores = (torch.randn(2, 32) * 50).requires_grad_()
+    alpha = soft_topk(scores, 8, temperature=0.1)
+    assert ((alpha == 0) | (alpha == 1)).any()
+    out = vp_noise_gate(torch.randn(2, 32, 4), alpha)
+    out.sum().backward()
+    assert torch.isfinite(scores.grad).all()
