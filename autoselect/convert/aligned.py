@@ -1,0 +1,110 @@
+"""The mini-LLaVA with its stage-1-aligned projector: save / load the projector on its own, and
+build the aligned VLM from the cached parts plus the committed projector file.
+
+Only ``multi_modal_projector`` is trained in alignment, so the artifact is that module's weights
+(~2 MB) with, in the safetensors metadata, what they were trained against: the two source weight
+files (by hash) and the assembly settings. Loading refuses a VLM built from anything else.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+from autoselect.convert.cache import Built
+from autoselect.convert.mini_llava import DEFAULT_CACHE_DIR, MiniLlavaSettings, build_mini_llava
+
+PROJECTOR = "multi_modal_projector"
+DEFAULT_PROJECTOR = Path(__file__).resolve().parents[2] / "artifacts" / "mini-llava" / "projector.safetensors"
+_META_KEY = "mini_llava"
+
+
+def backbone_identity(built: dict[str, Built]) -> dict[str, Any]:
+    """What a projector is tied to: the DINOv2 and SmolLM2 source files and the assembly settings
+    (not the converter code, which may change without changing a weight)."""
+    inputs = built["mini_llava"].inputs
+    return {
+        "dinov2_file_sha256": inputs["dinov2"]["file_sha256"],
+        "smollm2_file_sha256": inputs["smollm2"]["file_sha256"],
+        "settings": inputs["settings"],
+    }
+
+
+def projector_module(vlm: LlavaForConditionalGeneration) -> torch.nn.Module:
+    return getattr(vlm.model, PROJECTOR)
+
+
+def save_projector(vlm: LlavaForConditionalGeneration, path: str | Path, identity: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    """The projector's weights in float32, with ``identity`` (and ``extra``) in the metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float32).contiguous() for k, v in projector_module(vlm).state_dict().items()}
+    metadata = {"format": "pt", _META_KEY: json.dumps(identity, sort_keys=True)}
+    if extra:
+        metadata["run"] = json.dumps(extra, sort_keys=True)
+    save_file(state, str(path), metadata=metadata)
+    return path
+
+
+def projector_identity(path: str | Path) -> dict[str, Any]:
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if _META_KEY not in metadata:
+        raise ValueError(f"{path} has no {_META_KEY!r} metadata; it was not written by save_projector")
+    return json.loads(metadata[_META_KEY])
+
+
+def load_projector(vlm: LlavaForConditionalGeneration, path: str | Path, identity: dict[str, Any] | None = None) -> None:
+    """Load the projector weights in place (strict); with ``identity``, first check that the file
+    was trained against the same backbone."""
+    if identity is not None:
+        trained_on = projector_identity(path)
+        if trained_on != identity:
+            raise ValueError(f"{path} was trained against another mini-LLaVA: {trained_on} != {identity}")
+    module = projector_module(vlm)
+    dtype = next(module.parameters()).dtype
+    module.load_state_dict({k: v.to(dtype) for k, v in load_file(str(path)).items()}, strict=True)
+
+
+def load_aligned_mini_llava(
+    projector: str | Path = DEFAULT_PROJECTOR,
+    cache_dir: str | Path = DEFAULT_CACHE_DIR,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Build (or reuse) the mini-LLaVA with the settings the projector was trained with, and load
+    the aligned projector into it; returns ``(vlm in eval mode, processor)``."""
+    trained_on = projector_identity(projector)
+    settings = MiniLlavaSettings(**trained_on["settings"])
+    built = build_mini_llava(cache_dir=cache_dir, settings=settings)
+    identity = backbone_identity(built)
+    vlm = LlavaForConditionalGeneration.from_pretrained(built["mini_llava"].path, dtype=dtype).eval()
+    load_projector(vlm, projector, identity)
+    return vlm, LlavaProcessor.from_pretrained(built["mini_llava"].path)
+
+
+def save_aligned_model(vlm: LlavaForConditionalGeneration, processor: LlavaProcessor, out_dir: str | Path, notes: dict[str, Any] | None = None) -> Path:
+    """A full model folder (LlavaForConditionalGeneration / AutoProcessor ``from_pretrained``)."""
+    out_dir = Path(out_dir)
+    vlm.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    if notes is not None:
+        (out_dir / "alignment.json").write_text(json.dumps(notes, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+__all__ = [
+    "DEFAULT_PROJECTOR",
+    "PROJECTOR",
+    "backbone_identity",
+    "load_aligned_mini_llava",
+    "load_projector",
+    "projector_identity",
+    "save_aligned_model",
+    "save_projector",
+]

@@ -1,0 +1,144 @@
+"""Stage-1 alignment loop: encoder and LM frozen, only the projector trained on answer tokens.
+
+Frozen parts run in ``compute_dtype`` (bf16 halves a CPU step) while the projector keeps float32
+master weights and AdamW state. Batches are left-padded so every answer ends the sequence; the
+LM head then runs only on the tail that holds answers (``logits_to_keep``) instead of on all
+~300 positions x 49k vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from autoselect.backbones import get_adapter
+from autoselect.convert.aligned import projector_module
+from autoselect.data import collate
+from autoselect.placeholders import IGNORE_INDEX
+from autoselect.training import cosine_schedule
+from pipelines.align.features import EncodedRecords
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 150
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    compute_dtype: str = "bfloat16"
+    task_weights: dict[str, float] = field(default_factory=dict)  # task -> share of each batch; empty: by count
+
+
+def task_batches(records: Sequence[dict], weights: dict[str, float], batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless batches of record indices: each slot picks a task by ``weights``, then the next
+    record of that task from a reshuffled-every-epoch order (seeded, so runs repeat exactly)."""
+    by_task: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        by_task.setdefault(record["task"], []).append(i)
+    tasks = sorted(by_task)
+    missing = sorted(set(weights) - set(tasks))
+    if missing:
+        raise ValueError(f"task weights for {missing}, which have no training records (tasks: {tasks})")
+    shares = [weights.get(t, 0.0) if weights else len(by_task[t]) for t in tasks]
+    if sum(shares) <= 0:
+        raise ValueError("task weights must put weight on at least one task")
+    rng = random.Random(seed)
+    orders: dict[str, list[int]] = {t: [] for t in tasks}
+    while True:
+        batch = []
+        for task in rng.choices(tasks, weights=shares, k=batch_size):
+            if not orders[task]:
+                orders[task] = rng.sample(by_task[task], len(by_task[task]))
+            batch.append(orders[task].pop())
+        yield batch
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding (0 on pad slots)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def answer_loss(vlm, batch: dict[str, torch.Tensor], projected: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy on the labelled (answer) tokens of a left-padded batch."""
+    labels = batch["labels"]
+    labelled = (labels != IGNORE_INDEX).any(0).nonzero()
+    if len(labelled) == 0:
+        raise ValueError("the batch has no answer tokens")
+    keep = labels.shape[1] - int(labelled[0]) + 1  # from the position that predicts the first answer token
+    outputs = vlm(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=position_ids(batch["attention_mask"]),
+        mm_encoder_outputs=get_adapter(vlm).encoder_outputs(projected),
+        logits_to_keep=keep,
+        use_cache=False,
+    )
+    logits = outputs.logits[:, :-1].float()
+    targets = labels[:, -keep + 1 :]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def freeze_all_but_projector(vlm, compute_dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    """Everything frozen in ``compute_dtype``; the projector trainable in float32."""
+    vlm.requires_grad_(False)
+    vlm.to(compute_dtype)
+    projector = projector_module(vlm).to(torch.float32)
+    projector.requires_grad_(True)
+    return list(projector.parameters())
+
+
+def train_projector(
+    vlm,
+    encoded: EncodedRecords,
+    config: TrainConfig,
+    pad_token_id: int,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
+    """Run ``config.steps`` optimiser steps; returns per-step ``loss``, ``lr``, ``seconds``."""
+    if encoded.features is None:
+        raise ValueError("encoded records carry no vision features; compute them first")
+    dtype = getattr(torch, config.compute_dtype)
+    params = freeze_all_but_projector(vlm, dtype)
+    projector = projector_module(vlm)
+    vlm.eval()  # no dropout anywhere; the projector has none either
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(config.steps, config.warmup_steps))
+    batches = task_batches(encoded.records, config.task_weights, config.batch_size, config.seed)
+    history: list[dict[str, float]] = []
+    progress = tqdm(range(config.steps), desc="align", unit="step")
+    for step in progress:
+        started = time.perf_counter()
+        rows = next(batches)
+        batch = collate(
+            [{"input_ids": encoded.input_ids[i], "labels": encoded.labels[i]} for i in rows], pad_token_id, padding_side="left"
+        )
+        features = encoded.features[[encoded.image_index[i] for i in rows]].to(torch.float32)
+        loss = answer_loss(vlm, batch, projector(features).to(dtype))
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip) if config.grad_clip else torch.tensor(math.nan)
+        optimizer.step()
+        scheduler.step()
+        metrics = {
+            "step": step,
+            "loss": float(loss.detach()),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "seconds": time.perf_counter() - started,
+        }
+        history.append(metrics)
+        progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
+        if on_step is not None:
+            on_step(step, metrics)
+    return history

@@ -1,0 +1,190 @@
+"""Stage-1 alignment of the real-weight mini-LLaVA: the VLM's own projector-only training.
+
+DINOv2-S/14 and SmolLM2-135M stay frozen; only ``multi_modal_projector`` learns, with the
+next-token loss on the answers of the packaged corpora's TRAIN splits (pipelines/packaged_corpora.py).
+The frozen encoder's visual tokens are computed once and cached. Then the HELD-OUT splits are
+scored at full tokens (256 per image): Fashion-MNIST 10-way and Open Clip Art categories, each
+answer chosen by the LM's log-likelihood of every candidate answer.
+
+    python pipelines/align_projector.py --steps 200 --out-dir artifacts/mini-llava --eval-initial
+
+Writes OUT_DIR/projector.safetensors (projector weights, float32) and OUT_DIR/metrics.json (the
+exact command, settings, loss curve, timings, held-out accuracies); --out-model DIR also writes
+a full model folder (LlavaForConditionalGeneration / AutoProcessor .from_pretrained).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python pipelines/align_projector.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+from autoselect.convert.aligned import backbone_identity, load_projector, save_aligned_model, save_projector
+from autoselect.convert.cache import read_manifest as read_build_manifest
+from autoselect.convert.mini_llava import DEFAULT_CACHE_DIR, build_mini_llava
+from pipelines.align.evaluate import balanced_subset, choice_accuracy, greedy_answers
+from pipelines.align.features import cached_features, encode_records, features_key
+from pipelines.align.train import TrainConfig, train_projector
+from pipelines.corpora import DEFAULT_OUT, FILES, export_corpora, load_records, read_manifest
+
+EVAL_FILES = {"fmnist_class": "fashion_mnist", "clipart_category": "openclipart"}
+DEFAULT_WEIGHTS = "fmnist_class=0.4,clipart_category=0.4,clipart_title=0.2"
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    if any(len(p) != 2 for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected TASK=WEIGHT,..., got {text!r}")
+    return {task.strip(): float(weight) for task, weight in pairs}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--corpora", type=Path, default=DEFAULT_OUT, help="exported corpora; exported with default settings if absent (default: %(default)s)")
+    add("--backbone-cache", type=Path, default=DEFAULT_CACHE_DIR, help="mini-LLaVA build cache (default: %(default)s)")
+    add("--out-dir", type=Path, default=Path("outputs/align"), help="projector.safetensors + metrics.json go here (default: %(default)s)")
+    add("--out-model", type=Path, default=None, help="also write a full aligned model folder here")
+    add("--feature-cache", type=Path, default=Path(".cache/alignment"), help="cached frozen-encoder features (default: %(default)s)")
+    add("--task-weights", type=parse_weights, default=parse_weights(DEFAULT_WEIGHTS),
+        help=f"share of each batch per task; tasks not named are not trained on (default: {DEFAULT_WEIGHTS})")
+    add("--steps", type=int, default=d.steps, help="optimiser steps (default: %(default)s)")
+    add("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
+    add("--lr", type=float, default=d.lr, help="AdamW peak learning rate (default: %(default)s)")
+    add("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up, then cosine to 0 (default: %(default)s)")
+    add("--weight-decay", type=float, default=d.weight_decay, help="(default: %(default)s)")
+    add("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm, 0 for none (default: %(default)s)")
+    add("--compute-dtype", choices=("bfloat16", "float32"), default=d.compute_dtype,
+        help="dtype of the frozen parts during training; the projector trains in float32 (default: %(default)s)")
+    add("--seed", type=int, default=d.seed, help="batch order seed (default: %(default)s)")
+    add("--threads", type=int, default=1, help="torch CPU threads; 1 leaves a core to others (default: %(default)s)")
+    add("--eval-limit", type=int, default=None, help="score at most this many held-out records per task, class-balanced (default: all)")
+    add("--eval-initial", action="store_true", help="also score the untrained projector first")
+    add("--initial-eval-limit", type=int, default=100, help="records per task for --eval-initial (default: %(default)s)")
+    add("--eval-batch-size", type=int, default=16, help="(default: %(default)s)")
+    add("--examples", type=int, default=5, help="greedy free-form answers to record per task (default: %(default)s)")
+    return parser
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False, cwd=Path(__file__).parent)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def load_vlm(path: Path) -> LlavaForConditionalGeneration:
+    return LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def evaluate(vlm, processor, corpora: Path, manifest: dict, limit: int | None, batch_size: int, examples: int, tag: str) -> dict:
+    results = {}
+    for task, name in EVAL_FILES.items():
+        if task not in manifest["tasks"]:
+            continue
+        records = balanced_subset(load_records(corpora, name, "heldout"), limit)
+        started = time.perf_counter()
+        result = choice_accuracy(vlm, processor, corpora, records, manifest["tasks"][task]["choices"], batch_size, desc=f"{tag} {task}")
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        if examples:
+            result["greedy_examples"] = greedy_answers(vlm, processor, corpora, balanced_subset(records, examples))
+        results[task] = result
+        print(f"  {tag} {task}: accuracy {result['accuracy']:.3f} on {result['n']} held-out (chance {result['chance']:.3f})")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    started = time.time()
+    command = "python " + shlex.join([os.path.relpath(sys.argv[0]) if argv is None else "pipelines/align_projector.py", *(argv if argv is not None else sys.argv[1:])])
+
+    print("[1/6] corpora and backbone")
+    corpus_build = export_corpora(args.corpora) if not (args.corpora / "manifest.json").is_file() else None
+    manifest = read_manifest(args.corpora)
+    corpus_inputs = (read_build_manifest(args.corpora) or {}).get("inputs", {})
+    built = build_mini_llava(cache_dir=args.backbone_cache)
+    identity = backbone_identity(built)
+    model_dir = built["mini_llava"].path
+    vlm, processor = load_vlm(model_dir), LlavaProcessor.from_pretrained(model_dir)
+
+    print("[2/6] encoding the train splits and caching frozen DINOv2 features")
+    records = [r for name in FILES for r in load_records(args.corpora, name, "train") if r["task"] in args.task_weights]
+    t0 = time.perf_counter()
+    encoded = encode_records(processor, args.corpora, records)
+    key = features_key(identity, corpus_inputs, encoded.images)
+    encoded.features, reused = cached_features(vlm, processor, args.corpora, encoded, args.feature_cache, key)
+    feature_seconds = time.perf_counter() - t0
+    tasks = {t: sum(r["task"] == t for r in records) for t in sorted(args.task_weights)}
+    print(f"  {len(records)} records {tasks}, {len(encoded.images)} images, features {'reused' if reused else 'computed'} in {feature_seconds:.0f} s")
+
+    initial = None
+    if args.eval_initial:
+        print("[3/6] scoring the untrained projector on held-out records")
+        initial = evaluate(vlm, processor, args.corpora, manifest, args.initial_eval_limit, args.eval_batch_size, args.examples, "initial")
+
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip, seed=args.seed, compute_dtype=args.compute_dtype, task_weights=args.task_weights,
+    )
+    print(f"[4/6] training the projector: {config.steps} steps x batch {config.batch_size}, {args.threads} thread(s)")
+    t0 = time.perf_counter()
+    history = train_projector(vlm, encoded, config, processor.tokenizer.pad_token_id)
+    train_seconds = time.perf_counter() - t0
+    losses = [h["loss"] for h in history]
+    run = {
+        "command": command,
+        "git_commit": _git_commit(),
+        "train": {**asdict(config), "threads": args.threads, "records_per_task": tasks, "images": len(encoded.images)},
+        "loss": {
+            "first10_mean": round(sum(losses[:10]) / len(losses[:10]), 4),
+            "last10_mean": round(sum(losses[-10:]) / len(losses[-10:]), 4),
+            "per_step": [round(x, 4) for x in losses],
+        },
+        "seconds": {"features": round(feature_seconds, 1), "features_reused": reused, "train": round(train_seconds, 1),
+                    "train_per_step_median": round(sorted(h["seconds"] for h in history)[len(history) // 2], 2)},
+        "backbone": identity,
+        "corpora": {"dir": str(args.corpora), "files": manifest["files"], "skipped": manifest["skipped"], "settings": manifest["settings"]},
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count()},
+    }
+    projector_path = save_projector(vlm, args.out_dir / "projector.safetensors", identity, {"command": command, "steps": config.steps})
+    print(f"  loss {run['loss']['first10_mean']:.3f} (first 10) -> {run['loss']['last10_mean']:.3f} (last 10) in {train_seconds:.0f} s; saved {projector_path}")
+
+    print("[5/6] scoring the aligned projector on held-out records (float32, full 256 visual tokens)")
+    del vlm
+    aligned = load_vlm(model_dir)  # fresh float32 weights: the bf16 training copy is not what users load
+    load_projector(aligned, projector_path, identity)
+    t0 = time.perf_counter()
+    run["heldout"] = evaluate(aligned, processor, args.corpora, manifest, args.eval_limit, args.eval_batch_size, args.examples, "aligned")
+    if initial is not None:
+        run["heldout_initial_projector"] = initial
+    run["seconds"]["eval"] = round(time.perf_counter() - t0, 1)
+    run["seconds"]["total"] = round(time.time() - started, 1)
+    (args.out_dir / "metrics.json").write_text(json.dumps(run, indent=2) + "\n")
+    print(f"[6/6] wrote {args.out_dir / 'metrics.json'}")
+    if args.out_model is not None:
+        save_aligned_model(aligned, processor, args.out_model, {k: run[k] for k in ("command", "backbone", "heldout")})
+        print(f"  full aligned model in {args.out_model}")
+    if corpus_build is not None:
+        print(f"  (corpora were exported into {corpus_build.path})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

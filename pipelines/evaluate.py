@@ -1,0 +1,224 @@
+"""Compare AutoSelect with the training-free baselines on held-out tasks, in one run.
+
+    python pipelines/evaluate.py --model .cache/backbones/mini-llava --autoselect outputs/scorer \
+        --budgets 28 57 85 --limit 200 --out outputs/eval
+    python pipelines/evaluate.py --model autoselect-testing/tiny-llava \
+        --autoselect models:/autoselect-scorer@champion --budgets 1/9 2/9 1/3 --tasks markers,spatial_markers
+
+Every method (all tokens, AutoSelect, random, uniform, FastV, VisionZip, DivPrune) scores the
+same encoded batches. Multiple-choice tasks pick the candidate whose full answer turn has the
+highest summed log-likelihood; caption_nll is the mean NLL of the reference answer's tokens.
+Tasks whose data is absent (e.g. the packaged corpora were not exported) are reported as
+skipped, with the reason.
+
+Outputs in --out: report.json, report.md, retention_vs_budget.png, kept_patches.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python pipelines/evaluate.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from PIL import Image
+
+from autoselect.backbones import get_adapter
+from autoselect.config import resolve_budget, validate_budget
+from autoselect.pruners import available_pruners
+from pipelines.corpora import DEFAULT_OUT
+from pipelines.evaluation.methods import baseline_settings, build_methods
+from pipelines.evaluation.plots import kept_patches_plot, processed_image, retention_plot
+from pipelines.evaluation.report import Budget, build_report, markdown
+from pipelines.evaluation.runner import evaluate, to_device
+from pipelines.evaluation.scoring import SCORING, prompt_inputs
+from pipelines.evaluation.tasks import TASKS, Example, TaskContext, load_tasks
+from pipelines.train_config import DTYPES, TINY_LLAVA
+
+AUTOSELECT = "autoselect"
+DEFAULT_BUDGETS = ["1/9", "2/9", "1/3"]  # 64 / 128 / 192 of LLaVA-1.5's 576 tokens; 28 / 57 / 85 of 256
+
+
+def parse_budget(text: str) -> int | float:
+    """``"28"`` -> K = 28 tokens; ``"0.25"`` or ``"1/9"`` -> a ratio of N."""
+    try:
+        value: int | float = int(text) if text.strip().isdigit() else float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"budget {text!r} is neither an int K nor a ratio such as 0.25 or 1/9") from None
+    try:
+        validate_budget(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--model", default=TINY_LLAVA, help=f"local HF LLaVA folder, or {TINY_LLAVA} (default)")
+    add("--autoselect", help="trained scorer: a save_pretrained folder or models:/name@alias (MLflow registry)")
+    add("--budgets", nargs="+", default=DEFAULT_BUDGETS, help="K per image (int) or a ratio of N (0.25, 1/9) (default: %(default)s)")
+    add("--pruners", type=names, default=None,
+        help=f"comma-separated methods from {AUTOSELECT},{','.join(available_pruners())} "
+        "(default: all of them; autoselect only when --autoselect is given). All tokens always run, as the reference.")
+    add("--tasks", type=names, default=list(TASKS), help=f"comma-separated tasks (default: {','.join(TASKS)})")
+    add("--limit", type=int, default=None, help="examples per task (default: every held-out record; 200 for generated tasks)")
+    add("--batch-size", type=int, default=8, help="examples per forward; a multiple-choice batch has examples x choices rows (default: %(default)s)")
+    add("--corpora", type=Path, default=DEFAULT_OUT, help="packaged-corpora export (default: %(default)s)")
+    add("--seed", type=int, default=0, help="seeds the generated tasks and the random baseline (default: %(default)s)")
+    add("--fastv-layer", type=int, default=None, help="FastV's cut layer L (default: 2, or the LLM's depth - 1 if smaller)")
+    add("--overlay", type=names, default=None, help="methods for kept_patches.png (default: autoselect and the first two baselines)")
+    add("--dtype", choices=DTYPES, default="auto", help="model dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    add("--tracking-uri", default=None, help="MLflow tracking URI for models:/ (default: $MLFLOW_TRACKING_URI, else outputs/mlflow.db)")
+    add("--out", type=Path, default=Path("outputs/eval"), help="output folder (default: %(default)s)")
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[tuple[str, int | float]]:
+    budgets = []
+    for text in args.budgets:
+        try:
+            budgets.append((text, parse_budget(text)))
+        except argparse.ArgumentTypeError as exc:
+            parser.error(str(exc))
+    known = [AUTOSELECT, *available_pruners()]
+    if args.pruners is None:
+        args.pruners = known if args.autoselect else known[1:]
+    unknown = [p for p in args.pruners if p not in known]
+    if unknown:
+        parser.error(f"unknown pruner(s) {unknown}; available: {', '.join(known)}")
+    if AUTOSELECT in args.pruners and not args.autoselect:
+        parser.error("--pruners includes autoselect: pass its trained scorer with --autoselect DIR_OR_models:/name@alias")
+    unknown_tasks = [t for t in args.tasks if t not in TASKS]
+    if unknown_tasks:
+        parser.error(f"unknown task(s) {unknown_tasks}; available: {', '.join(TASKS)}")
+    if args.limit is not None and args.limit < 1 or args.batch_size < 1:
+        parser.error("--limit and --batch-size must be >= 1")
+    unknown_overlay = [m for m in args.overlay or [] if m not in args.pruners]
+    if unknown_overlay:
+        parser.error(f"--overlay names {unknown_overlay}, which are not in --pruners {args.pruners}")
+    return budgets
+
+
+def overlay_labels(pruners: list[str], chosen: list[str] | None, budget: str) -> list[str]:
+    """``name@budget`` for AutoSelect and two baselines (or the methods asked for)."""
+    if chosen is None:
+        chosen = [p for p in pruners if p == AUTOSELECT][:1] + [p for p in pruners if p != AUTOSELECT][:2]
+    return [f"{name}@{budget}" for name in chosen]
+
+
+def write_overlay(path: Path, example: Example, methods, labels: list[str], processor, num_tokens: int, device, dtype) -> Path:
+    """The patches each of ``labels`` keeps on ``example``'s image (prompt only, as served)."""
+    prompt = to_device(prompt_inputs(processor, example), device, dtype)
+    by_label = {m.label: m for m in methods}
+    panels = [(f"all {num_tokens} tokens", None)] + [(label, by_label[label].kept_indices(prompt)[0]) for label in labels]
+    image = processed_image(prompt["pixel_values"][0], processor)
+    return kept_patches_plot(image, num_tokens, panels, path, f"{example.id}: {example.question}")
+
+
+def write_outputs(args, report: dict, tasks, make_methods, budgets: list[Budget], processor, device, dtype) -> dict[str, Path]:
+    """report.json and report.md first (a plotting failure must not lose the numbers), then the PNGs."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    outputs = {"json": args.out / "report.json", "markdown": args.out / "report.md"}
+    outputs["json"].write_text(json.dumps(report, indent=2) + "\n")
+    outputs["markdown"].write_text(markdown(report))
+    outputs["retention_plot"] = retention_plot(report, args.out / "retention_vs_budget.png")
+    if not (tasks and args.pruners):
+        report["overlay"] = {"skipped": "no task or no pruner ran"}
+    else:
+        smallest = min(budgets, key=lambda b: b.k)
+        labels = overlay_labels(args.pruners, args.overlay, smallest.label)
+        example = tasks[0].examples[0]
+        try:
+            outputs["overlay"] = write_overlay(
+                args.out / "kept_patches.png", example, make_methods(), labels, processor, report["visual_tokens_per_image"], device, dtype
+            )
+            report["overlay"] = {"file": outputs["overlay"].name, "example": example.id, "methods": labels}
+        except ValueError as exc:  # e.g. a patch grid that is not square
+            report["overlay"] = {"skipped": str(exc)}
+            print(f"kept-patch overlay skipped: {exc}")
+    outputs["json"].write_text(json.dumps(report, indent=2) + "\n")
+    return outputs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given_budgets = check_args(parser, args)
+    started = time.time()
+    torch.manual_seed(args.seed)
+
+    from pipelines.backbone import default_device, load_autoselect, load_vlm_and_processor
+
+    device = default_device()
+    print(f"loading {args.model} on {device}")
+    vlm, processor = load_vlm_and_processor(args.model, args.dtype, device)
+    dtype = next(vlm.parameters()).dtype
+    image_token_id = get_adapter(vlm).image_token_id
+    probe = prompt_inputs(processor, Example("probe", Image.new("RGB", (64, 64)), "?", ""))
+    num_tokens = int((probe["input_ids"] == image_token_id).sum())
+    try:
+        budgets = [Budget(label, value, resolve_budget(value, num_tokens)) for label, value in given_budgets]
+    except ValueError as exc:
+        parser.error(f"{exc} (this backbone has N = {num_tokens} visual tokens per image)")
+
+    autoselect, autoselect_info = None, None
+    if AUTOSELECT in args.pruners:
+        try:
+            autoselect, autoselect_info = load_autoselect(args.autoselect, vlm, args.tracking_uri)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"AutoSelect scorer from {args.autoselect} (trained at budget {autoselect.config.budget})")
+
+    ctx = TaskContext(
+        image_size=int(probe["pixel_values"].shape[-1]),
+        patch_size=int(vlm.config.vision_config.patch_size),
+        corpora_dir=args.corpora,
+        seed=args.seed,
+        limit=args.limit,
+    )
+    tasks, skipped = load_tasks(args.tasks, ctx)
+    for name, reason in skipped.items():
+        print(f"skipped task {name}: {reason}")
+    settings = baseline_settings(vlm, args.seed, args.fastv_layer)
+    budget_args = [(b.label, b.value) for b in budgets]
+
+    def make_methods():
+        return build_methods(vlm, args.pruners, budget_args, autoselect, settings)
+
+    scores = evaluate(tasks, make_methods, processor, image_token_id, args.batch_size, device, dtype)
+    meta = {
+        "model": args.model,
+        "autoselect": autoselect_info,
+        "pruners": {p: settings.get(p, {}) for p in args.pruners},
+        "seed": args.seed,
+        "limit": args.limit,
+        "batch_size": args.batch_size,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "scoring": SCORING,
+        "seconds": round(time.time() - started, 1),
+    }
+    report = build_report(meta, tasks, skipped, scores, make_methods(), budgets, num_tokens)
+    outputs = write_outputs(args, report, tasks, make_methods, budgets, processor, device, dtype)
+
+    print()
+    print(markdown(report))
+    for what, path in outputs.items():
+        print(f"{what:>15}: {path}")
+    return 0 if tasks else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The methods one evaluation compares: all tokens, AutoSelect and the training-free baselines.
+
+Each is a `Method` with one ``forward(batch, repeats, logits_to_keep)`` that returns the logits
+and which visual tokens it kept, so the scoring code is the same for all of them.
+
+``repeats``: a multiple-choice batch holds each image ``repeats`` times in a row (one row per
+candidate answer). Pre-LLM pruners (AutoSelect, random, uniform, VisionZip, DivPrune) choose
+from the image alone, so they choose ONCE per image and every candidate is scored on the same
+kept tokens (`FixedSelection`): a random baseline does not get a fresh draw per candidate.
+FastV ranks tokens inside the LLM by the attention of each row's last token, which in a
+teacher-forced forward is the end of that row's candidate answer; it runs on every row as is.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoselect.model import AutoSelectModel
+from autoselect.pruned import PrunedVLM, Selection
+from autoselect.pruners import FastV, build_pruner
+
+FULL = "full"
+FASTV_LAYER = 2  # FastV's default cut; capped at the LLM's depth - 1 (the tiny LLM has 2 layers)
+
+
+@dataclass
+class Forward:
+    """What a method's forward gives the scorer."""
+
+    logits: torch.Tensor  # [rows, k, vocab]: the LM head on the last k columns the LLM kept
+    selection: Selection | None  # kept visual tokens per row's image; None: all tokens
+    columns: torch.Tensor | None = None  # the model's own output -> input column map, where it reports one (FastV)
+
+
+def repeat_selection(selection: Selection, repeats: int) -> Selection:
+    """``selection`` for images that each appear ``repeats`` times in a row."""
+
+    def rep(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.repeat_interleave(repeats, dim=0)
+
+    return Selection(indices=rep(selection.indices), num_tokens=selection.num_tokens, scores=rep(selection.scores), tokens=rep(selection.tokens))
+
+
+class FixedSelection(PrunedVLM):
+    """Runs ``pruner``'s shared pruned path with a selection (and kept tokens) chosen earlier."""
+
+    def __init__(self, pruner: PrunedVLM, selection: Selection, kept: torch.Tensor) -> None:
+        super().__init__(pruner.vlm, selection.budget, pruner.adapter, pruner.position_policy)
+        self._fixed = (selection, kept)
+
+    def select(self, budget: int | float | None = None, **image_inputs: Any) -> tuple[Selection, torch.Tensor]:
+        return self._fixed
+
+
+class Method(ABC):
+    def __init__(self, name: str, budget_label: str | None, budget: int | float | None, model: nn.Module) -> None:
+        self.name, self.budget_label, self.budget, self.model = name, budget_label, budget, model
+
+    @property
+    def label(self) -> str:
+        return self.name if self.budget_label is None else f"{self.name}@{self.budget_label}"
+
+    @abstractmethod
+    def forward(self, batch: dict[str, torch.Tensor], repeats: int, logits_to_keep: int) -> Forward:
+        """``batch`` without labels; its rows come in groups of ``repeats`` sharing one image."""
+
+    def kept_indices(self, prompt: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Sorted kept-token indices ``[images, K]`` for a prompt (None: all tokens)."""
+        with torch.no_grad():
+            self.model(**prompt, budget=self.budget)
+        return self.model.last_selection.indices
+
+
+class FullTokens(Method):
+    """The unmodified VLM: the reference every retention is relative to."""
+
+    def __init__(self, vlm: nn.Module) -> None:
+        super().__init__(FULL, None, None, vlm)
+
+    def forward(self, batch, repeats, logits_to_keep):
+        return Forward(self.model(**batch, logits_to_keep=logits_to_keep).logits, None)
+
+    def kept_indices(self, prompt):
+        return None
+
+
+class PreLLM(Method):
+    """A `PrunedVLM` (AutoSelect in eval mode or a pre-LLM baseline): one choice per image."""
+
+    model: PrunedVLM
+
+    def forward(self, batch, repeats, logits_to_keep):
+        image_inputs, _ = self.model.split_inputs(dict(batch))
+        unique = {key: value[::repeats] for key, value in image_inputs.items()}  # one image per row group
+        selection, kept = self.model.select(self.budget, **unique)
+        replay = FixedSelection(self.model, repeat_selection(selection, repeats), kept.repeat_interleave(repeats, dim=0))
+        out = replay(**batch, logits_to_keep=logits_to_keep)
+        return Forward(out.logits, replay.last_selection)
+
+
+class InsideLLM(Method):
+    """FastV: prunes after LLM layer L; its logits cover the shorter sequence (``last_columns``)."""
+
+    model: FastV
+
+    def forward(self, batch, repeats, logits_to_keep):
+        out = self.model(**batch, budget=self.budget, logits_to_keep=logits_to_keep)
+        return Forward(out.logits, self.model.last_selection, self.model.last_columns)
+
+
+def baseline_settings(vlm: nn.Module, seed: int, fastv_layer: int | None) -> dict[str, dict[str, Any]]:
+    """Constructor arguments per baseline (recorded in the report); the rest keep their defaults."""
+    depth = len(vlm.get_decoder().layers)
+    layer = fastv_layer if fastv_layer is not None else min(FASTV_LAYER, depth - 1)
+    return {"random": {"seed": seed}, "fastv": {"layer": layer}}
+
+
+def build_methods(
+    vlm: nn.Module,
+    pruners: list[str],
+    budgets: list[tuple[str, int | float]],
+    autoselect: AutoSelectModel | None,
+    settings: dict[str, dict[str, Any]],
+) -> list[Method]:
+    """Full tokens, then every pruner at every budget; fresh baseline instances (a random pruner
+    restarts its seeded stream), the one AutoSelect model shared across budgets."""
+    methods: list[Method] = [FullTokens(vlm)]
+    for name in pruners:
+        for label, budget in budgets:
+            if name == "autoselect":
+                if autoselect is None:
+                    raise ValueError("the autoselect method needs a trained scorer (--autoselect)")
+                model: nn.Module = autoselect
+            else:
+                model = build_pruner(name, vlm, budget, **settings.get(name, {}))
+            kind = InsideLLM if isinstance(model, FastV) else PreLLM
+            methods.append(kind(name, label, budget, model))
+    return methods

@@ -1,0 +1,135 @@
+"""The evaluation report: JSON (everything) and a markdown table (what the paper reports).
+
+Retention puts every task on one "higher is better, 100 % = as good as all tokens" scale, so
+tasks can be averaged: pruned / full for accuracies, full / pruned for losses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from pipelines.evaluation.methods import FULL, Method
+from pipelines.evaluation.tasks import Task
+
+RETENTION = (
+    "retention % = 100 x pruned score / full-token score for accuracies, and 100 x full-token NLL / "
+    "pruned NLL for losses (lower NLL is better), so for every task higher is better and 100 means "
+    "no loss against all visual tokens; the average is over the tasks whose retention is defined"
+)
+ALL_TOKENS = "all"
+
+
+@dataclass(frozen=True)
+class Budget:
+    label: str  # as given on the command line: "64", "0.25", "1/9"
+    value: int | float
+    k: int  # visual tokens kept per image for this backbone's N
+
+
+def retention(task: Task, full: float, pruned: float) -> float | None:
+    """Retention % of ``pruned`` against ``full`` (None when undefined: a full-token accuracy of 0)."""
+    if task.higher_is_better:
+        return None if full == 0 else 100.0 * pruned / full
+    return None if pruned == 0 else 100.0 * full / pruned
+
+
+def _mean(values: list[float | None]) -> float | None:
+    defined = [v for v in values if v is not None]
+    return sum(defined) / len(defined) if defined else None
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def build_report(
+    meta: dict[str, Any],
+    tasks: Sequence[Task],
+    skipped: dict[str, str],
+    scores: dict[str, dict[str, dict[str, float | int]]],
+    methods: Sequence[Method],
+    budgets: Sequence[Budget],
+    num_tokens: int,
+) -> dict[str, Any]:
+    """``results[method][budget][task] = {score, n, retention}`` plus each row's average retention."""
+    k_of = {b.label: b.k for b in budgets}
+    results: dict[str, dict[str, Any]] = {}
+    average: dict[str, dict[str, float | None]] = {}
+    undefined = {t.name: "full-token accuracy is 0" for t in tasks if t.higher_is_better and scores[t.name][FULL]["score"] == 0}
+    at_chance = {  # the model cannot do the task even with all tokens: its retention there is noise
+        t.name: f"full-token accuracy {float(scores[t.name][FULL]['score']):.3f} <= chance {1 / len(t.choices):.3f}"
+        for t in tasks
+        if t.name not in undefined and t.kind == "choice" and float(scores[t.name][FULL]["score"]) <= 1 / len(t.choices)
+    }
+    for method in methods:
+        budget = method.budget_label or ALL_TOKENS
+        row: dict[str, Any] = {}
+        for task in tasks:
+            full = float(scores[task.name][FULL]["score"])
+            got = scores[task.name][method.label]
+            row[task.name] = {
+                "score": round(float(got["score"]), 4),
+                "n": int(got["n"]),
+                "retention": _round(retention(task, full, float(got["score"])), 2),
+            }
+        avg = _round(_mean([retention(t, float(scores[t.name][FULL]["score"]), float(scores[t.name][method.label]["score"])) for t in tasks]), 2)
+        results.setdefault(method.name, {})[budget] = {
+            "k": k_of.get(budget, num_tokens),
+            "tasks": row,
+            "average_retention": avg,
+        }
+        average.setdefault(method.name, {})[budget] = avg
+    return {
+        **meta,
+        "visual_tokens_per_image": num_tokens,
+        "budgets": [{"budget": b.label, "k": b.k} for b in budgets],
+        "retention_definition": RETENTION,
+        "tasks": {t.name: t.describe() for t in tasks},
+        "skipped": dict(skipped),
+        "retention_undefined": undefined,
+        "full_tokens_at_chance": at_chance,
+        "results": results,
+        "average_retention": average,
+    }
+
+
+def _cell(entry: dict[str, Any]) -> str:
+    retained = "n/a" if entry["retention"] is None else f"{entry['retention']:.1f}%"
+    return f"{entry['score']:.3f} ({retained})"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """Score (retention) per task and the average retention, one row per method and budget."""
+    tasks = report["tasks"]
+    header = ["method", "budget", "K"] + [
+        f"{name} ({'acc ↑' if info['higher_is_better'] else 'NLL ↓'}, n={info['n']})" for name, info in tasks.items()
+    ] + ["avg retention"]
+    lines = [
+        "# Visual-token pruning evaluation",
+        "",
+        f"Model `{report['model']}`, N = {report['visual_tokens_per_image']} visual tokens per image, "
+        f"seed {report['seed']}. Cells: score (retention).",
+        "",
+        f"_{report['retention_definition'][0].upper()}{report['retention_definition'][1:]}._",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for method, by_budget in report["results"].items():
+        for budget, row in by_budget.items():
+            avg = "n/a" if row["average_retention"] is None else f"{row['average_retention']:.1f}%"
+            cells = [method, budget, str(row["k"])] + [_cell(row["tasks"][t]) for t in tasks] + [avg]
+            lines.append("| " + " | ".join(cells) + " |")
+    if not tasks:
+        lines += ["", "No task could be evaluated."]
+    if report["retention_undefined"]:
+        lines += ["", "Retention undefined (left out of the average):"]
+        lines += [f"- `{name}`: {why}" for name, why in report["retention_undefined"].items()]
+    if report["full_tokens_at_chance"]:
+        lines += ["", "At chance with all tokens (retention there measures noise, not pruning):"]
+        lines += [f"- `{name}`: {why}" for name, why in report["full_tokens_at_chance"].items()]
+    if report["skipped"]:
+        lines += ["", "Skipped tasks:"]
+        lines += [f"- `{name}`: {why}" for name, why in report["skipped"].items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,109 @@
+"""Answer log-likelihoods under any method, exact whatever columns the method dropped.
+
+Every row is encoded as training encodes it (`encode_example`: the chat template's full
+assistant turn gets labels, answer + end-of-turn), right-padded, without ``position_ids``, so
+every method (the full VLM, a re-packed `PrunedVLM`, FastV) sees each row exactly as it would
+alone. The logits a method returns cover ITS sequence, which is shorter than the input when
+visual tokens were dropped before the LLM (``images * (N - K)`` columns) or inside it (FastV,
+after layer L). `output_columns` maps every output column back to its input column with the
+library's own re-packing (`prune_placeholders`, as FastV computes ``last_columns``), so each
+answer token is scored by the logit of the column just before it in the pruned sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from autoselect.data import collate, encode_example
+from autoselect.placeholders import IGNORE_INDEX, prune_placeholders
+from autoselect.pruned import Selection
+from pipelines.evaluation.methods import Method
+from pipelines.evaluation.tasks import Example
+from pipelines.samples import chat_messages
+
+SCORING = {
+    "choice": "accuracy: argmax over the choices of the summed log-probability of the full answer turn "
+    "(answer + end of turn, as the chat template renders it); pre-LLM pruners choose once per image, "
+    "FastV ranks by the attention of each candidate row's last token",
+    "nll": "mean negative log-likelihood per answer token (nats), token-weighted over the task",
+}
+
+
+def encode_rows(processor, rows: Sequence[tuple[Example, str]]) -> dict[str, torch.Tensor]:
+    """One right-padded batch row per ``(example, answer)``: its image, question and that answer."""
+    encoded = [encode_example(processor, chat_messages([(e.question, answer)]), [e.image]) for e, answer in rows]
+    return collate(encoded, processor.tokenizer.pad_token_id, padding_side="right")
+
+
+def choice_batch(processor, examples: Sequence[Example], choices: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``len(examples) * len(choices)`` rows, example-major: row ``i * C + c`` answers ``choices[c]``."""
+    return encode_rows(processor, [(e, c) for e in examples for c in choices])
+
+
+def prompt_inputs(processor, example: Example) -> dict[str, torch.Tensor]:
+    """The prompt alone (with the generation prompt), as a user would send it."""
+    messages = chat_messages([(example.question, "")])[:1]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return dict(processor(images=[example.image], text=[text], return_tensors="pt"))
+
+
+def output_columns(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, selection: Selection | None, image_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(columns, valid)`` ``[rows, S']``: the input column behind every column of the pruned
+    sequence, and which of them are real tokens (not re-padding)."""
+    rows, length = input_ids.shape
+    arange = torch.arange(length, device=input_ids.device).expand(rows, length)
+    if selection is None:
+        return arange, attention_mask.bool()
+    kept = prune_placeholders(  # column numbers ride along as "original" positions
+        input_ids,
+        selection.indices,
+        image_token_id=image_token_id,
+        tokens_per_image=selection.num_tokens,
+        attention_mask=attention_mask,
+        position_ids=arange,
+        position_policy="original",
+    )
+    return kept.position_ids, kept.attention_mask.bool()
+
+
+def tail_length(labels: torch.Tensor) -> int:
+    """``logits_to_keep``: the columns from the one predicting the earliest answer token to the end.
+
+    Answers follow the image, so every row loses its dropped visual tokens before them and the
+    tail is the same length in the pruned sequence (checked in `answer_log_likelihoods`).
+    """
+    labelled = (labels != IGNORE_INDEX).any(0).nonzero()
+    if len(labelled) == 0:
+        raise ValueError("the batch has no answer tokens to score")
+    return labels.shape[1] - int(labelled[0]) + 1
+
+
+@torch.no_grad()
+def answer_log_likelihoods(
+    method: Method, batch: dict[str, torch.Tensor], repeats: int, image_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed log-probability of its labelled answer tokens ``[rows]`` (float64)
+    and how many there are ``[rows]``."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = method.forward(inputs, repeats, tail_length(labels))
+    columns, valid = output_columns(batch["input_ids"], batch["attention_mask"], out.selection, image_token_id)
+    if out.columns is not None and not torch.equal(columns, out.columns):
+        raise RuntimeError(f"{method.label}: its reported output columns differ from the re-packing of its selection")
+    window = out.logits.shape[1]
+    if window > columns.shape[1]:
+        raise RuntimeError(f"{method.label}: {window} logit columns for a {columns.shape[1]}-column sequence")
+    target = labels.gather(1, columns).masked_fill(~valid, IGNORE_INDEX)[:, -window:][:, 1:]
+    scored = target != IGNORE_INDEX
+    expected = (labels != IGNORE_INDEX).sum(-1)
+    if not torch.equal(scored.sum(-1), expected):
+        raise RuntimeError(f"{method.label}: {int(expected.sum() - scored.sum())} answer tokens fall outside the scored logits")
+    logits = out.logits[:, :-1][scored].float()
+    picked = logits.log_softmax(-1).gather(-1, target[scored].unsqueeze(-1)).squeeze(-1)
+    sums = torch.zeros(labels.shape[0], dtype=torch.float64, device=picked.device)
+    sums.index_add_(0, scored.nonzero()[:, 0], picked.double())
+    return sums.cpu(), expected.cpu()

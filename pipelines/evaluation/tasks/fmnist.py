@@ -1,0 +1,24 @@
+"""Classification VQA: "what kind of clothing item is shown?" over the 10 Fashion-MNIST classes,
+on the held-out split of the packaged corpora (class-balanced when ``--limit`` cuts it)."""
+
+from __future__ import annotations
+
+from pipelines.evaluation.tasks.base import Task, TaskContext, heldout_records, manifest_choices, record_example
+
+NAME = "fmnist_vqa"
+
+
+def load(ctx: TaskContext) -> Task:
+    from pipelines.align.evaluate import balanced_subset  # imported on use: only this task needs the alignment package
+
+    records = heldout_records(ctx, "fashion_mnist")
+    choices = manifest_choices(ctx, "fmnist_class")
+    chosen = balanced_subset(records, ctx.size(len(records)))
+    return Task(
+        name=NAME,
+        kind="choice",
+        examples=[record_example(ctx, r) for r in chosen],
+        description="Fashion-MNIST clothing class (10-way multiple choice)",
+        source=f"{ctx.corpora_dir}/fashion_mnist.heldout.jsonl",
+        choices=choices,
+    )

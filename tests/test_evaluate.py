@@ -1,0 +1,235 @@
+"""The evaluation harness on the tiny LLaVA: exact scoring under every pruner, then the CLI end to
+end (report, table, plots, skipped tasks, determinism) with a quickly trained AutoSelect scorer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from autoselect import AutoSelectConfig, AutoSelectModel
+from autoselect.backbones import get_adapter
+from autoselect.pruners import available_pruners
+from autoselect.testing import build_tiny_llava
+from autoselect.testing.synthetic import marker_batches, teach_vlm_markers
+from autoselect.training import train
+from pipelines.evaluate import main
+from pipelines.evaluation.methods import FULL, PreLLM, baseline_settings, build_methods
+from pipelines.evaluation.scoring import answer_log_likelihoods, choice_batch, encode_rows
+from pipelines.evaluation.tasks import TaskContext, load_tasks
+
+N = 64  # tiny LLaVA: 32 px, patch 4
+PRUNERS = ["autoselect", *available_pruners()]
+BUDGETS = ["8", "1/4", str(N)]  # K = 8, 16 and N
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: oversubscribed threads make the tiny model slower
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def taught(tmp_path_factory, single_thread):
+    """A tiny LLaVA that answers the marker question with all tokens, saved as an HF folder, and
+    an AutoSelect scorer trained on it for a few steps (saved with save_pretrained)."""
+    root = tmp_path_factory.mktemp("evaluate")
+    vlm, processor = build_tiny_llava(seed=0)
+    teach_vlm_markers(vlm, processor, steps=100, seed=1)
+    vlm.save_pretrained(root / "vlm")
+    processor.save_pretrained(root / "vlm")
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, temperature_steps=20))
+    torch.manual_seed(0)
+    train(model, marker_batches(processor, 16, seed=2), steps=25, lr=1e-3)
+    model.save_pretrained(root / "scorer")
+    write_captions(root / "corpora")
+    return {"root": root, "vlm": vlm.eval(), "processor": processor, "model_dir": root / "vlm", "scorer_dir": root / "scorer"}
+
+
+def write_captions(out: Path, count: int = 8) -> None:
+    """A packaged-corpora folder holding only held-out captions (so fmnist_vqa has no data)."""
+    import numpy as np
+
+    from autoselect.testing.synthetic import COLOURS, marker_image
+    from pipelines.corpora.common import llava_record, save_png, write_jsonl
+
+    rng = np.random.default_rng(7)
+    records = []
+    for i in range(count):
+        colour = list(COLOURS)[i % len(COLOURS)]
+        image, _ = marker_image(rng, colour)
+        path = save_png(image, out, f"images/captions/{i}.png")
+        records.append(llava_record(f"caption-{i}", path, "Describe the picture.", f"A {colour} marker on grey noise.", task="photo_caption", label=colour))
+    write_jsonl(out / "captions.heldout.jsonl", records)
+
+
+def run_cli(taught, out: Path, *extra: str) -> dict:
+    argv = [
+        "--model", str(taught["model_dir"]), "--autoselect", str(taught["scorer_dir"]),
+        "--budgets", *BUDGETS, "--pruners", ",".join(PRUNERS),
+        "--tasks", "markers,spatial_markers,fmnist_vqa,caption_nll", "--corpora", str(taught["root"] / "corpora"),
+        "--limit", "16", "--batch-size", "8", "--seed", "0", "--out", str(out), *extra,
+    ]
+    assert main(argv) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def out_dir(taught, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eval-out")
+    run_cli(taught, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(out_dir) -> dict:
+    return json.loads((out_dir / "report.json").read_text())
+
+
+# ---- scoring is exact under every method ------------------------------------------------------
+def test_batched_scores_equal_each_rows_own_loss_under_every_pruner(taught):
+    """Right-padded rows of different lengths, pruned before or inside the LLM: each row's summed
+    answer log-likelihood equals -(the model's own loss on that row alone) x its answer tokens."""
+    vlm, processor = taught["vlm"], taught["processor"]
+    image_token_id = get_adapter(vlm).image_token_id
+    (task,), _ = load_tasks(["spatial_markers"], TaskContext(32, 4, Path("/nonexistent"), seed=3, limit=3))
+    choices = list(task.choices)
+    batch = choice_batch(processor, task.examples, choices)
+    assert len(set((batch["attention_mask"].sum(-1)).tolist())) > 1, "rows of different lengths"
+    methods = build_methods(vlm, [p for p in available_pruners() if p != "random"], [("16", 16)], None, baseline_settings(vlm, 0, None))
+    for method in methods:
+        sums, counts = answer_log_likelihoods(method, batch, len(choices), image_token_id)
+        for row, (example, choice) in enumerate((e, c) for e in task.examples for c in choices):
+            alone = encode_rows(processor, [(example, choice)])
+            with torch.no_grad():
+                loss = method.model(**alone).loss if method.name == FULL else method.model(**alone, budget=method.budget).loss
+            assert int(counts[row]) == int((alone["labels"] != -100).sum())
+            assert float(sums[row]) == pytest.approx(-float(loss) * int(counts[row]), abs=1e-4), (method.label, row)
+
+
+def test_full_token_scores_match_the_cached_choice_scorer(taught):
+    from pipelines.align.evaluate import choice_log_likelihoods
+
+    vlm, processor = taught["vlm"], taught["processor"]
+    (task,), _ = load_tasks(["markers"], TaskContext(32, 4, Path("/nonexistent"), seed=4, limit=4))
+    methods = build_methods(vlm, [], [], None, {})
+    sums, _ = answer_log_likelihoods(methods[0], choice_batch(processor, task.examples, task.choices), len(task.choices), get_adapter(vlm).image_token_id)
+    cached = choice_log_likelihoods(vlm, processor, [e.image for e in task.examples], task.examples[0].question, task.choices)
+    assert torch.allclose(sums.view(len(task.examples), -1).float(), cached, atol=1e-4)
+
+
+def test_pre_llm_pruners_choose_once_per_image_for_all_candidates(taught):
+    vlm, processor = taught["vlm"], taught["processor"]
+    (task,), _ = load_tasks(["markers"], TaskContext(32, 4, Path("/nonexistent"), seed=5, limit=2))
+    (method,) = build_methods(vlm, ["random"], [("16", 16)], None, {"random": {"seed": 0}})[1:]
+    assert isinstance(method, PreLLM)
+    repeats = len(task.choices)
+    out = method.forward({k: v for k, v in choice_batch(processor, task.examples, task.choices).items() if k != "labels"}, repeats, 4)
+    groups = out.selection.indices.view(len(task.examples), repeats, -1)
+    assert (groups == groups[:, :1]).all(), "every candidate of an image sees the same random draw"
+    assert not torch.equal(groups[0, 0], groups[1, 0]), "different images get different draws"
+
+
+# ---- the CLI ----------------------------------------------------------------------------------
+def test_cli_writes_json_markdown_and_both_plots(report, out_dir):
+    assert report["overlay"]["file"] == "kept_patches.png"
+    for name in ("retention_vs_budget.png", "kept_patches.png"):
+        assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    table = (out_dir / "report.md").read_text()
+    assert "| autoselect | 1/4 | 16 |" in table and "| full | all | 64 |" in table
+    assert report["overlay"]["methods"] == ["autoselect@8", "divprune@8", "fastv@8"]
+    assert report["pruners"]["fastv"] == {"layer": 1}  # the tiny LLM has 2 layers
+
+
+def test_every_method_and_budget_has_a_score(report):
+    tasks = ["markers", "spatial_markers", "caption_nll"]
+    assert list(report["tasks"]) == tasks
+    assert report["results"][FULL].keys() == {"all"}
+    for method in PRUNERS:
+        assert list(report["results"][method]) == BUDGETS
+        for budget, row in report["results"][method].items():
+            assert row["k"] == {"8": 8, "1/4": 16, str(N): N}[budget]
+            for task in tasks[:2]:
+                entry = row["tasks"][task]
+                assert entry["n"] == 16 and 0.0 <= entry["score"] <= 1.0
+            assert row["tasks"]["caption_nll"]["n"] == 8 and row["tasks"]["caption_nll"]["score"] > 0
+
+
+def test_retention_is_100_at_full_tokens_and_when_k_equals_n(report):
+    assert report["results"][FULL]["all"]["tasks"]["markers"]["score"] > 0.5, "the taught VLM reads the markers"
+    assert report["results"][FULL]["all"]["average_retention"] == 100.0
+    for method in PRUNERS:
+        row = report["results"][method][str(N)]  # K = N
+        assert all(entry["retention"] == 100.0 for entry in row["tasks"].values()), method
+        assert row["average_retention"] == 100.0
+    # and pruning hard does cost something (so the 100 % above is not vacuous)
+    assert report["results"]["random"]["8"]["tasks"]["markers"]["retention"] < 90.0
+    # a loss: retention is full / pruned, so it moves opposite to the NLL
+    full, pruned = (report["results"][m][b]["tasks"]["caption_nll"] for m, b in ((FULL, "all"), ("random", "8")))
+    assert pruned["retention"] == pytest.approx(100 * full["score"] / pruned["score"], abs=0.02)
+
+
+def test_missing_task_data_is_reported_as_skipped_with_the_reason(report, out_dir):
+    reason = report["skipped"]["fmnist_vqa"]
+    assert "fashion_mnist.heldout.jsonl not found" in reason and "pipelines/packaged_corpora.py" in reason
+    assert "`fmnist_vqa`: " in (out_dir / "report.md").read_text()
+    assert "fmnist_vqa" not in report["tasks"]
+
+
+def test_results_are_deterministic_under_a_seed(report, taught, tmp_path):
+    again = run_cli(taught, tmp_path / "again")
+    assert again["results"] == report["results"]
+
+
+def test_tiny_id_default_processor_and_bad_arguments(taught, tmp_path, capsys):
+    out = tmp_path / "tiny"
+    code = main(["--model", "autoselect-testing/tiny-llava", "--pruners", "random", "--budgets", "0.5",
+                 "--tasks", "caption_nll", "--corpora", str(tmp_path / "none"), "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    assert code == 1 and report["tasks"] == {} and "captions.heldout.jsonl not found" in report["skipped"]["caption_nll"]
+    assert "Skipped tasks:" in (out / "report.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["--pruners", "autoselect", "--out", str(out)])
+    assert "--autoselect" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--pruners", "random", "--budgets", "65", "--tasks", "markers", "--out", str(out)])
+    assert "exceeds the 64 visual tokens" in capsys.readouterr().err
+
+
+def test_a_diverged_scorer_is_refused(taught, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan-scorer"
+    shutil.copytree(taught["scorer_dir"], broken)
+    weights = load_file(broken / "model.safetensors")
+    name = next(k for k in weights if k.startswith("scorer."))
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, broken / "model.safetensors")
+    code = main(["--model", str(taught["model_dir"]), "--autoselect", str(broken), "--pruners", "autoselect",
+                 "--budgets", "16", "--tasks", "markers", "--out", str(tmp_path / "out")])
+    assert code == 2 and f"non-finite weights in {name}:" in capsys.readouterr().err
+
+
+def test_scorer_from_the_mlflow_registry(taught, tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import registry
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    registry.setup_tracking(tracking, "evaluate-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("evaluate-test").experiment_id):
+        version = registry.log_and_register(taught["scorer_dir"], "tiny-scorer", {"budget": "16"})["version"]
+    MlflowClient().set_registered_model_alias("tiny-scorer", "champion", version)
+    out = tmp_path / "out"
+    assert main(["--model", str(taught["model_dir"]), "--autoselect", "models:/tiny-scorer@champion", "--tracking-uri", tracking,
+                 "--pruners", "autoselect", "--budgets", "16", "--tasks", "markers", "--limit", "8", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["autoselect"]["registered_model"] == "tiny-scorer" and report["autoselect"]["version"] == version
+    assert report["results"]["autoselect"]["16"]["tasks"]["markers"]["n"] == 8
