@@ -19,10 +19,9 @@ from autoselect.backbones import BackboneAdapter, get_adapter
 from autoselect.config import AutoSelectConfig
 from autoselect.denoiser import Denoiser
 from autoselect.gate import vp_noise_gate
-from autoselect.placeholders import placeholder_positions
 from autoselect.pruned import PrunedVLM, Selection
 from autoselect.scorer import Scorer
-from autoselect.selection import topk_indices
+from autoselect.selection import pad_tokens, topk_indices
 from autoselect.soft_topk import soft_topk
 
 CONFIG_NAME = "config.json"
@@ -143,10 +142,14 @@ class AutoSelectModel(PrunedVLM):
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
     # ---- the method ---------------------------------------------------------------------
-    def score(self, **image_inputs: Any) -> torch.Tensor:
-        """Scorer logits ``[num_images, N]`` (no gradient outside training)."""
+    def score(self, **image_inputs: Any) -> torch.Tensor | list[torch.Tensor]:
+        """Scorer logits ``[num_images, N]`` (one ``[N_i]`` per image when N varies; no gradient
+        outside training)."""
         with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
-            return self.scorer(self.visual_tokens(**image_inputs))
+            tokens = self.visual_tokens(**image_inputs)
+            if isinstance(tokens, list):
+                return [self.scorer(t[None])[0] for t in tokens]
+            return self.scorer(tokens)
 
     def choose(self, tokens: torch.Tensor, k: int, image_inputs: dict[str, Any]) -> Selection:
         scores = self.scorer(tokens)
@@ -157,12 +160,20 @@ class AutoSelectModel(PrunedVLM):
         return soft_topk(self.scorer(tokens), k, temperature=self.temperature)
 
     def _train_inputs(self, image_inputs: dict[str, Any], text: dict[str, Any], budget) -> dict[str, Any]:
+        """All N tokens of every image, gated by their retention weights and restored by the denoiser."""
         tokens = self.visual_tokens(**image_inputs)
-        placeholder_positions(text["input_ids"], self.adapter.image_token_id, tokens.shape[1], tokens.shape[0])
-        alpha = self.retention_weights(tokens, budget)
-        restored = self.denoiser(vp_noise_gate(tokens, alpha, standardize=self.config.gate_standardize))
-        self._last_alpha = alpha.detach()
-        return {**text, "mm_encoder_outputs": self.adapter.encoder_outputs(self.adapter.project(restored))}
+        ragged = isinstance(tokens, list)
+        counts = [len(t) for t in tokens] if ragged else [tokens.shape[1]] * tokens.shape[0]
+        padded, valid = pad_tokens(tokens) if ragged else (tokens, None)
+        k = torch.tensor([self.resolve_budget(n, budget) for n in counts], device=padded.device)
+        alpha = soft_topk(self.scorer(padded, valid), k, temperature=self.temperature, valid=valid)
+        restored = self.denoiser(vp_noise_gate(padded, alpha, standardize=self.config.gate_standardize, valid=valid))
+        self._last_alpha = alpha.detach() if valid is None else alpha.detach()[valid]
+        if ragged:
+            restored = [r[:n] for r, n in zip(restored, counts)]
+        everything = [torch.arange(n, device=padded.device) for n in counts]
+        selection = Selection(indices=everything, num_tokens=counts) if ragged else Selection(torch.stack(everything), counts[0])
+        return self.language_inputs(dict(text), image_inputs, selection, self.project(restored), for_generation=False)
 
     def forward(self, budget: int | float | None = None, **inputs: Any):
         """Train mode: soft, gated path (needs ``labels`` for a loss). Eval mode: hard top-K."""

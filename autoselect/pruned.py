@@ -4,6 +4,11 @@ The inference path shared by AutoSelect and the training-free baselines that act
 LLM: visual tokens -> ``choose`` (indices, sorted) -> projector on the kept tokens -> the VLM's
 own forward/generate with ``input_ids``/``attention_mask``/``labels``/``position_ids`` rebuilt
 so each image contributes K tokens.
+
+Backbones with a fixed N per image (LLaVA-1.5, Gemma 3) run the selector on the whole batch at
+once. Native-resolution backbones (Qwen-VL, LLaVA-NeXT's AnyRes) have N_i tokens for image i:
+the adapter returns one tensor per image, the budget resolves per image (a ratio keeps the same
+share of every image), and the selector runs image by image.
 """
 
 from __future__ import annotations
@@ -20,9 +25,16 @@ from autoselect.placeholders import prune_placeholders
 from autoselect.selection import gather_tokens
 
 
+Tokens = torch.Tensor | list[torch.Tensor]  # [num_images, N, D], or [N_i, D] per image
+
+
 @dataclass
 class Selection:
-    """What was kept for a batch of images (exposed for evaluation, serving and plots)."""
+    """What was kept for a batch of images (exposed for evaluation, serving and plots).
+
+    For native-resolution backbones ``indices``, ``num_tokens``, ``scores`` and ``tokens`` are
+    lists with one entry per image (``[K_i]``, ``N_i``, ``[N_i]``, ``[K_i, D]``).
+    """
 
     indices: torch.Tensor  # [num_images, K], sorted
     num_tokens: int  # N
@@ -33,11 +45,42 @@ class Selection:
     tokens: torch.Tensor | None = None
 
     @property
-    def budget(self) -> int:
-        return int(self.indices.shape[-1])
+    def ragged(self) -> bool:
+        return isinstance(self.indices, list)
 
-    def kept_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+    @property
+    def budget(self) -> int:
+        """K (the largest K of the batch for native-resolution backbones)."""
+        return max(len(i) for i in self.indices) if self.ragged else int(self.indices.shape[-1])
+
+    def per_image(self) -> list[torch.Tensor]:
+        """The kept indices of each image, ``[K_i]``."""
+        return list(self.indices)
+
+    def counts(self) -> list[int]:
+        """N of each image."""
+        return list(self.num_tokens) if self.ragged else [self.num_tokens] * len(self.indices)
+
+    @classmethod
+    def concat(cls, selections: list["Selection"]) -> "Selection":
+        """One ragged selection from one single-image selection per image."""
+        def gather(name: str) -> list | None:
+            values = [getattr(s, name) for s in selections]
+            return None if all(v is None for v in values) else [None if v is None else v[0] for v in values]
+
+        return cls(
+            indices=[s.indices[0] for s in selections],
+            num_tokens=[s.num_tokens for s in selections],
+            scores=gather("scores"),
+            tokens=gather("tokens"),
+        )
+
+    def kept_tokens(self, tokens: Tokens) -> Tokens:
         """The ``[num_images, K, D]`` tokens that reach the projector, from all ``tokens [num_images, N, D]``."""
+        if self.ragged:
+            if self.tokens is not None:
+                return list(self.tokens)
+            return [t[i] for t, i in zip(tokens, self.indices)]
         if self.tokens is None:
             return gather_tokens(tokens, self.indices)
         if self.tokens.shape[:2] != self.indices.shape:
@@ -92,44 +135,76 @@ class PrunedVLM(nn.Module):
             return {}, inputs
         return image_inputs, inputs
 
-    def visual_tokens(self, **image_inputs: Any) -> torch.Tensor:
+    def visual_tokens(self, **image_inputs: Any) -> Tokens:
+        """``[num_images, N, D]``; one ``[N_i, D]`` per image when N differs between images."""
         with torch.no_grad():  # the vision encoder is frozen: keep no activations for backward
-            return self.adapter.visual_tokens(**image_inputs)
+            tokens = self.adapter.visual_tokens(**image_inputs)
+        if isinstance(tokens, list) and len({len(t) for t in tokens}) == 1:
+            return torch.stack(tokens)  # same N everywhere: batch the selector
+        return tokens
 
     def resolve_budget(self, num_tokens: int, budget: int | float | None = None) -> int:
         return resolve_budget(self.default_budget if budget is None else budget, num_tokens)
 
-    def select(self, budget: int | float | None = None, **image_inputs: Any) -> tuple[Selection, torch.Tensor]:
-        """The selection and the kept (pre-projector) tokens ``[num_images, K, D]``."""
+    def select(self, budget: int | float | None = None, **image_inputs: Any) -> tuple[Selection, Tokens]:
+        """The selection and the kept (pre-projector) tokens ``[num_images, K, D]`` (or ``[K_i, D]`` each)."""
         tokens = self.visual_tokens(**image_inputs)
-        k = self.resolve_budget(tokens.shape[1], budget)
         with torch.no_grad():
-            selection = self.choose(tokens, k, image_inputs)
+            if isinstance(tokens, list):
+                # image by image; the selector sees only the tokens (input-dependent ones need fixed N)
+                selection = Selection.concat(
+                    [self.choose(t[None], self.resolve_budget(len(t), budget), {}) for t in tokens]
+                )
+            else:
+                selection = self.choose(tokens, self.resolve_budget(tokens.shape[1], budget), image_inputs)
         return selection, selection.kept_tokens(tokens)
+
+    def project(self, tokens: Tokens) -> list[torch.Tensor] | torch.Tensor:
+        """The frozen projector on kept tokens, one call for the whole batch."""
+        if not isinstance(tokens, list):
+            return self.adapter.project(tokens)
+        sizes = [len(t) for t in tokens]
+        return list(self.adapter.project(torch.cat(tokens)[None])[0].split(sizes))
+
+    def language_inputs(
+        self, text: dict[str, Any], image_inputs: dict[str, Any], selection: Selection, projected, for_generation: bool
+    ) -> dict[str, Any]:
+        """The VLM's forward/generate keyword arguments with ``selection`` kept of each image."""
+        input_ids = text.pop("input_ids", None)
+        if input_ids is None:
+            raise ValueError("pruning needs input_ids holding the image placeholder tokens")
+        slots, embeddings, placeholders = self.adapter.place(image_inputs, selection, projected)
+        position_ids = text.pop("position_ids", None)
+        policy = self.position_policy
+        if position_ids is None and self.adapter.layout_positions:
+            # positions follow the image layout (M-RoPE): computed on the full sequence, then gathered
+            position_ids = self.adapter.position_ids(input_ids, text.get("attention_mask"), image_inputs, text)
+            policy = "original"
+        rebuilt = prune_placeholders(
+            input_ids,
+            slots,
+            image_token_id=self.adapter.image_token_id,
+            tokens_per_image=placeholders,
+            attention_mask=text.pop("attention_mask", None),
+            labels=text.pop("labels", None),
+            position_ids=position_ids,
+            position_policy=policy,
+            for_generation=for_generation,
+            pad_token_id=self.adapter.pad_token_id,
+            extra={name: text.pop(name) for name in self.adapter.token_input_names if name in text},
+        )
+        kwargs = {**text, **rebuilt.as_kwargs(), "mm_encoder_outputs": self.adapter.encoder_outputs(embeddings)}
+        return self.adapter.finish_inputs(kwargs)
 
     def pruned_inputs(
         self, image_inputs: dict[str, Any], text: dict[str, Any], budget: int | float | None, for_generation: bool
     ) -> dict[str, Any]:
         """Keyword arguments for the VLM's forward/generate with K tokens per image."""
-        input_ids = text.pop("input_ids", None)
-        if input_ids is None:
+        if text.get("input_ids") is None:
             raise ValueError("pruning needs input_ids holding the image placeholder tokens")
         selection, kept = self.select(budget, **image_inputs)
         self.last_selection = selection
-        rebuilt = prune_placeholders(
-            input_ids,
-            selection.indices,
-            image_token_id=self.adapter.image_token_id,
-            tokens_per_image=selection.num_tokens,
-            attention_mask=text.pop("attention_mask", None),
-            labels=text.pop("labels", None),
-            position_ids=text.pop("position_ids", None),
-            position_policy=self.position_policy,
-            for_generation=for_generation,
-            pad_token_id=self.adapter.pad_token_id,
-        )
-        projected = self.adapter.project(kept)
-        return {**text, **rebuilt.as_kwargs(), "mm_encoder_outputs": self.adapter.encoder_outputs(projected)}
+        return self.language_inputs(text, image_inputs, selection, self.project(kept), for_generation)
 
     def forward(self, budget: int | float | None = None, **inputs: Any):
         image_inputs, text = self.split_inputs(dict(inputs))

@@ -21,3 +21,11 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
 def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``tokens [B, N, D]``, ``indices [B, K]`` -> ``[B, K, D]``."""
     return tokens.gather(1, indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def pad_tokens(tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``[N_i, D]`` per image -> ``[num_images, max N_i, D]`` (zero padded) and the bool mask of real tokens."""
+    padded = torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True)
+    lengths = torch.tensor([len(t) for t in tokens], device=padded.device)
+    valid = torch.arange(padded.shape[1], device=padded.device)[None] < lengths[:, None]
+    return padded, valid

@@ -16,6 +16,7 @@ a full model folder (LlavaForConditionalGeneration / AutoProcessor .from_pretrai
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=d.seed, help="batch order seed (default: %(default)s)")
     add("--threads", type=int, default=1, help="torch CPU threads; 1 leaves a core to others (default: %(default)s)")
     add("--eval-limit", type=int, default=None, help="score at most this many held-out records per task, class-balanced (default: all)")
+    add("--init-projector", type=Path, default=None,
+        help="continue from this projector.safetensors (e.g. a committed one) instead of a fresh projector")
     add("--eval-initial", action="store_true", help="also score the untrained projector first")
     add("--initial-eval-limit", type=int, default=100, help="records per task for --eval-initial (default: %(default)s)")
     add("--eval-batch-size", type=int, default=16, help="(default: %(default)s)")
@@ -86,6 +89,19 @@ def _git_commit() -> str | None:
     except OSError:
         return None
     return out.stdout.strip() or None
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _made_by(projector: Path) -> dict | None:
+    """The run record next to a projector (its metrics.json), so a chain of runs stays reproducible."""
+    metrics = projector.parent / "metrics.json"
+    if not metrics.is_file():
+        return None
+    run = json.loads(metrics.read_text())
+    return {k: run.get(k) for k in ("command", "git_commit", "init_projector")}
 
 
 def load_vlm(path: Path) -> LlavaForConditionalGeneration:
@@ -134,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     tasks = {t: sum(r["task"] == t for r in records) for t in sorted(args.task_weights)}
     print(f"  {len(records)} records {tasks}, {len(encoded.images)} images, features {'reused' if reused else 'computed'} in {feature_seconds:.0f} s")
 
+    init = None
+    if args.init_projector is not None:
+        load_projector(vlm, args.init_projector, identity)
+        init = {"path": str(args.init_projector), "sha256": _sha256(args.init_projector), "made_by": _made_by(args.init_projector)}
+        print(f"  continuing from {args.init_projector}")
+
     initial = None
     if args.eval_initial:
         print("[3/6] scoring the untrained projector on held-out records")
@@ -152,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "git_commit": _git_commit(),
         "train": {**asdict(config), "threads": args.threads, "records_per_task": tasks, "images": len(encoded.images)},
+        "init_projector": init,
         "loss": {
             "first10_mean": round(sum(losses[:10]) / len(losses[:10]), 4),
             "last10_mean": round(sum(losses[-10:]) / len(losses[-10:]), 4),

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from autoselect.pruned import Selection
 
 
 @dataclass
@@ -31,6 +34,11 @@ class BackboneAdapter(ABC):
     model_types: ClassVar[tuple[str, ...]] = ()
     #: batch keys consumed by the vision side (removed before the language forward).
     image_input_names: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    #: per-token text-side tensors to prune with ``input_ids`` (e.g. ``mm_token_type_ids``).
+    token_input_names: ClassVar[tuple[str, ...]] = ()
+    #: True when positions follow the image layout (M-RoPE): ``position_ids`` is then computed on the
+    #: full sequence and gathered for the kept tokens, whatever the position policy.
+    layout_positions: ClassVar[bool] = False
 
     def __init__(self, vlm: nn.Module) -> None:
         self.vlm = vlm
@@ -53,16 +61,36 @@ class BackboneAdapter(ABC):
         return int(pad) if pad is not None else 0
 
     @abstractmethod
-    def visual_tokens(self, **image_inputs: Any) -> torch.Tensor:
-        """Pre-projector visual tokens ``[num_images, N, vision_width]``."""
+    def visual_tokens(self, **image_inputs: Any) -> torch.Tensor | list[torch.Tensor]:
+        """Pre-projector visual tokens ``[num_images, N, vision_width]``, or one ``[N_i, vision_width]``
+        per image when N depends on the image (native resolution, AnyRes), in placeholder order."""
 
     @abstractmethod
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         """Frozen projector on ``[num_images, K, vision_width]`` -> ``[num_images, K, hidden]``."""
 
     @abstractmethod
-    def encoder_outputs(self, projected: torch.Tensor) -> dict[str, Any]:
-        """``mm_encoder_outputs`` for the VLM's forward/generate from projected tokens."""
+    def encoder_outputs(self, projected: torch.Tensor | list[torch.Tensor]) -> dict[str, Any]:
+        """``mm_encoder_outputs`` for the VLM's forward/generate: the embeddings for each image's kept
+        placeholders (``[num_images, K, hidden]`` or one ``[K_i, hidden]`` per image)."""
+
+    def place(
+        self, image_inputs: dict[str, Any], selection: "Selection", projected: torch.Tensor | list[torch.Tensor]
+    ) -> tuple[Any, Any, Any]:
+        """Which placeholder slots of each image stay, the embeddings that fill them, and how many
+        placeholders each image has. By default visual token i fills placeholder i; backbones with
+        placeholders that hold no visual token (LLaVA-NeXT's row newlines) override this."""
+        return selection.indices, projected, selection.num_tokens
+
+    def position_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_inputs: dict[str, Any], text: dict[str, Any]
+    ) -> torch.Tensor:
+        """Positions of the full (unpruned) sequence, for ``layout_positions`` backbones."""
+        raise NotImplementedError(f"{type(self).__name__} uses the model's default positions")
+
+    def finish_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Last touch on the pruned forward/generate keyword arguments (default: none)."""
+        return kwargs
 
     def vision_attention(self, **image_inputs: Any) -> VisionAttention:
         """Visual tokens plus the vision encoder's CLS attention and keys (optional: for baselines)."""

@@ -47,14 +47,17 @@ _CORPUS = [
 ] * 4
 
 
-def build_tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained in-process on a few sentences."""
+def build_tiny_tokenizer(
+    vocab_size: int = 320, special_tokens: tuple[str, ...] = (), chat_template: str = CHAT_TEMPLATE, **named: str
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained in-process on a few sentences; ``special_tokens`` adds a
+    backbone's own markers, ``named`` names some of them (``image_token="<|image_pad|>"``)."""
     tk = Tokenizer(models.BPE(unk_token=None))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN],
+        special_tokens=[PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, *special_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -64,10 +67,10 @@ def build_tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens={"image_token": IMAGE_TOKEN, **named},
         padding_side="left",
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 

@@ -1,0 +1,88 @@
+"""Tiny random models of every supported VLM family, built from configs with offline processors.
+
+Each builder returns ``(model, processor)`` with the processor's chat template set, so tests and
+benchmarks drive every backbone the same way: ``processor.apply_chat_template`` then
+``processor(images=..., text=...)``. Sizes are minimal but keep each family's structure
+(merge units, AnyRes crops, pixel shuffle, pooling) so the adapters are exercised for real.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+)
+
+from autoselect.processing import ImageOnlyQwenVLProcessor
+from autoselect.testing.tiny import CHAT_TEMPLATE, build_tiny_llava, build_tiny_tokenizer
+
+QWEN_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
+def _text_config(tokenizer, **overrides) -> dict:
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        **overrides,
+    }
+
+
+def _finish(model, tokenizer, seed: int):
+    model.eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def build_tiny_qwen_vl(version: str = "2.5", seed: int = 0, max_pixels: int = 48 * 48):
+    """Qwen2-VL (``version="2"``) or Qwen2.5-VL: patch 4, merge 2 (4 patches per visual token), so a
+    32 x 32 image gives 16 visual tokens and other sizes give other counts."""
+    template = CHAT_TEMPLATE.replace("<image>\n", "<|vision_start|><|image_pad|><|vision_end|>\n")
+    tokenizer = build_tiny_tokenizer(
+        special_tokens=QWEN_TOKENS, chat_template=template, image_token="<|image_pad|>", video_token="<|video_pad|>"
+    )
+    qwen2 = version == "2"
+    vision = {
+        "depth": 2, "embed_dim": 32, "hidden_size": 64 if qwen2 else 32, "out_hidden_size": 64, "num_heads": 4,
+        "intermediate_size": 64, "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2,
+        "in_chans": 3, "in_channels": 3, "window_size": 16, "fullatt_block_indexes": [1],
+    }
+    text = _text_config(tokenizer, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4})
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
+           [("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>")]}
+    config_cls, model_cls = (Qwen2VLConfig, Qwen2VLForConditionalGeneration) if qwen2 else (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(vision_config=vision, text_config=text, pad_token_id=tokenizer.pad_token_id, **ids))
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=max_pixels
+    )
+    processor = ImageOnlyQwenVLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+    return _finish(model, tokenizer, seed), processor
+
+
+def _llava(seed: int = 0):
+    model, processor = build_tiny_llava(seed=seed)
+    processor.chat_template = processor.tokenizer.chat_template
+    return model, processor
+
+
+#: name -> builder, for tests and benchmarks that cover every backbone
+TINY_BACKBONES: dict[str, Callable] = {
+    "llava": _llava,
+    "qwen2_vl": lambda seed=0: build_tiny_qwen_vl("2", seed),
+    "qwen2_5_vl": lambda seed=0: build_tiny_qwen_vl("2.5", seed),
+}

@@ -1,0 +1,149 @@
+"""Every backbone adapter on a tiny from-config model: the invariants the method relies on."""
+
+import numpy as np
+import pytest
+import torch
+
+from autoselect import AutoSelectConfig, AutoSelectModel
+from autoselect.backbones import get_adapter
+from autoselect.testing.tiny_backbones import TINY_BACKBONES
+
+QUESTIONS = ["What is in the image?", "Describe the picture in one short sentence please."]
+SIZES = [(32, 32), (24, 40)]  # (height, width): native-resolution backbones get different N per image
+
+
+def images(sizes, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+
+
+def make_batch(processor, questions=QUESTIONS, sizes=SIZES, seed=0):
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True
+        )
+        for q in questions
+    ]
+    return processor(images=images(sizes, seed), text=texts, return_tensors="pt", padding=True)
+
+
+@pytest.fixture(params=sorted(TINY_BACKBONES))
+def backbone(request):
+    vlm, processor = TINY_BACKBONES[request.param](seed=0)
+    return request.param, vlm, processor
+
+
+def image_inputs(vlm, batch):
+    return {k: batch[k] for k in get_adapter(vlm).image_input_names if k in batch}
+
+
+def token_counts(vlm, batch) -> list[int]:
+    tokens = get_adapter(vlm).visual_tokens(**image_inputs(vlm, batch))
+    return [len(t) for t in tokens]
+
+
+def vlm_inputs(vlm):
+    """Record the keyword arguments the frozen VLM receives."""
+    seen: list[dict] = []
+    handle = vlm.register_forward_pre_hook(lambda _m, _a, kwargs: seen.append(dict(kwargs)), with_kwargs=True)
+    return seen, handle
+
+
+def test_k_equals_n_gives_the_unmodified_logits(backbone):
+    _, vlm, processor = backbone
+    batch = make_batch(processor)
+    with torch.no_grad():
+        reference = vlm(**batch).logits
+        pruned = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=1.0)).eval()(**batch).logits
+    assert pruned.shape == reference.shape
+    assert torch.allclose(pruned, reference, atol=1e-5)
+
+
+def test_k_below_n_sends_exactly_k_tokens_per_image_at_documented_positions(backbone):
+    _, vlm, processor = backbone
+    batch = make_batch(processor)
+    counts = token_counts(vlm, batch)
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=0.5)).eval()
+    adapter = model.adapter
+    seen, handle = vlm_inputs(vlm)
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    ids = seen[0]["input_ids"]
+    kept = model.last_selection.per_image()
+    expected_k = [max(1, round(0.5 * n)) for n in counts]
+    assert [len(k) for k in kept] == expected_k
+    assert all(bool((k[1:] > k[:-1]).all()) for k in kept), "kept indices must be sorted"
+    placeholders = (ids == adapter.image_token_id).sum(-1).tolist()
+    original = (batch["input_ids"] == adapter.image_token_id).sum(-1).tolist()
+    assert [o - p for o, p in zip(original, placeholders)] == [n - k for n, k in zip(counts, expected_k)]
+    if adapter.layout_positions:  # M-RoPE: kept tokens and the text keep their full-sequence positions
+        full = adapter.position_ids(batch["input_ids"], batch["attention_mask"], image_inputs(vlm, batch), dict(batch))
+        got = seen[0]["position_ids"]
+        for row, keep in enumerate(kept):
+            old_cols = (batch["input_ids"][row] == adapter.image_token_id).nonzero()[:, 0]
+            new_cols = (ids[row] == adapter.image_token_id).nonzero()[:, 0]
+            assert torch.equal(got[1:, row, new_cols], full[1:, row, old_cols[keep]])
+            assert torch.equal(got[1:, row, -1], full[1:, row, -1])  # the prompt's last token keeps its position
+            mask = seen[0]["attention_mask"][row]
+            assert got[0, row][mask.bool()].tolist() == list(range(int(mask.sum())))
+
+
+def test_training_step_reaches_every_scorer_logit_and_no_vlm_parameter(backbone):
+    _, vlm, processor = backbone
+    batch = make_batch(processor)
+    counts = token_counts(vlm, batch)
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=0.5))
+    logits = []
+
+    def keep(_module, _inputs, out):
+        out.retain_grad()
+        logits.append(out)
+
+    model.scorer.register_forward_hook(keep)
+    model.train()
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == model.adapter.image_token_id, -100)
+    model(**batch, labels=labels).loss.backward()
+    (scores,) = logits
+    for row, n in enumerate(counts):
+        grad = scores.grad[row, :n]
+        assert torch.isfinite(grad).all() and (grad != 0).all()
+    assert all(p.grad is None for p in vlm.parameters())
+    assert all(p.grad is not None for p in model.scorer.parameters())
+
+
+def test_batched_generate_equals_per_sample_generate(backbone):
+    _, vlm, processor = backbone
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=0.5)).eval()
+    batch = make_batch(processor, seed=3)
+    batched = model.generate(**batch, max_new_tokens=5, do_sample=False)
+    for row, (question, size) in enumerate(zip(QUESTIONS, SIZES)):
+        single = make_batch(processor, [question], [size], seed=3) if row == 0 else None
+        if single is None:  # the second image alone: same pixels as in the batch
+            rng_images = images(SIZES, 3)[1:]
+            text = processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}], add_generation_prompt=True
+            )
+            single = processor(images=rng_images, text=[text], return_tensors="pt")
+        alone = model.generate(**single, max_new_tokens=5, do_sample=False)
+        assert torch.equal(batched[row, -5:], alone[0, -5:])
+
+
+def test_save_and_load_round_trip(backbone, tmp_path):
+    name, vlm, processor = backbone
+    batch = make_batch(processor)
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=0.5))
+    with torch.no_grad():
+        for p in model.scorer.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    scores = model.score(**image_inputs(vlm, batch))
+    model.save_pretrained(tmp_path)
+    fresh, _ = TINY_BACKBONES[name](seed=0)
+    loaded = AutoSelectModel.from_pretrained(tmp_path, fresh).eval()
+    again = loaded.score(**image_inputs(fresh, batch))
+    for a, b in zip(scores, again):
+        assert torch.equal(a, b)
+    assert loaded.config.vision_width == get_adapter(vlm).vision_width
