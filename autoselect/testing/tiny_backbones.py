@@ -12,6 +12,12 @@ from typing import Callable
 
 import torch
 from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
@@ -74,6 +80,35 @@ def build_tiny_qwen_vl(version: str = "2.5", seed: int = 0, max_pixels: int = 48
     return _finish(model, tokenizer, seed), processor
 
 
+def build_tiny_llava_next(seed: int = 0):
+    """LLaVA-NeXT with AnyRes: 16 px views (patch 4: 16 tokens each, CLS dropped), crops on a
+    32 x 32, 16 x 32 or 32 x 16 canvas plus the base view, then unpad and row newlines."""
+    tokenizer = build_tiny_tokenizer()
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=4
+    )
+    text = LlamaConfig(**_text_config(tokenizer))
+    pinpoints = [[16, 32], [32, 16], [32, 32]]
+    config = LlavaNextConfig(
+        vision_config=vision, text_config=text, image_token_index=image_token_id, image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="default", vision_feature_layer=-2, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    with torch.no_grad():  # a random newline of real scale (the config init leaves it near zero)
+        model.model.image_newline.normal_()
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_grid_pinpoints=pinpoints,
+        do_center_crop=True,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=4, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=tokenizer.chat_template,
+    )
+    return _finish(model, tokenizer, seed), processor
+
+
 def _llava(seed: int = 0):
     model, processor = build_tiny_llava(seed=seed)
     processor.chat_template = processor.tokenizer.chat_template
@@ -83,6 +118,7 @@ def _llava(seed: int = 0):
 #: name -> builder, for tests and benchmarks that cover every backbone
 TINY_BACKBONES: dict[str, Callable] = {
     "llava": _llava,
+    "llava_next": build_tiny_llava_next,
     "qwen2_vl": lambda seed=0: build_tiny_qwen_vl("2", seed),
     "qwen2_5_vl": lambda seed=0: build_tiny_qwen_vl("2.5", seed),
 }
