@@ -26,7 +26,7 @@ def make_batch(processor, questions=QUESTIONS, sizes=SIZES, seed=0):
         )
         for q in questions
     ]
-    return processor(images=images(sizes, seed), text=texts, return_tensors="pt", padding=True)
+    return processor(images=[[i] for i in images(sizes, seed)], text=texts, return_tensors="pt", padding=True)
 
 
 @pytest.fixture(params=sorted(TINY_BACKBONES))
@@ -126,7 +126,7 @@ def test_batched_generate_equals_per_sample_generate(backbone):
             text = processor.apply_chat_template(
                 [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}], add_generation_prompt=True
             )
-            single = processor(images=rng_images, text=[text], return_tensors="pt")
+            single = processor(images=[rng_images], text=[text], return_tensors="pt")
         alone = model.generate(**single, max_new_tokens=5, do_sample=False)
         assert torch.equal(batched[row, -5:], alone[0, -5:])
 

@@ -12,6 +12,10 @@ from typing import Callable
 
 import torch
 from transformers import (
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessorPil,
+    Gemma3Processor,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaNextConfig,
@@ -109,6 +113,33 @@ def build_tiny_llava_next(seed: int = 0):
     return _finish(model, tokenizer, seed), processor
 
 
+GEMMA3_TOKENS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
+
+
+def build_tiny_gemma3(seed: int = 0):
+    """Gemma 3: SigLIP at 32 px, patch 4 (64 patches), pooled to 16 visual tokens per image."""
+    template = CHAT_TEMPLATE.replace("<image>\n", "<start_of_image>")
+    tokenizer = build_tiny_tokenizer(
+        special_tokens=GEMMA3_TOKENS, chat_template=template, image_token="<image_soft_token>",
+        boi_token="<start_of_image>", eoi_token="<end_of_image>",
+    )
+    vision = {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "image_size": 32, "patch_size": 4, "vision_use_head": False,
+    }
+    text = _text_config(tokenizer, head_dim=16, sliding_window=64, query_pre_attn_scalar=16)
+    ids = {name: tokenizer.convert_tokens_to_ids(t) for name, t in
+           [("boi_token_id", "<start_of_image>"), ("eoi_token_id", "<end_of_image>"), ("image_token_id", "<image_soft_token>")]}
+    config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=16, pad_token_id=tokenizer.pad_token_id, **ids)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # the config init leaves the projection at zero: images would carry nothing
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.2)
+    image_processor = Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, do_pan_and_scan=False)
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template, image_seq_length=16)
+    return _finish(model, tokenizer, seed), processor
+
+
 def _llava(seed: int = 0):
     model, processor = build_tiny_llava(seed=seed)
     processor.chat_template = processor.tokenizer.chat_template
@@ -119,6 +150,7 @@ def _llava(seed: int = 0):
 TINY_BACKBONES: dict[str, Callable] = {
     "llava": _llava,
     "llava_next": build_tiny_llava_next,
+    "gemma3": build_tiny_gemma3,
     "qwen2_vl": lambda seed=0: build_tiny_qwen_vl("2", seed),
     "qwen2_5_vl": lambda seed=0: build_tiny_qwen_vl("2.5", seed),
 }
