@@ -78,7 +78,10 @@ def test_k_below_n_sends_exactly_k_tokens_per_image_at_documented_positions(back
     assert all(bool((k[1:] > k[:-1]).all()) for k in kept), "kept indices must be sorted"
     placeholders = (ids == adapter.image_token_id).sum(-1).tolist()
     original = (batch["input_ids"] == adapter.image_token_id).sum(-1).tolist()
-    assert [o - p for o, p in zip(original, placeholders)] == [n - k for n, k in zip(counts, expected_k)]
+    dropped = [o - p for o, p in zip(original, placeholders)]
+    assert sum(dropped) == sum(n - k for n, k in zip(counts, expected_k))
+    if len(counts) == len(dropped):  # one view per image: check each row (Idefics3 has several views per image)
+        assert dropped == [n - k for n, k in zip(counts, expected_k)]
     if adapter.layout_positions:  # M-RoPE: kept tokens and the text keep their full-sequence positions
         full = adapter.position_ids(batch["input_ids"], batch["attention_mask"], image_inputs(vlm, batch), dict(batch))
         got = seen[0]["position_ids"]

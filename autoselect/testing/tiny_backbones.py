@@ -12,6 +12,10 @@ from typing import Callable
 
 import torch
 from transformers import (
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3ImageProcessorPil,
@@ -140,6 +144,36 @@ def build_tiny_gemma3(seed: int = 0):
     return _finish(model, tokenizer, seed), processor
 
 
+IDEFICS3_TOKENS = (
+    "<fake_token_around_image>", "<global-img>", "<end_of_utterance>",
+    *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),
+)
+
+
+def build_tiny_idefics3(seed: int = 0):
+    """Idefics3 / SmolVLM: 32 px views (patch 4: 64 patches), pixel shuffle x2 -> 16 tokens per
+    view; a 64 px canvas splits a non-square image into crops plus the global view."""
+    tokenizer = build_tiny_tokenizer(special_tokens=IDEFICS3_TOKENS)
+    vision = {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "image_size": 32, "patch_size": 4,
+    }
+    text = _text_config(tokenizer)
+    config = Idefics3Config(
+        vision_config=vision, text_config=text, scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config)
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=16, chat_template=tokenizer.chat_template
+    )
+    return _finish(model, tokenizer, seed), processor
+
+
 def _llava(seed: int = 0):
     model, processor = build_tiny_llava(seed=seed)
     processor.chat_template = processor.tokenizer.chat_template
@@ -151,6 +185,7 @@ TINY_BACKBONES: dict[str, Callable] = {
     "llava": _llava,
     "llava_next": build_tiny_llava_next,
     "gemma3": build_tiny_gemma3,
+    "idefics3": build_tiny_idefics3,
     "qwen2_vl": lambda seed=0: build_tiny_qwen_vl("2", seed),
     "qwen2_5_vl": lambda seed=0: build_tiny_qwen_vl("2.5", seed),
 }
