@@ -2,6 +2,6 @@
 
 from autoselect.backbones.base import BackboneAdapter, VisionAttention
 from autoselect.backbones.registry import get_adapter, register_backbone, supported_model_types
-from autoselect.backbones import gemma3, idefics3, llava, llava_next, qwen_vl  # noqa: F401  (registers the adapters)
+from autoselect.backbones import gemma3, idefics3, llava, llava_next, qwen3_vl, qwen_vl  # noqa: F401  (registers the adapters)
 
 __all__ = ["BackboneAdapter", "VisionAttention", "get_adapter", "register_backbone", "supported_model_types"]

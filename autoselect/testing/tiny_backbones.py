@@ -31,6 +31,8 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 
 from autoselect.processing import ImageOnlyQwenVLProcessor
@@ -63,13 +65,13 @@ def _finish(model, tokenizer, seed: int):
 
 
 def build_tiny_qwen_vl(version: str = "2.5", seed: int = 0, max_pixels: int = 48 * 48):
-    """Qwen2-VL (``version="2"``) or Qwen2.5-VL: patch 4, merge 2 (4 patches per visual token), so a
+    """Qwen2-VL (``version="2"``), Qwen2.5-VL or Qwen3-VL (``"3"``, DeepStack at vision layer 0): patch 4, merge 2 (4 patches per visual token), so a
     32 x 32 image gives 16 visual tokens and other sizes give other counts."""
     template = CHAT_TEMPLATE.replace("<image>\n", "<|vision_start|><|image_pad|><|vision_end|>\n")
     tokenizer = build_tiny_tokenizer(
         special_tokens=QWEN_TOKENS, chat_template=template, image_token="<|image_pad|>", video_token="<|video_pad|>"
     )
-    qwen2 = version == "2"
+    qwen2, qwen3 = version == "2", version == "3"
     vision = {
         "depth": 2, "embed_dim": 32, "hidden_size": 64 if qwen2 else 32, "out_hidden_size": 64, "num_heads": 4,
         "intermediate_size": 64, "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2,
@@ -78,7 +80,13 @@ def build_tiny_qwen_vl(version: str = "2.5", seed: int = 0, max_pixels: int = 48
     text = _text_config(tokenizer, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4})
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
            [("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>")]}
-    config_cls, model_cls = (Qwen2VLConfig, Qwen2VLForConditionalGeneration) if qwen2 else (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
+    classes = {"2": (Qwen2VLConfig, Qwen2VLForConditionalGeneration), "2.5": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
+               "3": (Qwen3VLConfig, Qwen3VLForConditionalGeneration)}
+    config_cls, model_cls = classes[version]
+    if qwen3:
+        vision.update(hidden_size=32, deepstack_visual_indexes=[0], num_position_embeddings=64)
+        text["head_dim"] = 16
+        text["rope_parameters"] = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4, "mrope_interleaved": True}
     torch.manual_seed(seed)
     model = model_cls(config_cls(vision_config=vision, text_config=text, pad_token_id=tokenizer.pad_token_id, **ids))
     image_processor = Qwen2VLImageProcessorPil(
@@ -188,4 +196,5 @@ TINY_BACKBONES: dict[str, Callable] = {
     "idefics3": build_tiny_idefics3,
     "qwen2_vl": lambda seed=0: build_tiny_qwen_vl("2", seed),
     "qwen2_5_vl": lambda seed=0: build_tiny_qwen_vl("2.5", seed),
+    "qwen3_vl": lambda seed=0: build_tiny_qwen_vl("3", seed),
 }
