@@ -13,6 +13,10 @@ import torch
 
 from autoselect.placeholders import IGNORE_INDEX
 
+#: processor outputs with one value per text token: they follow ``input_ids`` (joined along the
+#: sequence, padded like it) instead of being stacked like image tensors
+TOKEN_KEYS = ("token_type_ids", "mm_token_type_ids")
+
 
 def _render(processor, messages: list[dict], add_generation_prompt: bool = False) -> str:
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -47,6 +51,7 @@ def encode_example(processor, messages: list[dict], images: Sequence[Any] = ()) 
     ids: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     image_inputs: dict[str, list[torch.Tensor]] = {}
+    token_inputs: dict[str, list[torch.Tensor]] = {}
     for n, (text, is_answer) in enumerate(conversation_segments(processor, messages)):
         count = text.count(image_token)
         seg_images, images = images[:count], images[count:]
@@ -57,19 +62,36 @@ def encode_example(processor, messages: list[dict], images: Sequence[Any] = ()) 
         ids.append(seg_ids)
         labels.append(seg_ids.clone() if is_answer else torch.full_like(seg_ids, IGNORE_INDEX))
         for key, value in out.items():
-            if key not in ("input_ids", "attention_mask"):
+            if key in TOKEN_KEYS:
+                token_inputs.setdefault(key, []).append(value[0])
+            elif key not in ("input_ids", "attention_mask"):
                 image_inputs.setdefault(key, []).append(value)
     if images:
         raise ValueError(f"{len(images)} image(s) were given but the conversation has no <image> for them")
     example = {"input_ids": torch.cat(ids), "labels": torch.cat(labels)}
-    example.update({k: torch.cat(v) for k, v in image_inputs.items()})
+    example.update({k: torch.cat(v) for k, v in token_inputs.items()})
+    example.update({k: stack_images(v) for k, v in image_inputs.items()})
     return example
 
 
+def stack_images(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Join image tensors along dim 0, zero-padding the other dims to the largest (LLaVA-NeXT and
+    Idefics3 hold a variable number of views per image, padded with zeros by their processors)."""
+    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    padded = []
+    for t in tensors:
+        pad = [p for d in reversed(range(1, t.dim())) for p in (0, shape[d - 1] - t.shape[d])]
+        padded.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
+    return torch.cat(padded)
+
+
 def collate(examples: Sequence[dict[str, torch.Tensor]], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
-    """Pad ``input_ids``/``labels`` into a batch with an ``attention_mask``; concatenate images."""
+    """Pad ``input_ids``/``labels`` (and per-token tensors) into a batch with an ``attention_mask``;
+    join image tensors."""
     width = max(len(e["input_ids"]) for e in examples)
     batch: dict[str, Any] = {"input_ids": [], "attention_mask": [], "labels": []}
+    tokens = [k for k in TOKEN_KEYS if k in examples[0]]
+    batch.update({k: [] for k in tokens})
     for e in examples:
         n = len(e["input_ids"])
         pad = width - n
@@ -81,8 +103,10 @@ def collate(examples: Sequence[dict[str, torch.Tensor]], pad_token_id: int, padd
         batch["input_ids"].append(padded(e["input_ids"], pad_token_id))
         batch["attention_mask"].append(padded(torch.ones(n, dtype=torch.long), 0))
         batch["labels"].append(padded(e.get("labels", torch.full((n,), IGNORE_INDEX)), IGNORE_INDEX))
+        for key in tokens:
+            batch[key].append(padded(e[key], 0))
     out = {k: torch.stack(v) for k, v in batch.items()}
     for key in examples[0]:
         if key not in out:
-            out[key] = torch.cat([e[key] for e in examples if key in e])
+            out[key] = stack_images([e[key] for e in examples if key in e])
     return out

@@ -9,6 +9,7 @@ class cannot be built.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,23 @@ class ImageOnlyQwenVLProcessor(Qwen2VLProcessor):
         return super().__call__(images=images, text=text, **kwargs)
 
 
+QWEN_VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
 def load_processor(path: str | Path) -> ProcessorMixin:
     """``AutoProcessor.from_pretrained(path)``, or the image-only Qwen-VL processor where the stock
-    one needs torchvision."""
+    one cannot be built (no torchvision for its video processor)."""
     try:
-        return AutoProcessor.from_pretrained(path)
-    except (AttributeError, ImportError, ValueError) as error:
-        if "qwen" not in str(Path(path).joinpath("processor_config.json").read_text() if Path(path, "processor_config.json").is_file() else "").lower() and "video" not in str(error).lower() and "_extra_content" not in str(error):
+        processor = AutoProcessor.from_pretrained(path)
+    except Exception:  # the video-processor lookup fails (AttributeError/ImportError) without torchvision
+        if _model_type(path) not in QWEN_VL_MODEL_TYPES:
             raise
         return ImageOnlyQwenVLProcessor.from_pretrained(path)
+    if not isinstance(processor, ProcessorMixin) and _model_type(path) in QWEN_VL_MODEL_TYPES:
+        return ImageOnlyQwenVLProcessor.from_pretrained(path)  # AutoProcessor fell back to the bare tokenizer
+    return processor
+
+
+def _model_type(path: str | Path) -> str | None:
+    config = Path(path) / "config.json"
+    return json.loads(config.read_text()).get("model_type") if config.is_file() else None

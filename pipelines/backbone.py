@@ -1,9 +1,10 @@
-"""The frozen VLM and its processor, loaded the way training loads them.
+"""The frozen VLM and its processor: one loader for training, evaluation and serving.
 
-``--model`` is a local Hugging Face folder or the built-in ``autoselect-testing/tiny-llava``;
-the weights come from the training job's own loader (``pipelines.train_loop.load_vlm``), so an
-evaluation sees exactly the VLM a scorer was trained on. The tiny model has no files: its
-processor is rebuilt in-process (``build_tiny_llava(seed=0)``).
+``path`` is a local Hugging Face folder (or hub id, where the hub is reachable), or a built-in
+tiny random model ``autoselect-testing/tiny-<family>`` (``tiny-llava``, ``tiny-qwen2_5_vl``, ...;
+see ``autoselect.testing.tiny_backbones``) that is built from configs in-process, with no files.
+Training, evaluation and serving all load through here, so each sees exactly the VLM a scorer
+was trained on.
 """
 
 from __future__ import annotations
@@ -12,28 +13,59 @@ from typing import Any
 
 import torch
 
-from pipelines.train_config import TINY_LLAVA, ModelSection, TrainConfig
+TINY_PREFIX = "autoselect-testing/tiny-"
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_vlm_and_processor(path: str, dtype: str = "auto", device: torch.device | None = None) -> tuple[torch.nn.Module, Any]:
-    """``(vlm in eval mode, processor)``; ``dtype="auto"`` is bfloat16 on GPU, float32 on CPU."""
-    from pipelines.train_loop import load_vlm  # imports deepspeed: keep it out of module import time
+def _tiny(path: str):
+    """The builder of a built-in tiny model, or None for a real path."""
+    if not path.startswith(TINY_PREFIX):
+        return None
+    from autoselect.testing.tiny_backbones import TINY_BACKBONES
+
+    name = path[len(TINY_PREFIX):]
+    if name not in TINY_BACKBONES:
+        raise ValueError(f"unknown built-in model {path!r}; built-in: {', '.join(TINY_PREFIX + n for n in sorted(TINY_BACKBONES))}")
+    return TINY_BACKBONES[name]
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on GPU, float32 on CPU."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    return getattr(torch, dtype)
+
+
+def load_vlm(path: str, dtype: str = "auto", device: torch.device | None = None, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The VLM in eval mode on ``device``."""
+    from transformers import AutoModelForImageTextToText
 
     device = device or default_device()
-    vlm = load_vlm(TrainConfig(name="evaluate", model=ModelSection(path=path, dtype=dtype)), device)
-    if path == TINY_LLAVA:
-        from autoselect.testing import build_tiny_llava
-
-        processor = build_tiny_llava(seed=0)[1]
+    torch_dtype = resolve_dtype(dtype, device)
+    builder = _tiny(path)
+    if builder is not None:
+        vlm = builder(seed=0)[0]
     else:
-        from transformers import AutoProcessor
+        vlm = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    return vlm.to(device=device, dtype=torch_dtype).eval()
 
-        processor = AutoProcessor.from_pretrained(path)
-    return vlm.eval(), processor
+
+def load_processor(path: str) -> Any:
+    """The VLM's processor (Qwen-VL's works without torchvision, see ``autoselect.processing``)."""
+    builder = _tiny(path)
+    if builder is not None:
+        return builder(seed=0)[1]
+    from autoselect.processing import load_processor as load
+
+    return load(path)
+
+
+def load_vlm_and_processor(path: str, dtype: str = "auto", device: torch.device | None = None) -> tuple[torch.nn.Module, Any]:
+    """``(vlm in eval mode, processor)``."""
+    return load_vlm(path, dtype, device), load_processor(path)
 
 
 def load_autoselect(source: str, vlm: torch.nn.Module, tracking_uri: str | None = None):

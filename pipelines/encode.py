@@ -12,10 +12,10 @@ import json
 import pyarrow as pa
 import pyarrow.fs as pafs
 from PIL import Image
-from transformers import AutoProcessor
 
 from autoselect.data import encode_example
 from pipelines import shards, storage
+from pipelines.backbone import load_processor
 from pipelines.samples import (
     ENCODE_ERROR, MISSING_IMAGE, TOO_LONG, Rejected, chat_messages, check_messages, decode_image,
 )
@@ -25,7 +25,7 @@ class Encoder:
     """``map_batches`` UDF over sample rows (see ``pipelines.corpus``), pyarrow in and out."""
 
     def __init__(self, model: str, max_length: int, image_fs: pafs.FileSystem):
-        self.processor = AutoProcessor.from_pretrained(model)
+        self.processor = load_processor(model)
         self.max_length = max_length
         self.image_fs = image_fs
         self.schema = shards.encoded_schema(self._tensor_types())

@@ -21,32 +21,21 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForImageTextToText
 
 from autoselect import AutoSelectModel
 from autoselect.data import collate
 from autoselect.training import compute_loss, cosine_schedule
 from pipelines.config_io import from_mapping
 from pipelines.shards import example_from_row
-from pipelines.train_config import TINY_LLAVA, TrainConfig
+from pipelines import backbone
+from pipelines.train_config import TrainConfig
 
 CHECKPOINT_TAG = "state"
 AUTOSELECT_DIR = "autoselect"
 
 
 def load_vlm(config: TrainConfig, device: torch.device) -> torch.nn.Module:
-    dtype = config.model.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    if config.model.path == TINY_LLAVA:
-        from autoselect.testing import build_tiny_llava
-
-        vlm, _ = build_tiny_llava(seed=0)
-    else:
-        vlm = AutoModelForImageTextToText.from_pretrained(
-            config.model.path, dtype=getattr(torch, dtype), trust_remote_code=config.model.trust_remote_code
-        )
-    return vlm.to(device=device, dtype=getattr(torch, dtype))
+    return backbone.load_vlm(config.model.path, config.model.dtype, device, config.model.trust_remote_code)
 
 
 def deepspeed_config(config: TrainConfig, bf16: bool) -> dict[str, Any]:

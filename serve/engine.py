@@ -18,14 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from transformers import AutoProcessor
 from transformers.generation.streamers import BaseStreamer
 
 from autoselect import AutoSelectModel
 from autoselect.config import resolve_budget, validate_budget
 from autoselect.data import collate
 from pipelines import registry
-from pipelines.train_config import TINY_LLAVA, ModelSection, TrainConfig
+from pipelines.backbone import load_vlm_and_processor
 from serve.config import ServeArgs
 from serve.errors import APIError
 from serve.images import ImageLoader
@@ -71,19 +70,10 @@ class Backbone:
 
 
 def load_backbone(path: str, dtype: str = "auto") -> Backbone:
-    """The training job's loader (`load_vlm`), so serving sees exactly the VLM the scorer was trained on."""
-    from pipelines.train_loop import load_vlm  # imports deepspeed: keep it out of module import time
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    vlm = load_vlm(TrainConfig(name="serve", model=ModelSection(path=path, dtype=dtype)), device)
-    if path == TINY_LLAVA:
-        from autoselect.testing import build_tiny_llava
-
-        processor = build_tiny_llava(seed=0)[1]
-    else:
-        processor = AutoProcessor.from_pretrained(path)
+    """The shared loader (`pipelines.backbone`), so serving sees exactly the VLM the scorer was trained on."""
+    vlm, processor = load_vlm_and_processor(path, dtype)
     processor.tokenizer.padding_side = "left"
-    return Backbone(vlm=vlm.eval(), processor=processor, path=path)
+    return Backbone(vlm=vlm, processor=processor, path=path)
 
 
 @dataclass(frozen=True)

@@ -150,3 +150,42 @@ def test_save_and_load_round_trip(backbone, tmp_path):
     for a, b in zip(scores, again):
         assert torch.equal(a, b)
     assert loaded.config.vision_width == get_adapter(vlm).vision_width
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3", "llava_next"])
+def test_saved_backbone_folder_loads_with_its_processor(name, tmp_path):
+    """What pipelines load: a saved folder, through the shared loader (Qwen-VL without torchvision)."""
+    from pipelines.backbone import load_vlm_and_processor
+
+    vlm, processor = TINY_BACKBONES[name](seed=0)
+    vlm.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, loaded_processor = load_vlm_and_processor(str(tmp_path), device=torch.device("cpu"))
+    batch, again = make_batch(processor), make_batch(loaded_processor)
+    assert torch.equal(batch["input_ids"], again["input_ids"])
+    with torch.no_grad():
+        assert torch.allclose(vlm(**batch).logits, loaded(**again).logits, atol=1e-5)
+
+
+def test_encoded_examples_collate_and_train_on_every_backbone(backbone):
+    """The training data path: chat examples of different image sizes -> encode -> collate -> a
+    soft-gated AutoSelect step with a finite loss (labels only on the answers)."""
+    from autoselect.data import collate, encode_example
+
+    _, vlm, processor = backbone
+    examples = [
+        encode_example(
+            processor,
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "a red square"}]}],
+            images([size], seed=row),
+        )
+        for row, (q, size) in enumerate(zip(QUESTIONS, SIZES))
+    ]
+    batch = collate(examples, get_adapter(vlm).pad_token_id, padding_side="right")
+    assert all((batch["labels"][row] != -100).sum() == (e["labels"] != -100).sum() for row, e in enumerate(examples))
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=0.5)).train()
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.scorer.parameters())
