@@ -10,6 +10,7 @@ extrapolation). Timings are medians of interleaved repetitions after a warm-up.
 
     python bench/prefill.py                       # CPU, fp32
     python bench/prefill.py --device cuda --dtype bfloat16
+    python bench/prefill.py --backbones all       # every family's geometry, reduced LM (bench/backbone_shapes.py)
 """
 
 from __future__ import annotations
@@ -69,9 +70,14 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json-out", default=None, help="also write the JSON result here")
+    parser.add_argument("--backbones", default=None,
+                        help="'all' or a comma list of families (bench/backbone_shapes.py): prefill at each family's "
+                             "visual-token geometry with a reduced LM, budgets N/3, N/4.5, N/9")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.backbones:
+        return backbone_sweep(args)
 
     dtype = getattr(torch, args.dtype)
     vlm = build_model(args.lm_layers, args.vision_layers, args.device, dtype)
@@ -149,6 +155,63 @@ def main() -> None:
         print(f"| {k} | {row['prefill_ms_measured']:.1f} | {row['prefill_speedup']:.2f}x | {row['compute_limit']:.2f}x | {100 * row['fraction_of_limit']:.0f}% |")
     print(f"\nscorer + top-K: {med['scorer']:.2f} ms = {100 * result['scorer_fraction_of_full_prefill']:.2f}% "
           f"of the extrapolated 7B full prefill ({full_7b_ms:.0f} ms)")
+
+
+RATIOS = {"N/3": 1 / 3, "N/4.5": 1 / 4.5, "N/9": 1 / 9}
+
+
+def backbone_sweep(args) -> None:
+    """Full vs pruned prefill for every family at its real token layout (one run, interleaved)."""
+    from backbone_shapes import SHAPES, prompt  # bench/ is on sys.path when run as a script
+
+    names = sorted(SHAPES) if args.backbones == "all" else args.backbones.split(",")
+    unknown = sorted(set(names) - set(SHAPES))
+    if unknown:
+        raise SystemExit(f"unknown backbone(s) {unknown}; known: {', '.join(sorted(SHAPES))}")
+    dtype = getattr(torch, args.dtype)
+    results = {}
+    for name in names:
+        torch.manual_seed(0)
+        shape = SHAPES[name]()
+        vlm = shape.vlm.to(device=args.device, dtype=dtype).eval()
+        model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=1.0)).eval()
+        image_inputs = {k: v.to(args.device) for k, v in shape.image_inputs.items()}
+        image_inputs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in image_inputs.items()}
+        text = {k: v.to(args.device) for k, v in prompt(shape, args.text_tokens).items()}
+        cases, lengths, kept = {}, {}, {}
+        with torch.inference_mode():
+            for label, budget in {"full": 1.0, **RATIOS}.items():
+                kwargs = model.pruned_inputs(dict(image_inputs), dict(text), budget, for_generation=False)
+                lengths[label] = int(kwargs["input_ids"].shape[1])
+                kept[label] = sum(len(i) for i in model.last_selection.per_image())
+                cases[label] = lambda kwargs=kwargs: vlm(**kwargs, logits_to_keep=1, use_cache=False)
+            for fn in cases.values():
+                fn()
+            times = {label: [] for label in cases}
+            for _ in range(args.repeats):
+                for label, fn in cases.items():
+                    times[label].append(median_ms(fn, args.device))
+        med = {label: statistics.median(v) for label, v in times.items()}
+        results[name] = {
+            "geometry": shape.note, "visual_tokens": kept["full"], "sequence_full": lengths["full"],
+            "full_prefill_ms": round(med["full"], 1),
+            "budgets": {label: {"kept_tokens": kept[label], "sequence": lengths[label],
+                                "prefill_speedup": round(med["full"] / med[label], 3),
+                                "token_limit": round(lengths["full"] / lengths[label], 3)} for label in RATIOS},
+        }
+        del shape, vlm, model
+    result = {"lm": "reduced (hidden 2048, 2 layers), random", "text_tokens": args.text_tokens, "device": args.device,
+              "dtype": args.dtype, "threads": torch.get_num_threads(), "repeats": args.repeats, "backbones": results}
+    text_out = json.dumps(result, indent=2)
+    print(text_out)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            f.write(text_out + "\n")
+    print("\n| backbone | N | sequence | " + " | ".join(f"{label} speedup (limit)" for label in RATIOS) + " |")
+    print("|---|---|---|" + "---|" * len(RATIOS))
+    for name, row in results.items():
+        cells = " | ".join(f"{b['prefill_speedup']:.2f}x ({b['token_limit']:.2f}x)" for b in row["budgets"].values())
+        print(f"| {name} | {row['visual_tokens']} | {row['sequence_full']} | {cells} |")
 
 
 if __name__ == "__main__":
