@@ -189,3 +189,22 @@ def test_encoded_examples_collate_and_train_on_every_backbone(backbone):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for p in model.scorer.parameters())
+
+
+@pytest.mark.parametrize("pruner", ["random", "divprune", "fastv", "visionzip", "uniform"])
+def test_baselines_run_or_refuse_by_name_on_every_backbone(backbone, pruner):
+    """A baseline either prunes to exactly K per image or refuses the backbone with a clear error."""
+    from autoselect.pruners import build_pruner
+
+    name, vlm, processor = backbone
+    batch = make_batch(processor)
+    try:
+        model = build_pruner(pruner, vlm, 0.5, **({"layer": 1} if pruner == "fastv" else {}))
+        with torch.no_grad():
+            model(**batch)
+    except (ValueError, NotImplementedError) as error:
+        assert name != "llava", f"{pruner} must work on LLaVA-1.5: {error}"
+        assert any(word in str(error) for word in ("FastV", "attention", "grid")), str(error)
+        return
+    kept = model.last_selection.per_image()
+    assert [len(k) for k in kept] == [max(1, round(0.5 * n)) for n in model.last_selection.counts()]

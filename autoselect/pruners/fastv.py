@@ -173,6 +173,11 @@ class _Pass:
         return (hidden, *rest), {**kwargs, **self.step}
 
 
+#: families where one ``pixel_values`` row is one image with a fixed run of N placeholders and a
+#: plain 1-D position per token, which is what the in-LLM cut assumes
+FASTV_MODEL_TYPES = ("llava",)
+
+
 class FastV(nn.Module):
     """A frozen VLM whose image tokens are cut to K per image after LLM layer ``layer`` (L)."""
 
@@ -183,6 +188,12 @@ class FastV(nn.Module):
         validate_budget(budget)
         self.vlm = vlm
         self.adapter = adapter or get_adapter(vlm)
+        model_type = getattr(vlm.config, "model_type", None)
+        if model_type not in FASTV_MODEL_TYPES:
+            raise ValueError(
+                f"FastV is implemented for {', '.join(FASTV_MODEL_TYPES)} (one fixed run of N placeholders per image, "
+                f"1-D positions); {model_type!r} has views, variable N or multimodal positions"
+            )
         num_layers = len(self.decoder.layers)
         if not 1 <= layer < num_layers:
             raise ValueError(f"FastV layer must be in [1, {num_layers - 1}] for a {num_layers}-layer LLM, got {layer}")
