@@ -5,7 +5,7 @@ VLM's own next-token loss; at inference only the scorer and a hard, order-preser
 """
 
 from autoselect.backbones import get_adapter, register_backbone, supported_model_types
-from autoselect.config import AutoSelectConfig, resolve_budget
+from autoselect.config import AutoSelectConfig, ScoreMass, resolve_budget
 from autoselect.gate import vp_noise_gate
 from autoselect.model import AutoSelectModel
 from autoselect.pruned import PrunedVLM, Selection
@@ -16,6 +16,7 @@ __all__ = [
     "AutoSelectConfig",
     "AutoSelectModel",
     "PrunedVLM",
+    "ScoreMass",
     "Selection",
     "gather_tokens",
     "get_adapter",

@@ -26,6 +26,9 @@ class AutoSelectConfig:
     """
 
     budget: int | float = 64
+    # Budget-sampled training: each training batch draws its budget from this list (one scorer
+    # that serves all of them); empty: train at `budget`, which stays the inference default.
+    train_budgets: list[int | float] = field(default_factory=list)
     # Scorer: transformer blocks with global attention over the visual tokens + linear head.
     scorer_layers: int = 2
     scorer_width: int | None = None  # None: the backbone's vision feature width
@@ -51,6 +54,8 @@ class AutoSelectConfig:
 
     def __post_init__(self) -> None:
         validate_budget(self.budget)
+        for budget in self.train_budgets:
+            validate_budget(budget)
         if self.position_policy not in POSITION_POLICIES:
             raise ValueError(
                 f"position_policy must be one of {POSITION_POLICIES}, got {self.position_policy!r}"
@@ -108,8 +113,25 @@ class AutoSelectConfig:
         return cls.from_json_string(Path(path).read_text())
 
 
-def validate_budget(budget: int | float) -> None:
+@dataclass(frozen=True)
+class ScoreMass:
+    """Adaptive budget: per image, the fewest top-scored tokens whose share of the softmax score
+    mass reaches ``share`` (at least ``min_tokens``). Only a scorer can resolve it (AutoSelect)."""
+
+    share: float
+    min_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.share <= 1.0) or math.isnan(self.share):
+            raise ValueError(f"ScoreMass share must be in (0, 1], got {self.share}")
+        if self.min_tokens < 1:
+            raise ValueError(f"ScoreMass min_tokens must be >= 1, got {self.min_tokens}")
+
+
+def validate_budget(budget: int | float | ScoreMass) -> None:
     """Reject budgets that can never be valid, whatever N is."""
+    if isinstance(budget, ScoreMass):
+        return
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise ValueError(f"budget must be an int K or a float ratio in (0, 1], got {budget!r}")
     if isinstance(budget, int):
@@ -122,6 +144,8 @@ def validate_budget(budget: int | float) -> None:
 def resolve_budget(budget: int | float, num_tokens: int) -> int:
     """Turn an int K or a ratio into K for an image with ``num_tokens`` visual tokens."""
     validate_budget(budget)
+    if isinstance(budget, ScoreMass):
+        raise ValueError("a ScoreMass budget depends on the scores: only AutoSelect (a trained scorer) can use it")
     if isinstance(budget, float):
         return max(1, min(num_tokens, round(budget * num_tokens)))
     if budget > num_tokens:

@@ -16,12 +16,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from autoselect.backbones import BackboneAdapter, get_adapter
-from autoselect.config import AutoSelectConfig
+from autoselect.config import AutoSelectConfig, ScoreMass
 from autoselect.denoiser import Denoiser
 from autoselect.gate import vp_noise_gate
 from autoselect.pruned import PrunedVLM, Selection
 from autoselect.scorer import Scorer
-from autoselect.selection import pad_tokens, topk_indices
+from autoselect.selection import mass_budget, pad_tokens, topk_indices
 from autoselect.soft_topk import soft_topk
 
 CONFIG_NAME = "config.json"
@@ -155,6 +155,30 @@ class AutoSelectModel(PrunedVLM):
         scores = self.scorer(tokens)
         return Selection(indices=topk_indices(scores, k), num_tokens=tokens.shape[1], scores=scores)
 
+    def select(self, budget=None, **image_inputs: Any):
+        """As `PrunedVLM.select`; a `ScoreMass` budget picks K per image from the scores."""
+        budget = self.default_budget if budget is None else budget
+        if not isinstance(budget, ScoreMass):
+            return super().select(budget, **image_inputs)
+        tokens = self.visual_tokens(**image_inputs)
+        per_image = tokens if isinstance(tokens, list) else list(tokens)
+        selections = []
+        with torch.no_grad():
+            for t in per_image:
+                scores = self.scorer(t[None])
+                k = mass_budget(scores[0], budget.share, budget.min_tokens)
+                selections.append(Selection(indices=topk_indices(scores, k), num_tokens=len(t), scores=scores))
+        selection = Selection.concat(selections)
+        return selection, selection.kept_tokens(per_image)
+
+    def training_budget(self, budget: int | float | None) -> int | float | None:
+        """The budget of a training batch: the caller's, else one drawn from ``train_budgets``."""
+        if budget is not None or not self.config.train_budgets:
+            return budget
+        choices = self.config.train_budgets
+        self._last_budget = choices[int(torch.randint(len(choices), ()))]
+        return self._last_budget
+
     def retention_weights(self, tokens: torch.Tensor, budget: int | float | None = None) -> torch.Tensor:
         k = self.resolve_budget(tokens.shape[1], budget)
         return soft_topk(self.scorer(tokens), k, temperature=self.temperature)
@@ -182,7 +206,7 @@ class AutoSelectModel(PrunedVLM):
         image_inputs, text = self.split_inputs(dict(inputs))
         if not image_inputs:
             return self.vlm(**text)
-        return self.vlm(**self._train_inputs(image_inputs, text, budget))
+        return self.vlm(**self._train_inputs(image_inputs, text, self.training_budget(budget)))
 
     # ---- diagnostics for logging --------------------------------------------------------
     def retention_stats(self) -> dict[str, float]:
@@ -192,4 +216,7 @@ class AutoSelectModel(PrunedVLM):
             return {}
         a = alpha.float().clamp(1e-6, 1 - 1e-6)
         entropy = -(a * a.log() + (1 - a) * (1 - a).log()).mean()
-        return {"alpha_mean": float(alpha.float().mean()), "alpha_entropy": float(entropy), "temperature": self.temperature}
+        stats = {"alpha_mean": float(alpha.float().mean()), "alpha_entropy": float(entropy), "temperature": self.temperature}
+        if self.config.train_budgets:
+            stats["budget"] = float(getattr(self, "_last_budget", self.config.budget))
+        return stats

@@ -29,3 +29,10 @@ def pad_tokens(tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     lengths = torch.tensor([len(t) for t in tokens], device=padded.device)
     valid = torch.arange(padded.shape[1], device=padded.device)[None] < lengths[:, None]
     return padded, valid
+
+
+def mass_budget(scores: torch.Tensor, share: float, min_tokens: int = 1) -> int:
+    """The fewest top tokens of ``scores [N]`` whose softmax probability mass reaches ``share``."""
+    mass = torch.softmax(scores.float(), dim=-1).sort(descending=True).values.cumsum(-1)
+    k = int((mass < share - 1e-6).sum()) + 1  # the first prefix whose mass reaches the share
+    return max(min(min_tokens, scores.shape[-1]), min(k, scores.shape[-1]))

@@ -222,3 +222,46 @@ def test_unsupported_vlm_gets_a_clear_error():
 
     with pytest.raises(ValueError, match="no backbone adapter for NotAVLM.*supported model types: .*llava"):
         AutoSelectModel.attach(NotAVLM())
+
+
+def test_score_mass_budget_keeps_the_fewest_tokens_reaching_the_share(tiny, batch):
+    from autoselect import ScoreMass
+
+    vlm, _ = tiny
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16)).eval()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        model.scorer.head.weight.normal_(std=0.3)  # scores peaked enough that the images need different K
+        scores = model.score(pixel_values=batch["pixel_values"])
+        out = model(**batch, budget=ScoreMass(0.8))
+    kept = model.last_selection.per_image()
+    for row, keep in enumerate(kept):
+        probs = torch.softmax(scores[row], -1)
+        ordered = probs.sort(descending=True).values
+        assert ordered[: len(keep)].sum() >= 0.8 - 1e-5  # the share is reached ...
+        assert len(keep) == 1 or ordered[: len(keep) - 1].sum() < 0.8  # ... and not with one token fewer
+        assert set(keep.tolist()) == set(probs.topk(len(keep)).indices.tolist())
+    assert len({len(k) for k in kept}) > 1, "the two images should need different budgets"
+    assert out.logits.shape[1] == batch["input_ids"].shape[1] - max(N - len(k) for k in kept)
+    generated = model.generate(**batch, budget=ScoreMass(0.8), max_new_tokens=2, do_sample=False)
+    assert generated.shape[0] == 2
+    with pytest.raises(ValueError, match="share must be in"):
+        ScoreMass(1.5)
+    with pytest.raises(ValueError, match="only AutoSelect"):
+        from autoselect.pruners import build_pruner
+
+        build_pruner("random", vlm, ScoreMass(0.5))(**batch)
+
+
+def test_train_budgets_draw_a_budget_per_batch(tiny, batch):
+    vlm, _ = tiny
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, train_budgets=[4, 16, 0.5])).train()
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == vlm.config.image_token_id, -100)
+    torch.manual_seed(0)
+    drawn = set()
+    for _ in range(12):
+        model(**batch, labels=labels).loss.backward()
+        drawn.add(model.retention_stats()["budget"])
+        assert abs(float(model._last_alpha.sum(-1).mean()) - model.resolve_budget(N, model._last_budget)) < 1e-3
+    assert drawn == {4.0, 16.0, 0.5}
+    assert AutoSelectConfig.from_json_string(model.config.to_json_string()).train_budgets == [4, 16, 0.5]
