@@ -72,13 +72,20 @@ def teach_vlm_markers(vlm, processor, steps: int = 200, lr: float = 1e-3, batch_
 
 
 def answer_accuracy(model, batch: dict[str, torch.Tensor]) -> float:
-    """Share of examples whose first answer token is predicted correctly (greedy)."""
+    """Share of examples whose first answer token is predicted correctly (greedy).
+
+    Works for pruned models: each row's answer moved left by the placeholders its images lost
+    (right-padded batches, one image per row, as ``marker_batches`` makes them).
+    """
     with torch.no_grad():
         out = model(**batch)
     labels = batch["labels"]
     first = (labels != -100).float().argmax(-1)
-    # logits are aligned with the (possibly shortened) sequence; the answer is at its end either way
-    offset = labels.shape[1] - out.logits.shape[1]
     rows = torch.arange(labels.shape[0])
-    predicted = out.logits[rows, first - 1 - offset].argmax(-1)
+    selection = getattr(model, "last_selection", None)
+    if selection is not None and len(selection.per_image()) == labels.shape[0]:
+        lost = torch.tensor([n - len(k) for n, k in zip(selection.counts(), selection.per_image())])
+    else:  # logits cover the whole (possibly uniformly shortened) sequence; the answer is at its end
+        lost = torch.full_like(first, labels.shape[1] - out.logits.shape[1])
+    predicted = out.logits[rows, first - 1 - lost].argmax(-1)
     return float((predicted == labels[rows, first]).float().mean())
