@@ -30,11 +30,22 @@ def s3_endpoint_from_env() -> str | None:
     return None
 
 
-def s3_filesystem(endpoint: str | None = None) -> pafs.S3FileSystem:
-    """An S3 filesystem; ``endpoint`` like ``http://127.0.0.1:9000`` (default: from the env)."""
+#: attempts per S3 request (throttling, 5xx and connection errors are retried with backoff)
+S3_MAX_ATTEMPTS_ENV = "AUTOSELECT_S3_MAX_ATTEMPTS"
+DEFAULT_S3_MAX_ATTEMPTS = 5
+
+
+def s3_filesystem(endpoint: str | None = None, max_attempts: int | None = None) -> pafs.S3FileSystem:
+    """An S3 filesystem; ``endpoint`` like ``http://127.0.0.1:9000`` (default: from the env).
+
+    Transient failures (503 SlowDown, 500, dropped connections) are retried with the AWS SDK's
+    standard strategy, ``max_attempts`` tries in all (default: $AUTOSELECT_S3_MAX_ATTEMPTS, else 5).
+    """
     endpoint = endpoint or s3_endpoint_from_env()
+    attempts = max_attempts or int(os.environ.get(S3_MAX_ATTEMPTS_ENV) or DEFAULT_S3_MAX_ATTEMPTS)
     kwargs: dict = {
         "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts),
     }
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from collections import Counter
 import socket
 import threading
 import time
@@ -231,6 +232,60 @@ def test_bad_input_gets_openai_error_and_replica_keeps_serving(server, case):
     assert set(error) == {"message", "type", "param", "code"}
     assert error["code"] == code and words in error["message"], error
     assert server.post(body()).status_code == 200  # the next good request still succeeds
+
+
+FUZZ_EXAMPLES = 120
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=True) | st.text(max_size=40)
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+                        max_leaves=12)
+
+
+def _fuzzed_bodies():
+    """Arbitrary JSON, and valid requests with one field replaced by arbitrary JSON."""
+    from hypothesis import strategies as st
+
+    good = body()
+    fields = ["model", "messages", "temperature", "max_tokens", "stream", "top_p", "n", "stop", "autoselect", "seed"]
+    mutated = st.builds(lambda field, value: {**good, field: value}, st.sampled_from(fields), _json_values())
+    bad_part = st.builds(
+        lambda value: {**good, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": value},
+                                                                           {"type": "text", "text": QUESTION}]}]},
+        _json_values(),
+    )
+    return _json_values() | mutated | bad_part
+
+
+def test_fuzzed_requests_get_no_5xx_and_good_requests_keep_working(server):
+    """A bounded fuzz of malformed bodies (hypothesis): every answer is a 2xx/4xx with an
+    OpenAI-shaped error for 4xx, never a 5xx, and a good request after the fuzz still succeeds."""
+    from hypothesis import HealthCheck, given, settings
+
+    statuses: Counter = Counter()
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(_fuzzed_bodies())
+    def send(payload):
+        data = json.dumps(payload).encode()  # NaN/Infinity go out as-is: not JSON, the server must say so
+        response = requests.post(f"{server.url}/v1/chat/completions", data=data, timeout=120,
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        statuses[response.status_code] += 1
+        assert response.status_code < 500, (payload, response.text)
+        if response.status_code >= 400:
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+    send()
+    raw = requests.post(f"{server.url}/v1/chat/completions", data=b"\xff{not json", timeout=60,
+                        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert raw.status_code == 400
+    assert sum(statuses.values()) == FUZZ_EXAMPLES and statuses.keys() - {200, 400, 401, 413, 422}  == set(), statuses
+    print(f"fuzz: {dict(statuses)}")
+    assert server.post(body()).status_code == 200
 
 
 def test_openai_client_raises_typed_errors(server):
