@@ -13,13 +13,28 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo bench clean
+# Real images for the mini-LLaVA corpora (pipelines/corpora): Debian packages, installed once
+# when apt-get is there (CI, the cluster images); without them those tests skip, saying why.
+DATA_PACKAGES := dataset-fashion-mnist openclipart-png openclipart-svg
+DATA_STAMP    := .cache/.data-packages
 
-$(STAMP): pyproject.toml constraints.txt requirements-nodeps.txt
+.PHONY: install data test demo bench clean
+
+$(STAMP): pyproject.toml constraints.txt requirements-nodeps.txt | $(DATA_STAMP)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	$(BIN)/pip install -q --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
+
+$(DATA_STAMP):
+	@mkdir -p .cache
+	@if dpkg -s $(DATA_PACKAGES) >/dev/null 2>&1; then touch $@; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -qq --no-install-recommends $(DATA_PACKAGES) || \
+	   (apt-get update -qq && apt-get install -y -qq --no-install-recommends $(DATA_PACKAGES))) && touch $@; \
+	else echo "note: cannot install $(DATA_PACKAGES) here (needs root + apt-get); real-image corpora tests will skip"; fi
+
+data: $(DATA_STAMP)
 
 install: $(STAMP)
 
