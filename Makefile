@@ -18,7 +18,11 @@ export TOKENIZERS_PARALLELISM := false
 DATA_PACKAGES := dataset-fashion-mnist openclipart-png openclipart-svg
 DATA_STAMP    := .cache/.data-packages
 
-.PHONY: install data test demo bench clean
+# lmms-eval in its own venv that sees ours (see requirements-lmms.txt); tests/test_lmms_eval.py uses it.
+LMMS_VENV  := .cache/lmms-venv
+LMMS_STAMP := $(LMMS_VENV)/.installed
+
+.PHONY: install data lmms-env test demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt requirements-nodeps.txt | $(DATA_STAMP)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,9 +40,19 @@ $(DATA_STAMP):
 
 data: $(DATA_STAMP)
 
+$(LMMS_STAMP): requirements-lmms.txt $(STAMP)
+	rm -rf $(LMMS_VENV) && $(PY) -m venv $(LMMS_VENV)
+	$(BIN)/python -c "import site; print(site.getsitepackages()[0])" > \
+	  "$$($(LMMS_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/autoselect-project.pth"
+	$(LMMS_VENV)/bin/python -m pip install -q -c constraints.txt -r requirements-lmms.txt
+	$(LMMS_VENV)/bin/python -m pip install -q --no-deps lmms-eval==0.7.3
+	touch $@
+
+lmms-env: $(LMMS_STAMP)
+
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) $(LMMS_STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
