@@ -22,7 +22,7 @@ DATA_STAMP    := .cache/.data-packages
 LMMS_VENV  := .cache/lmms-venv
 LMMS_STAMP := $(LMMS_VENV)/.installed
 
-.PHONY: install data lmms-env test demo bench clean
+.PHONY: install data lmms-env test demo tiny-demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt requirements-nodeps.txt | $(DATA_STAMP)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -55,8 +55,11 @@ install: $(STAMP)
 test: $(STAMP) $(LMMS_STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-demo: $(STAMP)
+demo: $(STAMP) | $(DATA_STAMP)
 	$(BIN)/python pipelines/demo.py $(DEMO_ARGS)
+
+tiny-demo: $(STAMP)
+	$(BIN)/python pipelines/tiny_demo.py $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/prefill.py $(BENCH_ARGS)

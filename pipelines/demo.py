@@ -1,91 +1,276 @@
-"""The main job on embedded defaults (`make demo`): train and use an AutoSelect scorer end to end.
+"""The main job on embedded defaults (`make demo`): from a fresh clone to a served, pruned,
+real-weight VLM, with every product part running for real on this machine.
 
-Today it runs in-process on the tiny from-config LLaVA and the synthetic marker task (the
-answer sits in two of 64 patches): teach the tiny VLM the task, freeze it, attach AutoSelect,
-train the scorer with the VLM's next-token loss only, then compare pruned inference at
-K = N/4 before and after training, save the scorer, reload it and generate with a budget.
-Later stages (Ray Data, Ray Train + DeepSpeed, MLflow, Serve) plug in here as they land.
+  1. backbone    mini-LLaVA (DINOv2-S + SmolLM2-135M from PyPI wheels) with the committed aligned projector
+  2. corpora     Fashion-MNIST and Open Clip Art (Debian packages) exported with fixed held-out splits
+  3. preprocess  Ray Data: the training subset -> parquet shards (+ quarantine counts)
+  4. train       Ray Train + DeepSpeed ZeRO-2 on 2 local workers, MLflow (sqlite) run + registered version
+  5. evaluate    AutoSelect vs random / uniform / DivPrune / VisionZip / FastV at N/9 on held-out data
+  6. promote     the version gets its evaluation as tags; the `champion` alias moves if it beats random
+  7. serve       Ray Serve (OpenAI API) with the promoted scorer, one real request with a packaged photo
+  8. summary     where the report, plots and MLflow UI are
+
+Re-running reuses what is cached (backbone, corpora, shards, a trained version with the same
+settings). Everything stays on 127.0.0.1 and under outputs/ and .cache/.
+
+    python pipelines/demo.py [--train-steps 60] [--eval-limit 40] [--fresh]
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
+import random
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+if __package__ in (None, ""):  # run as `python pipelines/demo.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from autoselect import AutoSelectConfig, AutoSelectModel
-from autoselect.testing import build_tiny_llava
-from autoselect.testing.synthetic import answer_accuracy, marker_batches, marker_image, messages, teach_vlm_markers
-from autoselect.training import train
-
-
-def evaluate(model, batch) -> dict[str, float]:
-    with torch.no_grad():
-        loss = float(model(**batch).loss)
-    return {"loss": round(loss, 4), "accuracy": round(answer_accuracy(model, batch), 4)}
+STEPS = 8
+REGISTERED_MODEL = "autoselect-mini-llava"
+PRUNERS = "autoselect,random,uniform,divprune,visionzip,fastv"
+TASKS = "fmnist_vqa,clipart_category,spatial_fmnist"
+PHOTO = "grace_hopper.jpg"  # ships with matplotlib
 
 
-def main() -> None:
+class Progress:
+    """``[i/8] title`` lines with the time each step took."""
+
+    def __init__(self) -> None:
+        self.started = self.mark = time.time()
+        self.timings: dict[str, float] = {}
+        self.current: str | None = None
+
+    def step(self, index: int, title: str) -> None:
+        self._close()
+        self.current, self.mark = title, time.time()
+        print(f"\n[{index}/{STEPS}] {title}", flush=True)
+
+    def _close(self) -> None:
+        if self.current is not None:
+            self.timings[self.current.split()[0]] = round(time.time() - self.mark, 1)
+            print(f"      ({self.timings[self.current.split()[0]]:.0f} s)", flush=True)
+
+    def finish(self) -> float:
+        self._close()
+        self.current = None
+        return round(time.time() - self.started, 1)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="outputs/demo", help="where the trained scorer and summary go")
-    parser.add_argument("--budget", type=int, default=16, help="visual tokens kept per image (of 64)")
-    parser.add_argument("--steps", type=int, default=200, help="scorer training steps")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    started = time.time()
-    torch.manual_seed(args.seed)
+    add = parser.add_argument
+    add("--out", type=Path, default=Path("outputs/demo"), help="report, shards, summary (default: %(default)s)")
+    add("--tracking-uri", default="sqlite:///outputs/mlflow.db", help="MLflow store (default: %(default)s)")
+    add("--budget", type=int, default=28, help="visual tokens kept per image, of 256 (default: %(default)s, ~N/9)")
+    add("--train-records", type=int, default=480, help="training examples preprocessed (default: %(default)s)")
+    add("--train-steps", type=int, default=60, help="optimiser steps (default: %(default)s)")
+    add("--eval-limit", type=int, default=40, help="held-out examples per task (default: %(default)s)")
+    add("--port", type=int, default=0, help="Serve HTTP port on 127.0.0.1 (default: a free one)")
+    add("--fresh", action="store_true", help="retrain and re-preprocess even when cached")
+    return parser
 
-    print("[1/5] building the tiny LLaVA from configs and teaching it the marker task (all tokens)")
-    vlm, processor = build_tiny_llava(seed=args.seed)
-    teach_vlm_markers(vlm, processor, steps=200, seed=args.seed + 1)
-    held_out = next(marker_batches(processor, 256, seed=10_000 + args.seed))
-    full = evaluate(vlm, held_out)
 
-    print(f"[2/5] attaching AutoSelect (budget K={args.budget}); the VLM is frozen")
-    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=args.budget, temperature_steps=max(1, args.steps * 3 // 4))).eval()
-    model.print_trainable_parameters()
-    untrained = evaluate(model, held_out)
+def file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
-    print(f"[3/5] training the scorer for {args.steps} steps (next-token loss only)")
-    history = train(
-        model, marker_batches(processor, 16, seed=args.seed + 2), steps=args.steps, lr=1e-3,
-        on_step=lambda step, m: step % 50 == 0 and print(f"  step {step:4d}  loss {m['loss']:.4f}  tau {m['temperature']:.3f}  alpha_mean {m['alpha_mean']:.3f}"),
-    )
-    trained = evaluate(model, held_out)
 
-    out = Path(args.out)
-    print(f"[4/5] saving the scorer to {out} and reloading it onto the VLM")
-    model.save_pretrained(out / "scorer")
-    reloaded = AutoSelectModel.from_pretrained(out / "scorer", vlm).eval()
+def training_subset(corpora: Path, count: int, out: Path) -> Path:
+    """Half Fashion-MNIST, half Clip Art category questions, from the TRAIN splits only (seeded)."""
+    from pipelines.corpora import load_records
 
-    print("[5/5] generating with the reloaded scorer")
-    rng = np.random.default_rng(args.seed)
-    image, cells = marker_image(rng, "blue")
-    inputs = processor(images=[image], text=[processor.apply_chat_template(messages(), add_generation_prompt=True)], return_tensors="pt")
-    generated = reloaded.generate(**inputs, max_new_tokens=4, do_sample=False)
-    answer = processor.tokenizer.decode(generated[0, -4:], skip_special_tokens=True).strip()
-    kept = reloaded.last_selection.indices[0].tolist()
+    rng = random.Random(0)
+    fmnist = load_records(corpora, "fashion_mnist", "train")
+    clipart = [r for r in load_records(corpora, "openclipart", "train") if r["task"] == "clipart_category"]
+    chosen = rng.sample(fmnist, min(count // 2, len(fmnist))) + rng.sample(clipart, min(count - count // 2, len(clipart)))
+    rng.shuffle(chosen)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps({k: r[k] for k in ("id", "image", "conversations")}) + "\n" for r in chosen))
+    return out
 
+
+def preprocess_step(subset: Path, model: Path, corpora: Path, out: Path, fresh: bool) -> dict:
+    from pipelines import preprocess
+
+    key = {"subset": file_sha(subset), "model": str(model)}
+    done = out / "demo_key.json"
+    if not fresh and done.is_file() and json.loads(done.read_text()).get("key") == key:
+        stats = json.loads(done.read_text())["stats"]
+        print(f"      reusing {stats['data']} ({stats['rows_written']} rows)")
+        return stats
+    stats = preprocess.run(preprocess.PreprocessConfig(
+        input=[str(subset)], output=str(out), model=str(model), image_root=str(corpora), overwrite=True))
+    done.write_text(json.dumps({"key": key, "stats": stats}, indent=2))
+    return stats
+
+
+def train_step(args, model: Path, data: str, data_key: str) -> tuple[str, str]:
+    """``(version, run_id)``: a registered version trained with these exact settings, or a new one."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.train import train
+    from pipelines.train_config import load_train_config
+
+    overrides = [
+        f"model.path={model}", f"data.train={data}", f"autoselect.budget={args.budget}",
+        f"autoselect.temperature_steps={max(1, args.train_steps * 3 // 4)}", f"optim.steps={args.train_steps}",
+        f"optim.checkpoint_every={args.train_steps}", "optim.log_every=5", f"optim.lr=1.0e-3",
+        f"mlflow.tracking_uri={args.tracking_uri}", f"mlflow.registered_model={REGISTERED_MODEL}",
+        "mlflow.experiment=autoselect-demo", "ray.storage_path=outputs/ray", "name=demo-mini-llava",
+    ]
+    config = load_train_config(Path("pipelines/configs/mini-llava.yaml"), overrides)
+    key = hashlib.sha256(json.dumps([config.to_dict(), data_key], sort_keys=True).encode()).hexdigest()[:16]
+    client = MlflowClient(args.tracking_uri)
+    if not args.fresh:
+        for version in client.search_model_versions(f"name='{REGISTERED_MODEL}'"):
+            if version.tags.get("demo_key") == key:
+                print(f"      reusing version {version.version} (same settings and data)")
+                return str(version.version), version.run_id
+    summary = train(config)
+    client.set_model_version_tag(REGISTERED_MODEL, summary["version"], "demo_key", key)
+    metrics = summary["metrics"]
+    print(f"      trained {metrics.get('step')} steps, loss {metrics.get('loss', float('nan')):.3f}; "
+          f"registered {REGISTERED_MODEL} version {summary['version']}")
+    return str(summary["version"]), summary["run_id"]
+
+
+def evaluate_step(args, model: Path, version: str) -> dict:
+    from pipelines import evaluate
+
+    out = args.out / "eval"
+    code = evaluate.main([
+        "--model", str(model), "--autoselect", f"models:/{REGISTERED_MODEL}/{version}", "--budgets", str(args.budget),
+        "--pruners", PRUNERS, "--tasks", TASKS, "--limit", str(args.eval_limit), "--out", str(out),
+        "--tracking-uri", args.tracking_uri,
+    ])
+    if code != 0:
+        raise RuntimeError(f"evaluation failed (exit {code})")
+    return json.loads((out / "report.json").read_text())
+
+
+def promote_step(args, version: str, report: dict) -> tuple[bool, dict]:
+    """Tag the version with its evaluation (fractions) and move `champion` if it beats random."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import promote
+
+    budget = str(args.budget)
+    retention = {name: rows[budget]["average_retention"] for name, rows in report["results"].items() if budget in rows}
+    ours = retention["autoselect"]
+    tags = {"retention_avg": ours / 100, "retention_margin_vs_random": (ours - retention["random"]) / 100,
+            "retention_margin_vs_best_baseline": (ours - max(v for k, v in retention.items() if k != "autoselect")) / 100}
+    client = MlflowClient(args.tracking_uri)
+    for name, value in tags.items():
+        client.set_model_version_tag(REGISTERED_MODEL, version, name, f"{value:.4f}")
+    code = promote.main(["--model", REGISTERED_MODEL, "--version", version, "--alias", "champion",
+                         "--require", "retention_margin_vs_random>=0", "--tracking-uri", args.tracking_uri])
+    return code == 0, {"retention_pct": retention, **tags}
+
+
+def serve_step(args, model: Path, scorer_uri: str) -> dict:
+    """Start the Serve app on loopback, send one chat request with a packaged photo, stop it."""
+    import socket
+
+    import requests
+    from matplotlib.cbook import get_sample_data
+    from ray import serve
+
+    from serve.app import AutoSelectServer
+    from serve.config import ServeArgs
+
+    port = args.port
+    if not port:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+    with get_sample_data(PHOTO) as handle:
+        photo = base64.b64encode(handle.read()).decode()
+    app = AutoSelectServer.options(num_replicas=1, ray_actor_options={"num_cpus": 0.5}).bind(
+        ServeArgs(backbone=str(model), scorer_uri=scorer_uri, tracking_uri=args.tracking_uri, default_max_tokens=24))
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(app, name="autoselect", route_prefix="/")
+        body = {"model": REGISTERED_MODEL, "max_tokens": 24, "temperature": 0, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{photo}"}},
+            {"type": "text", "text": "Describe the image in one sentence."}]}]}
+        response = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=300)
+        response.raise_for_status()
+        answer = response.json()
+    finally:
+        serve.shutdown()
+    print(f"      POST http://127.0.0.1:{port}/v1/chat/completions with {PHOTO}")
+    print(f"      answer: {answer['choices'][0]['message']['content']!r}")
+    print(f"      usage: {json.dumps(answer['usage'])}")
+    return {"answer": answer["choices"][0]["message"]["content"], "usage": answer["usage"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    progress = Progress()
+    import ray
+    import torch
+
+    from autoselect.convert.aligned import build_aligned_mini_llava
+    from pipelines.corpora import DEFAULT_OUT, export_corpora
+
+    from pipelines.train_config import resolve_tracking_uri
+
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.tracking_uri = resolve_tracking_uri(args.tracking_uri)  # absolute: workers and replicas run elsewhere
+
+    progress.step(1, "backbone: mini-LLaVA (DINOv2-S/14 + SmolLM2-135M) with the committed aligned projector")
+    model = build_aligned_mini_llava().path.resolve()
+    print(f"      {model}")
+
+    progress.step(2, "corpora: Fashion-MNIST + Open Clip Art from Debian packages, fixed held-out splits")
+    corpora = export_corpora(DEFAULT_OUT).path
+    subset = training_subset(corpora, args.train_records, args.out / "corpus" / "train.jsonl")
+    print(f"      {corpora}; training subset {subset} ({args.train_records} train-split records)")
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        progress.step(3, "preprocess with Ray Data")
+        stats = preprocess_step(subset, model, corpora, args.out / "preprocessed", args.fresh)
+        print(f"      in {stats['rows_in']}, written {stats['rows_written']}, quarantined {stats['rows_quarantined']}")
+
+        progress.step(4, f"train the scorer at K = {args.budget} of 256 with Ray Train + DeepSpeed (2 workers), MLflow tracking")
+        version, run_id = train_step(args, model, stats["data"], file_sha(subset))
+
+        progress.step(5, "evaluate AutoSelect against the baselines on held-out data")
+        report = evaluate_step(args, model, version)
+
+        progress.step(6, "promote in the MLflow registry (alias `champion` if AutoSelect beats random)")
+        promoted, evaluation = promote_step(args, version, report)
+        scorer_uri = f"models:/{REGISTERED_MODEL}@champion" if promoted else f"models:/{REGISTERED_MODEL}/{version}"
+        print(f"      {'promoted' if promoted else 'NOT promoted (serving the version directly)'}: {scorer_uri}")
+
+        progress.step(7, "serve with Ray Serve and send one real request")
+        served = serve_step(args, model, scorer_uri)
+    finally:
+        ray.shutdown()
+
+    progress.step(8, "summary")
+    total = progress.finish()
     summary = {
-        "held_out_examples": int(held_out["input_ids"].shape[0]),
-        "visual_tokens": 64,
-        "budget": args.budget,
-        "full_tokens": full,
-        "pruned_untrained_scorer": untrained,
-        "pruned_trained_scorer": trained,
-        "final_train_loss": round(history[-1]["loss"], 4),
-        "example": {"truth": "blue", "answer": answer, "marker_cells": cells, "markers_kept": [c for c in cells if c in kept]},
-        "scorer_dir": str(out / "scorer"),
-        "seconds": round(time.time() - started, 1),
+        "backbone": str(model), "registered_model": REGISTERED_MODEL, "version": version, "run_id": run_id,
+        "promoted": promoted, "evaluation": evaluation, "served": served, "seconds": {**progress.timings, "total": total},
+        "report": str(args.out / "eval" / "report.md"), "plots": [str(args.out / "eval" / p) for p in ("retention_vs_budget.png", "kept_patches.png")],
+        "mlflow_ui": f"mlflow ui --backend-store-uri {args.tracking_uri} --port 5000",
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
-    print(f"\nsummary written to {out / 'summary.json'}; scorer (config.json + model.safetensors) in {out / 'scorer'}")
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\nAutoSelect at K = {args.budget}/256 keeps {evaluation['retention_pct']['autoselect']:.1f}% of full-token "
+          f"accuracy (random: {evaluation['retention_pct']['random']:.1f}%); version {version} "
+          f"{'is the champion' if promoted else 'was not promoted'}.")
+    print(f"report:  {summary['report']}\nplots:   {', '.join(summary['plots'])}")
+    print(f"MLflow:  {summary['mlflow_ui']}  (then http://127.0.0.1:5000)\nsummary: {args.out / 'summary.json'}")
+    print(f"total:   {total / 60:.1f} min")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

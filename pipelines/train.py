@@ -58,6 +58,8 @@ def train(config: TrainConfig, config_path: str | None = None) -> dict[str, Any]
     """Run the job; returns a summary (run id, checkpoint, registered version, final metrics)."""
     if not config.data.train:
         raise ValueError("data.train is empty: point it at the data/ folder written by pipelines/preprocess.py")
+    if Path(config.model.path).exists():  # workers run in their own folders: pass local paths absolute
+        config.model.path = str(Path(config.model.path).resolve())
     fs, data_path = storage.resolve(config.data.train, config.data.s3_endpoint)
     dataset = ray.data.read_parquet(data_path, filesystem=fs)
 

@@ -128,7 +128,12 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
     Shared by training, promotion and serving so all three find the same registry by default.
     """
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or f"sqlite:///{Path('outputs/mlflow.db').resolve()}"
+    if not uri:
+        return f"sqlite:///{Path('outputs/mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        # relative to this process's folder: pin it, since Ray workers and replicas run elsewhere
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return uri
 
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:

@@ -111,6 +111,26 @@ def test_batched_scores_equal_each_rows_own_loss_under_every_pruner(taught):
             assert float(sums[row]) == pytest.approx(-float(loss) * int(counts[row]), abs=1e-4), (method.label, row)
 
 
+def test_shared_prompt_scoring_equals_one_forward_per_row(taught):
+    """The fast path (each prompt once, its KV cache copied to every candidate) gives the numbers of
+    a full forward per row, for full tokens, AutoSelect and every baseline."""
+    from pipelines.evaluation.scoring import shared_prompt_length
+
+    vlm, processor = taught["vlm"], taught["processor"]
+    image_token_id = get_adapter(vlm).image_token_id
+    (task,), _ = load_tasks(["markers"], TaskContext(32, 4, Path("/nonexistent"), seed=4, limit=3))
+    batch = choice_batch(processor, task.examples, task.choices)
+    repeats = len(task.choices)
+    assert shared_prompt_length(batch, repeats) is not None, "choice rows share their prompt"
+    autoselect = AutoSelectModel.from_pretrained(taught["scorer_dir"], vlm).eval()
+    for method in build_methods(vlm, PRUNERS, [("8", 8)], autoselect, baseline_settings(vlm, 0, None)):
+        fast, _ = answer_log_likelihoods(method, batch, repeats, image_token_id, share_prompts=True)
+        if method.name == "random":  # a fresh draw per call: rebuild it so both paths see the same stream
+            method = build_methods(vlm, ["random"], [("8", 8)], None, baseline_settings(vlm, 0, None))[1]
+        slow, _ = answer_log_likelihoods(method, batch, repeats, image_token_id, share_prompts=False)
+        assert torch.allclose(fast, slow, atol=1e-4), (method.label, (fast - slow).abs().max())
+
+
 def test_full_token_scores_match_the_cached_choice_scorer(taught):
     from pipelines.align.evaluate import choice_log_likelihoods
 

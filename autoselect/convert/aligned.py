@@ -8,6 +8,7 @@ files (by hash) and the assembly settings. Loading refuses a VLM built from anyt
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from autoselect.convert.cache import Built
+from autoselect.convert.cache import Built, cached_build
 from autoselect.convert.mini_llava import DEFAULT_CACHE_DIR, MiniLlavaSettings, build_mini_llava
 
 PROJECTOR = "multi_modal_projector"
@@ -98,8 +99,32 @@ def save_aligned_model(vlm: LlavaForConditionalGeneration, processor: LlavaProce
     return out_dir
 
 
+DEFAULT_ALIGNED_DIR = Path(DEFAULT_CACHE_DIR) / "mini-llava-aligned"
+
+
+def build_aligned_mini_llava(
+    projector: str | Path = DEFAULT_PROJECTOR,
+    out_dir: str | Path | None = None,
+    cache_dir: str | Path = DEFAULT_CACHE_DIR,
+    force: bool = False,
+) -> Built:
+    """A full model folder of the mini-LLaVA with ``projector`` loaded (default
+    ``<cache_dir>/mini-llava-aligned``), rebuilt only when the projector or the backbone changed."""
+    projector = Path(projector)
+    out_dir = Path(out_dir) if out_dir is not None else Path(cache_dir) / "mini-llava-aligned"
+    inputs = {"projector_sha256": hashlib.sha256(projector.read_bytes()).hexdigest(), "backbone": projector_identity(projector)}
+
+    def build(staging: Path) -> None:
+        vlm, processor = load_aligned_mini_llava(projector, cache_dir)
+        save_aligned_model(vlm, processor, staging, {"projector": str(projector), **inputs})
+
+    return cached_build(out_dir, inputs, build, force)
+
+
 __all__ = [
+    "DEFAULT_ALIGNED_DIR",
     "DEFAULT_PROJECTOR",
+    "build_aligned_mini_llava",
     "PROJECTOR",
     "backbone_identity",
     "load_aligned_mini_llava",

@@ -70,6 +70,20 @@ def output_columns(
     return kept.position_ids, kept.attention_mask.bool()
 
 
+def shared_prompt_length(batch: dict[str, torch.Tensor], repeats: int) -> int | None:
+    """The columns before the answers when every row's answer starts at the same column and the
+    rows of each group of ``repeats`` agree on them (their prompt); None otherwise."""
+    labels, ids = batch["labels"], batch["input_ids"]
+    if repeats < 2:
+        return None
+    first = (labels != IGNORE_INDEX).float().argmax(-1)
+    prefix = int(first[0])
+    if prefix == 0 or not bool((first == prefix).all()):
+        return None
+    groups = ids[:, :prefix].view(-1, repeats, prefix)
+    return prefix if bool((groups == groups[:, :1]).all()) and bool(batch["attention_mask"][:, :prefix].all()) else None
+
+
 def tail_length(labels: torch.Tensor) -> int:
     """``logits_to_keep``: the columns from the one predicting the earliest answer token to the end.
 
@@ -84,13 +98,13 @@ def tail_length(labels: torch.Tensor) -> int:
 
 @torch.no_grad()
 def answer_log_likelihoods(
-    method: Method, batch: dict[str, torch.Tensor], repeats: int, image_token_id: int
+    method: Method, batch: dict[str, torch.Tensor], repeats: int, image_token_id: int, share_prompts: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the summed log-probability of its labelled answer tokens ``[rows]`` (float64)
     and how many there are ``[rows]``."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    out = method.forward(inputs, repeats, tail_length(labels))
+    out = method.forward(inputs, repeats, tail_length(labels), shared_prompt_length(batch, repeats) if share_prompts else None)
     columns, valid = output_columns(batch["input_ids"], batch["attention_mask"], out.selection, image_token_id)
     if out.columns is not None and not torch.equal(columns, out.columns):
         raise RuntimeError(f"{method.label}: its reported output columns differ from the re-packing of its selection")
