@@ -49,7 +49,10 @@ def load_vlm(path: str, dtype: str = "auto", device: torch.device | None = None,
     if builder is not None:
         vlm = builder(seed=0)[0]
     else:
-        vlm = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        # safetensors only: a pickled .bin from elsewhere could run code on load
+        vlm = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
     return vlm.to(device=device, dtype=torch_dtype).eval()
 
 

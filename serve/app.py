@@ -39,6 +39,29 @@ from serve.schemas import (
 api = FastAPI(title="AutoSelect", description="OpenAI-compatible chat over a VLM with learned visual-token pruning")
 install_error_handlers(api)
 
+_REQUEST_LIMIT: dict[str, int | None] = {"bytes": None}  # per replica process, set by its constructor
+
+
+def set_request_limit(max_bytes: int) -> None:
+    """Module-level on purpose: Serve ships the deployment class by value, this module by reference."""
+    _REQUEST_LIMIT["bytes"] = max_bytes
+
+
+@api.middleware("http")
+async def limit_request_size(request: Request, call_next):
+    """Refuse bodies over the replica's limit before anything reads them (a declared length is
+    required for POST, so a chunked upload cannot slip past the cap)."""
+    limit = _REQUEST_LIMIT["bytes"]
+    if limit is not None and request.method == "POST":
+        declared = request.headers.get("content-length")
+        if declared is None:
+            return APIError("a Content-Length header is required", status=411, code="length_required").response()
+        if not declared.isdigit() or int(declared) > limit:
+            return APIError(f"request body of {declared} bytes is over the limit of {limit} bytes", status=413,
+                            code="request_too_large").response()
+    return await call_next(request)
+
+
 VISUAL_TOKENS_HEADER = "x-autoselect-visual-tokens"  # "kept/total" for the request's images
 SCORER_VERSION_HEADER = "x-autoselect-scorer-version"
 
@@ -76,6 +99,7 @@ class AutoSelectServer:
             self.api_key = os.environ.get(self.args.api_key_env)
             if not self.api_key:  # never fall back to an open server because a secret is missing
                 raise RuntimeError(f"api_key_env={self.args.api_key_env!r} is set but that variable is empty")
+        set_request_limit(self.args.request_byte_limit)
         self.backbone = load_backbone(self.args.backbone, self.args.dtype)
         self.images = ImageLoader(self.args.images)
         self.scorer_uri = self.args.scorer_uri

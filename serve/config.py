@@ -42,6 +42,14 @@ class ServeArgs(_Strict):
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.02, ge=0)
     images: ImagePolicy = ImagePolicy()
+    # request body cap (413 above it); default: every allowed image inline as base64, plus 1 MiB of text
+    max_request_bytes: int | None = Field(None, ge=1024)
+
+    @property
+    def request_byte_limit(self) -> int:
+        if self.max_request_bytes is not None:
+            return self.max_request_bytes
+        return self.images.max_images * self.images.max_image_bytes * 4 // 3 + 2**20
 
 
 class LiveConfig(_Strict):

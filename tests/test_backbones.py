@@ -208,3 +208,18 @@ def test_baselines_run_or_refuse_by_name_on_every_backbone(backbone, pruner):
         return
     kept = model.last_selection.per_image()
     assert [len(k) for k in kept] == [max(1, round(0.5 * n)) for n in model.last_selection.counts()]
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    """The shared loader reads safetensors only: a folder with just a pickled .bin is refused."""
+    from safetensors.torch import load_file
+
+    from pipelines.backbone import load_vlm
+
+    vlm, processor = TINY_BACKBONES["llava"](seed=0)
+    vlm.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors|model.safetensors"):
+        load_vlm(str(tmp_path), device=torch.device("cpu"))

@@ -213,6 +213,7 @@ BAD_CASES = {
     "s3_missing_key": ({"json": body(user(f"s3://{BUCKET}/missing.png"))}, 400, "image_fetch_failed", "missing.png"),
     "no_api_key": ({"json": body(), "key": None}, 401, "invalid_api_key", "API key"),
     "wrong_api_key": ({"json": body(), "key": "nope"}, 401, "invalid_api_key", "API key"),
+    "body_too_large": ({"data": b"{" + b" " * 2_000_000 + b"}", "headers": {"Content-Type": "application/json"}}, 413, "request_too_large", "over the limit"),
     "n_above_one": ({"json": body(n=2)}, 400, "unsupported_parameter", "n=1"),
     "placeholder_in_text": ({"json": body(user(GOOD, text="<image> twice"))}, 400, "invalid_value", "2 <image> tokens and 1 images"),
     "image_in_assistant_turn": ({"json": body([*user(GOOD), {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": GOOD}}]}])},
