@@ -13,7 +13,7 @@ real-weight VLM, with every product part running for real on this machine.
 Re-running reuses what is cached (backbone, corpora, shards, a trained version with the same
 settings). Everything stays on 127.0.0.1 and under outputs/ and .cache/.
 
-    python pipelines/demo.py [--train-steps 60] [--eval-limit 40] [--fresh]
+    python pipelines/demo.py [--train-steps 80] [--eval-limit 40] [--fresh]
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tracking-uri", default="sqlite:///outputs/mlflow.db", help="MLflow store (default: %(default)s)")
     add("--budget", type=int, default=28, help="visual tokens kept per image, of 256 (default: %(default)s, ~N/9)")
     add("--train-records", type=int, default=480, help="training examples preprocessed (default: %(default)s)")
-    add("--train-steps", type=int, default=60, help="optimiser steps (default: %(default)s)")
+    add("--train-steps", type=int, default=80, help="optimiser steps (default: %(default)s)")
     add("--eval-limit", type=int, default=40, help="held-out examples per task (default: %(default)s)")
     add("--port", type=int, default=0, help="Serve HTTP port on 127.0.0.1 (default: a free one)")
     add("--fresh", action="store_true", help="retrain and re-preprocess even when cached")
