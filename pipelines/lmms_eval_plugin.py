@@ -23,8 +23,10 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
+from autoselect.data import encode_example
 from autoselect.placeholders import IGNORE_INDEX
 from pipelines.backbone import load_autoselect, load_vlm_and_processor
+from pipelines.evaluate import parse_budget
 
 
 def manifest():
@@ -33,13 +35,6 @@ def manifest():
 
     return ModelManifest(model_id="autoselect", simple_class_path="pipelines.lmms_eval_plugin.AutoSelectLMMS",
                          aliases=("autoselect_pruned",))
-
-
-def parse_budget(text: str | None) -> int | float | None:
-    if text in (None, ""):
-        return None
-    value = float(text)
-    return int(value) if value.is_integer() and "." not in str(text) else value
 
 
 class AutoSelectLMMS(lmms):
@@ -53,7 +48,8 @@ class AutoSelectLMMS(lmms):
         self._device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
         self.vlm, self.processor = load_vlm_and_processor(pretrained, dtype, self._device)
         self.processor.tokenizer.padding_side = "left"
-        self.budget = parse_budget(budget)
+        # lmms-eval may already have turned "8" into 8; the evaluation CLI's parser takes K, 0.25 or 1/9
+        self.budget = None if budget in (None, "") else parse_budget(str(budget))
         self.max_new_tokens = int(max_new_tokens)
         if pruner == "autoselect":
             if not autoselect:
@@ -123,8 +119,6 @@ class AutoSelectLMMS(lmms):
             images = self._images(request)
             doc = self.task_dict[request.args[4]][request.args[5]][request.args[3]]
             continuation = target if isinstance(target, str) else target(doc)
-            from autoselect.data import encode_example
-
             example = encode_example(self.processor, self._messages(context, images, continuation), images)
             batch = {k: (v[None] if k in ("input_ids", "labels") else v).to(self._device) for k, v in example.items()}
             labels = batch.pop("labels")
