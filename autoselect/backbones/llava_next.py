@@ -28,13 +28,17 @@ class LlavaNextAdapter(LlavaAdapter):
     model_types = ("llava_next",)
     image_input_names = ("pixel_values", "image_sizes")
 
-    def _crop_tokens(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
-        """Per image, the projector's input for each view: ``[views, tokens per view, width]``."""
+    def _views(self, image_sizes: torch.Tensor) -> list[int]:
+        """Views (base + crops) per image, as the model counts them."""
         config = self.vlm.config
-        views = [
+        return [
             image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
             for size in image_sizes
         ]
+
+    def _crop_tokens(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
+        """Per image, the projector's input for each view: ``[views, tokens per view, width]``."""
+        views = self._views(image_sizes)
         if pixel_values.dim() == 5:  # [images, max views, C, H, W], padded
             pixel_values = torch.cat([p[:v] for p, v in zip(pixel_values, views)])
         return list(super().visual_tokens(pixel_values).split(views))
@@ -57,11 +61,7 @@ class LlavaNextAdapter(LlavaAdapter):
         config = self.vlm.config
         side = config.vision_config.image_size // config.vision_config.patch_size
         per_view = side * side + (config.vision_feature_select_strategy == "full")
-        views = [
-            image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
-            for size in image_sizes
-        ]
-        zeros = [torch.zeros(v, per_view, 1) for v in views]
+        zeros = [torch.zeros(v, per_view, 1) for v in self._views(image_sizes)]
         marks = self._pack(zeros, image_sizes.cpu(), newline=torch.ones(1))
         layouts = [m[:, 0].bool() for m in marks]
         for layout, n in zip(layouts, token_counts):
