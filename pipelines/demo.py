@@ -52,8 +52,9 @@ class Progress:
 
     def _close(self) -> None:
         if self.current is not None:
-            self.timings[self.current.split()[0]] = round(time.time() - self.mark, 1)
-            print(f"      ({self.timings[self.current.split()[0]]:.0f} s)", flush=True)
+            name = self.current.split()[0].rstrip(":")  # "backbone: mini-LLaVA ..." -> "backbone"
+            self.timings[name] = round(time.time() - self.mark, 1)
+            print(f"      ({self.timings[name]:.0f} s)", flush=True)
 
     def finish(self) -> float:
         self._close()
