@@ -89,5 +89,5 @@ def test_s3_reads_survive_transient_503s(s3_object):
 def test_without_retries_the_same_failure_surfaces_as_an_error(s3_object):
     with FlakyProxy(s3_object.endpoint_url, failures=2) as proxy:
         fs = storage.s3_filesystem(proxy.url, max_attempts=1)
-        with pytest.raises(OSError, match="SlowDown|503|reduce your request rate"):
+        with pytest.raises(OSError, match="SlowDown|503|SERVICE_UNAVAILABLE|reduce your request rate"):
             storage.read_bytes(fs, f"{BUCKET}/shard.bin")
