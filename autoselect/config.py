@@ -45,6 +45,11 @@ class AutoSelectConfig:
     # Noise gate: standardise with per-channel batch statistics so the VP property holds for
     # features that are not unit-variance (the paper assumes "normalized visual tokens").
     gate_standardize: bool = True
+    # Beyond the paper: also throttle attention, adding log(alpha_i) to every visual column's
+    # attention logits in training, so at low temperature the LLM sees the sequence it sees at
+    # inference (only the kept tokens) instead of K clean + N - K noised tokens. Needs one
+    # placeholder per scored token (not LLaVA-NeXT's newlines) and a causal LLM mask (not Gemma 3).
+    gate_attention: bool = False
     # Position ids of kept tokens at inference: "repack" (contiguous) or "original" (with gaps).
     position_policy: str = "repack"
     # Filled in by `AutoSelectModel.attach` so a saved scorer can be checked against a VLM.

@@ -40,3 +40,36 @@ def vp_noise_gate(
         mu = flat.mean(0)
         sigma = flat.std(0, unbiased=False).clamp_min(1e-6) if flat.shape[0] > 1 else torch.ones_like(mu)
     return mu + keep * (x - mu) + mix * sigma * noise
+
+
+def throttled_attention_mask(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    image_token_id: int,
+    alpha: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Causal 4D additive mask ``[B, 1, L, L]`` in which every visual column ``i`` carries the
+    bias ``log alpha_i`` (text columns 0; padding and the future: the dtype's minimum).
+
+    Why: the noise gate alone trains the scorer on a sequence that still holds all N visual
+    columns (noised), while inference shows the LLM only the K kept ones. With this bias a token's
+    share of attention scales with ``alpha_i`` (proportional attention), so as the temperature
+    falls the training sequence becomes the hard-pruned sequence inference runs. ``alpha`` holds
+    the retention weights of the placeholder columns in row-major order (one per placeholder).
+    """
+    rows, length = input_ids.shape
+    placeholders = input_ids == image_token_id
+    if int(placeholders.sum()) != alpha.numel():
+        raise ValueError(
+            f"attention throttling needs one retention weight per image placeholder: the text has "
+            f"{int(placeholders.sum())} placeholders but the scorer weighed {alpha.numel()} tokens "
+            "(this backbone fills placeholders that hold no scored token)"
+        )
+    floor = torch.finfo(dtype).min
+    bias = torch.zeros(rows, length, dtype=alpha.dtype, device=alpha.device)
+    bias = bias.masked_scatter(placeholders, alpha.clamp_min(_SQRT_EPS).log())
+    allowed = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()[None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, :]
+    return torch.where(allowed, bias[:, None, :].to(dtype), torch.tensor(floor, dtype=dtype, device=bias.device))[:, None]

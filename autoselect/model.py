@@ -18,7 +18,7 @@ from torch import nn
 from autoselect.backbones import BackboneAdapter, get_adapter
 from autoselect.config import AutoSelectConfig, ScoreMass
 from autoselect.denoiser import Denoiser
-from autoselect.gate import vp_noise_gate
+from autoselect.gate import throttled_attention_mask, vp_noise_gate
 from autoselect.pruned import PrunedVLM, Selection
 from autoselect.scorer import Scorer
 from autoselect.selection import mass_budget, pad_tokens, topk_indices
@@ -197,7 +197,16 @@ class AutoSelectModel(PrunedVLM):
             restored = [r[:n] for r, n in zip(restored, counts)]
         everything = [torch.arange(n, device=padded.device) for n in counts]
         selection = Selection(indices=everything, num_tokens=counts) if ragged else Selection(torch.stack(everything), counts[0])
-        return self.language_inputs(dict(text), image_inputs, selection, self.project(restored), for_generation=False)
+        inputs = self.language_inputs(dict(text), image_inputs, selection, self.project(restored), for_generation=False)
+        if self.config.gate_attention:
+            if "token_type_ids" in inputs:
+                raise ValueError(f"gate_attention needs a causal LLM mask; {self.config.backbone} attends within images bidirectionally")
+            flat_alpha = alpha.flatten() if valid is None else alpha[valid]
+            dtype = next(self.vlm.parameters()).dtype
+            inputs["attention_mask"] = throttled_attention_mask(
+                inputs["input_ids"], inputs.get("attention_mask"), self.adapter.image_token_id, flat_alpha, dtype
+            )
+        return inputs
 
     def forward(self, budget: int | float | None = None, **inputs: Any):
         """Train mode: soft, gated path (needs ``labels`` for a loss). Eval mode: hard top-K."""

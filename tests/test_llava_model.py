@@ -265,3 +265,47 @@ def test_train_budgets_draw_a_budget_per_batch(tiny, batch):
         assert abs(float(model._last_alpha.sum(-1).mean()) - model.resolve_budget(N, model._last_budget)) < 1e-3
     assert drawn == {4.0, 16.0, 0.5}
     assert AutoSelectConfig.from_json_string(model.config.to_json_string()).train_budgets == [4, 16, 0.5]
+
+
+def test_gate_attention_at_low_temperature_trains_on_the_inference_sequence(tiny, batch):
+    """With attention throttling and an identity denoiser, the training forward at a near-zero
+    temperature gives the loss of the hard top-K inference forward (original positions); the
+    noise gate alone does not (the LLM still attends to N - K noised tokens)."""
+    vlm, _ = tiny
+    # Answer-like labels: the last text tokens. (The token right after the image would be
+    # predicted from a dropped column in training and from the last kept one at inference.)
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -4:] = batch["input_ids"][:, -4:]
+    losses = {}
+    for throttle in (True, False):
+        config = AutoSelectConfig(budget=16, gate_attention=throttle, position_policy="original",
+                                  temperature_start=1e-6, temperature_end=1e-6)
+        torch.manual_seed(0)
+        model = AutoSelectModel.attach(vlm, config)
+        model.denoiser = nn.Identity()
+        with torch.no_grad():
+            model.train()
+            trained = float(model(**batch, labels=labels).loss)
+            model.eval()
+            inferred = float(model(**batch, labels=labels).loss)
+        losses[throttle] = (trained, inferred)
+    trained, inferred = losses[True]
+    assert trained == pytest.approx(inferred, abs=1e-4)
+    trained, inferred = losses[False]
+    assert abs(trained - inferred) > 1e-3  # 10x the tolerance above
+
+
+def test_gate_attention_gradient_reaches_every_logit(tiny, batch):
+    vlm, _ = tiny
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, gate_attention=True)).train()
+    logits_seen = []
+
+    def keep_logits(_module, _inputs, out):
+        out.retain_grad()
+        logits_seen.append(out)
+
+    model.scorer.register_forward_hook(keep_logits)
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == vlm.config.image_token_id, -100)
+    model(**batch, labels=labels).loss.backward()
+    (scores,) = logits_seen
+    assert torch.isfinite(scores.grad).all() and (scores.grad != 0).all()
