@@ -223,3 +223,28 @@ def test_pickled_weights_are_refused(tmp_path):
     torch.save(state, tmp_path / "pytorch_model.bin")
     with pytest.raises(OSError, match="safetensors|model.safetensors"):
         load_vlm(str(tmp_path), device=torch.device("cpu"))
+
+
+GATE_ATTENTION_REFUSED = {"llava_next": "placeholders", "gemma3": "causal"}  # newline slots; bidirectional images
+
+
+def test_gate_attention_trains_on_the_inference_sequence_or_refuses_by_name(backbone):
+    """At a near-zero temperature with an identity denoiser, the attention-throttled training
+    forward gives the hard top-K inference loss (original positions) on every family it supports."""
+    name, vlm, processor = backbone
+    batch = make_batch(processor)
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -3:] = batch["input_ids"][:, -3:]  # answer-like: text far from the image
+    config = AutoSelectConfig(budget=0.5, gate_attention=True, position_policy="original",
+                              temperature_start=1e-6, temperature_end=1e-6)
+    model = AutoSelectModel.attach(vlm, config)
+    model.denoiser = torch.nn.Identity()
+    with torch.no_grad():
+        model.train()
+        if name in GATE_ATTENTION_REFUSED:
+            with pytest.raises(ValueError, match=GATE_ATTENTION_REFUSED[name]):
+                model(**batch, labels=labels)
+            return
+        trained = float(model(**batch, labels=labels).loss)
+        inferred = float(model.eval()(**batch, labels=labels).loss)
+    assert trained == pytest.approx(inferred, abs=1e-4)
