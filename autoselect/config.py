@@ -42,6 +42,9 @@ class AutoSelectConfig:
     temperature_start: float = 2.0
     temperature_end: float = 0.1
     temperature_steps: int = 2000
+    # Beyond the paper: standardise the logits per image before the temperature, so tau is in
+    # units of the scores' spread and the scorer cannot keep weights soft by shrinking its logits.
+    relative_temperature: bool = False
     # Noise gate: standardise with per-channel batch statistics so the VP property holds for
     # features that are not unit-variance (the paper assumes "normalized visual tokens").
     gate_standardize: bool = True

@@ -22,7 +22,7 @@ from autoselect.gate import throttled_attention_mask, vp_noise_gate
 from autoselect.pruned import PrunedVLM, Selection
 from autoselect.scorer import Scorer
 from autoselect.selection import mass_budget, pad_tokens, topk_indices
-from autoselect.soft_topk import soft_topk
+from autoselect.soft_topk import soft_topk, standardize_scores
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -179,9 +179,12 @@ class AutoSelectModel(PrunedVLM):
         self._last_budget = choices[int(torch.randint(len(choices), ()))]
         return self._last_budget
 
-    def retention_weights(self, tokens: torch.Tensor, budget: int | float | None = None) -> torch.Tensor:
-        k = self.resolve_budget(tokens.shape[1], budget)
-        return soft_topk(self.scorer(tokens), k, temperature=self.temperature)
+    def retention_weights(self, tokens: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Soft top-K weights ``[B, N]`` (each row sums to its K) at the current temperature."""
+        scores = self.scorer(tokens, valid)
+        if self.config.relative_temperature:
+            scores = standardize_scores(scores, valid)
+        return soft_topk(scores, k, temperature=self.temperature, valid=valid)
 
     def _train_inputs(self, image_inputs: dict[str, Any], text: dict[str, Any], budget) -> dict[str, Any]:
         """All N tokens of every image, gated by their retention weights and restored by the denoiser."""
@@ -190,7 +193,7 @@ class AutoSelectModel(PrunedVLM):
         counts = [len(t) for t in tokens] if ragged else [tokens.shape[1]] * tokens.shape[0]
         padded, valid = pad_tokens(tokens) if ragged else (tokens, None)
         k = torch.tensor([self.resolve_budget(n, budget) for n in counts], device=padded.device)
-        alpha = soft_topk(self.scorer(padded, valid), k, temperature=self.temperature, valid=valid)
+        alpha = self.retention_weights(padded, k, valid)
         restored = self.denoiser(vp_noise_gate(padded, alpha, standardize=self.config.gate_standardize, valid=valid))
         self._last_alpha = alpha.detach() if valid is None else alpha.detach()[valid]
         if ragged:

@@ -1,0 +1,108 @@
+"""How far the training forward of a scorer is from the inference forward it is trained for.
+
+On held-out answers of the packaged corpora (Fashion-MNIST questions by default), the mean answer
+NLL of the frozen VLM under: all tokens; the hard top-K inference path (the scorer, and random);
+the training path (soft top-K + VP noise gate + denoiser) at the final temperature and at a
+near-zero one; the training path with all N tokens kept (what the denoiser does to clean tokens).
+A large gap between "train path, tau -> 0" and "inference, hard top-K" means the scorer is trained
+on a sequence the LLM never sees at inference (see `AutoSelectConfig.gate_attention`).
+
+    python bench/train_inference_gap.py --model .cache/backbones/mini-llava-aligned \
+        --autoselect models:/autoselect-mini-llava-results/1 [--limit 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from autoselect import AutoSelectModel  # noqa: E402
+from autoselect.pruners.random import RandomPruner  # noqa: E402
+from pipelines.backbone import load_autoselect, load_vlm_and_processor  # noqa: E402
+from pipelines.evaluation.scoring import encode_rows, prompt_inputs  # noqa: E402
+from pipelines.evaluation.tasks import load_tasks  # noqa: E402
+from pipelines.evaluation.tasks.base import Example, TaskContext  # noqa: E402
+
+NEAR_ZERO = 1e-4
+
+
+def mean_loss(batches: list[dict], forward: Callable[[dict], torch.Tensor], seed: int) -> float:
+    losses = []
+    with torch.no_grad():
+        for batch in batches:
+            torch.manual_seed(seed)  # the same gate noise for every path
+            losses.append(float(forward(batch)))
+    return sum(losses) / len(losses)
+
+
+def measure(model: AutoSelectModel, batches: list[dict], budget: int, seed: int) -> dict[str, float]:
+    vlm, config = model.vlm, model.config
+    random_pruner = RandomPruner(vlm, budget, seed=seed, position_policy=config.position_policy)
+    rows: dict[str, float] = {"all tokens": mean_loss(batches, lambda b: vlm(**b).loss, seed)}
+    rows["inference: scorer hard top-K"] = mean_loss(batches, lambda b: model.eval()(budget=budget, **b).loss, seed)
+    rows["inference: random hard top-K"] = mean_loss(batches, lambda b: random_pruner(**b).loss, seed)
+    model.train().set_training_step(10**9)
+    rows[f"train path, tau = {config.temperature_end:g}"] = mean_loss(batches, lambda b: model(budget=budget, **b).loss, seed)
+    end = config.temperature_end
+    config.temperature_end = NEAR_ZERO
+    try:
+        rows["train path, tau -> 0"] = mean_loss(batches, lambda b: model(budget=budget, **b).loss, seed)
+    finally:
+        config.temperature_end = end
+    n = len(model.visual_tokens(**model.split_inputs(dict(batches[0]))[0])[0])
+    rows["train path, all N kept (denoiser only)"] = mean_loss(batches, lambda b: model(budget=n, **b).loss, seed)
+    model.eval()
+    return {name: round(value, 4) for name, value in rows.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=".cache/backbones/mini-llava-aligned")
+    parser.add_argument("--autoselect", required=True, help="save_pretrained folder or models:/name/version")
+    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--task", default="fmnist_vqa")
+    parser.add_argument("--corpora", type=Path, default=Path(".cache/corpora"))
+    parser.add_argument("--limit", type=int, default=40)
+    parser.add_argument("--budget", type=int, default=None, help="K (default: the scorer's trained budget)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+
+    started = time.time()
+    vlm, processor = load_vlm_and_processor(args.model, args.dtype, torch.device("cpu"))
+    model, info = load_autoselect(args.autoselect, vlm, args.tracking_uri)
+    budget = args.budget or int(model.config.budget)
+    probe = prompt_inputs(processor, Example("probe", Image.new("RGB", (64, 64)), "?", ""))
+    ctx = TaskContext(image_size=int(probe["pixel_values"].shape[-1]), patch_size=int(vlm.config.vision_config.patch_size),
+                      corpora_dir=args.corpora, seed=args.seed, limit=args.limit)
+    tasks, skipped = load_tasks([args.task], ctx)
+    if not tasks:
+        print(f"error: {skipped}", file=sys.stderr)
+        return 2
+    examples = tasks[0].examples
+    batches = [encode_rows(processor, [(e, e.answer) for e in examples[i : i + 8]]) for i in range(0, len(examples), 8)]
+    rows = measure(model, batches, budget, args.seed)
+    result = {"model": args.model, "autoselect": info, "gate_attention": model.config.gate_attention, "task": args.task,
+              "examples": len(examples), "budget": budget, "dtype": args.dtype, "answer_nll": rows,
+              "seconds": round(time.time() - started, 1)}
+    print(json.dumps(result, indent=2))
+    print(f"\n| path (K = {budget}) | answer NLL |\n|---|---|")
+    for name, value in rows.items():
+        print(f"| {name} | {value:.3f} |")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
