@@ -62,9 +62,11 @@ class AutoSelectModel(PrunedVLM):
         self.scorer = build_scorer(config, adapter.vision_width)
         self.denoiser = Denoiser(adapter.vision_width, config.denoiser_layers, config.denoiser_mlp_ratio, config.dropout)
         self.training_step = 0
-        reference = next(vlm.parameters())
-        self.scorer.to(device=reference.device, dtype=reference.dtype)
-        self.denoiser.to(device=reference.device, dtype=reference.dtype)
+        # float32 whatever the VLM's dtype: bf16 logits are so coarse that most tokens tie (and the
+        # soft top-K then spreads the budget evenly over them), and bf16 weights lose small updates.
+        device = next(vlm.parameters()).device
+        self.scorer.to(device=device, dtype=torch.float32)
+        self.denoiser.to(device=device, dtype=torch.float32)
 
     # The config is the single source of truth for the budget and position policy.
     @property
@@ -194,7 +196,8 @@ class AutoSelectModel(PrunedVLM):
         padded, valid = pad_tokens(tokens) if ragged else (tokens, None)
         k = torch.tensor([self.resolve_budget(n, budget) for n in counts], device=padded.device)
         alpha = self.retention_weights(padded, k, valid)
-        restored = self.denoiser(vp_noise_gate(padded, alpha, standardize=self.config.gate_standardize, valid=valid))
+        gated = vp_noise_gate(padded.float(), alpha, standardize=self.config.gate_standardize, valid=valid)
+        restored = self.denoiser(gated).to(padded.dtype)  # back to the frozen projector's dtype
         self._last_alpha = alpha.detach() if valid is None else alpha.detach()[valid]
         if ragged:
             restored = [r[:n] for r, n in zip(restored, counts)]

@@ -41,7 +41,7 @@ class Scorer(nn.Module):
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """``tokens [B, N, D]`` -> logits ``[B, N]``; padding (``valid == False``) gets -inf."""
         padding = None if valid is None else ~valid.bool()
-        h = self.proj_in(self.norm_in(tokens))
+        h = self.proj_in(self.norm_in(tokens.to(self.head.weight.dtype)))  # the scorer's own dtype (float32)
         for block in self.blocks:
             h = block(h, src_key_padding_mask=padding)
         logits = self.head(self.norm_out(h)).squeeze(-1)

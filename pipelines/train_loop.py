@@ -38,13 +38,14 @@ def load_vlm(config: TrainConfig, device: torch.device) -> torch.nn.Module:
     return backbone.load_vlm(config.model.path, config.model.dtype, device, config.model.trust_remote_code)
 
 
-def deepspeed_config(config: TrainConfig, bf16: bool) -> dict[str, Any]:
+def deepspeed_config(config: TrainConfig) -> dict[str, Any]:
+    """fp32 DeepSpeed: the only trained parameters (scorer, denoiser) are float32 whatever dtype the
+    frozen VLM runs in, so DeepSpeed's bf16 mode (bf16 parameters, fp32 master copy) is not wanted."""
     return {
         "train_micro_batch_size_per_gpu": config.data.batch_size,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": config.optim.grad_clip,
         "zero_optimization": {"stage": config.deepspeed.zero_stage},
-        "bf16": {"enabled": bf16},
         "optimizer": {
             "type": "AdamW",
             # torch's AdamW: DeepSpeed's fused one would need a JIT build (and CUDA)
@@ -92,12 +93,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(config.optim.seed)
 
     model = AutoSelectModel.attach(load_vlm(config, device), config.autoselect_config())
-    bf16 = next(model.vlm.parameters()).dtype == torch.bfloat16
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")  # reuses Ray's group
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(config, bf16),
+        config=deepspeed_config(config),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
             optimizer, cosine_schedule(config.optim.steps, config.optim.warmup_steps)
         ),
