@@ -45,6 +45,11 @@ class AutoSelectConfig:
     # Beyond the paper: standardise the logits per image before the temperature, so tau is in
     # units of the scores' spread and the scorer cannot keep weights soft by shrinking its logits.
     relative_temperature: bool = False
+    # Beyond the paper: Gumbel noise of this scale on the logits before the soft top-K (training
+    # only). Tied or shrunken logits then give a hard random choice at low temperature instead of
+    # weights spread over many tokens, so the scorer must separate the tokens it wants by more
+    # than the noise (Gumbel top-K: sampling K tokens without replacement by softmax weight).
+    score_noise: float = 0.0
     # Noise gate: standardise with per-channel batch statistics so the VP property holds for
     # features that are not unit-variance (the paper assumes "normalized visual tokens").
     gate_standardize: bool = True
@@ -73,6 +78,8 @@ class AutoSelectConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.temperature_start > 0 and self.temperature_end > 0):
             raise ValueError("temperature_start and temperature_end must be > 0")
+        if not self.score_noise >= 0:
+            raise ValueError(f"score_noise must be >= 0, got {self.score_noise}")
         if self.scorer_width is not None and self.scorer_width < 1:
             raise ValueError(f"scorer_width must be >= 1, got {self.scorer_width}")
 

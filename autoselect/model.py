@@ -184,6 +184,9 @@ class AutoSelectModel(PrunedVLM):
     def retention_weights(self, tokens: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Soft top-K weights ``[B, N]`` (each row sums to its K) at the current temperature."""
         scores = self.scorer(tokens, valid)
+        if self.config.score_noise:
+            uniform = torch.rand_like(scores).clamp(1e-12, 1 - 1e-12)
+            scores = scores - self.config.score_noise * torch.log(-torch.log(uniform))  # Gumbel(0, score_noise)
         if self.config.relative_temperature:
             scores = standardize_scores(scores, valid)
         return soft_topk(scores, k, temperature=self.temperature, valid=valid)

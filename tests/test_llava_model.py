@@ -295,3 +295,23 @@ def test_gate_attention_at_low_temperature_trains_on_the_inference_sequence(tiny
     trained, inferred = losses[False]
     assert abs(trained - inferred) > 1e-3  # 10x the tolerance above
 
+
+
+def test_score_noise_turns_tied_logits_into_a_hard_random_choice(tiny, batch):
+    vlm, _ = tiny
+    tokens = torch.randn(2, N, vlm.config.vision_config.hidden_size)
+    k = torch.tensor([16, 16])
+    weights = {}
+    for noise in (0.0, 1.0):
+        config = AutoSelectConfig(budget=16, score_noise=noise, temperature_start=1e-3, temperature_end=1e-3)
+        model = AutoSelectModel.attach(vlm, config).train()
+        torch.nn.init.zeros_(model.scorer.head.weight)  # every logit ties
+        with torch.no_grad():
+            weights[noise] = model.retention_weights(tokens, k)
+    assert torch.allclose(weights[0.0], torch.full_like(weights[0.0], 16 / N))  # spread evenly: leaks all tokens
+    hard = weights[1.0]
+    undecided = ((hard > 1e-3) & (hard < 1 - 1e-3)).sum(-1)
+    assert (undecided <= 2).all(), undecided  # at most the pair straddling the threshold is soft
+    assert torch.allclose(hard.sum(-1), k.to(hard.dtype))
+    with pytest.raises(ValueError, match="score_noise"):
+        AutoSelectConfig(score_noise=-1.0)
