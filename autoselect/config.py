@@ -42,9 +42,6 @@ class AutoSelectConfig:
     temperature_start: float = 2.0
     temperature_end: float = 0.1
     temperature_steps: int = 2000
-    # Beyond the paper: standardise the logits per image before the temperature, so tau is in
-    # units of the scores' spread and the scorer cannot keep weights soft by shrinking its logits.
-    relative_temperature: bool = False
     # Beyond the paper: Gumbel noise of this scale on the logits before the soft top-K (training
     # only). Tied or shrunken logits then give a hard random choice at low temperature instead of
     # weights spread over many tokens, so the scorer must separate the tokens it wants by more

@@ -22,7 +22,7 @@ from autoselect.gate import throttled_attention_mask, vp_noise_gate
 from autoselect.pruned import PrunedVLM, Selection
 from autoselect.scorer import Scorer
 from autoselect.selection import mass_budget, pad_tokens, topk_indices
-from autoselect.soft_topk import soft_topk, standardize_scores
+from autoselect.soft_topk import soft_topk
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -187,8 +187,6 @@ class AutoSelectModel(PrunedVLM):
         if self.config.score_noise:
             uniform = torch.rand_like(scores).clamp(1e-12, 1 - 1e-12)
             scores = scores - self.config.score_noise * torch.log(-torch.log(uniform))  # Gumbel(0, score_noise)
-        if self.config.relative_temperature:
-            scores = standardize_scores(scores, valid)
         return soft_topk(scores, k, temperature=self.temperature, valid=valid)
 
     def _train_inputs(self, image_inputs: dict[str, Any], text: dict[str, Any], budget) -> dict[str, Any]:

@@ -101,18 +101,3 @@ def soft_topk(
         raise ValueError(f"soft_topk budget must satisfy 1 <= k <= N (N={shape[-1]}), got {k}")
     return _SoftTopK.apply(r, k_t, valid_2d).reshape(shape)
 
-
-def standardize_scores(scores: torch.Tensor, valid: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
-    """Per-row ``(s - mean) / std`` over the valid tokens (padding keeps -inf).
-
-    Why: the soft top-K only sees ``s / tau``, so a scorer can keep its weights soft (and leak
-    information from tokens it will drop at inference) by shrinking its logits faster than the
-    schedule lowers ``tau``. On standardised scores the temperature is in units of the scores'
-    spread, which the scorer cannot rescale; the hard top-K is unchanged (order is preserved).
-    """
-    mask = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid.bool()
-    count = mask.sum(-1, keepdim=True).clamp_min(1)
-    filled = torch.where(mask, scores, torch.zeros_like(scores))
-    mean = filled.sum(-1, keepdim=True) / count
-    var = (torch.where(mask, scores - mean, torch.zeros_like(scores)) ** 2).sum(-1, keepdim=True) / count
-    return torch.where(mask, (scores - mean) / var.sqrt().clamp_min(eps), scores)
