@@ -198,7 +198,11 @@ class AutoSelectModel(PrunedVLM):
         k = torch.tensor([self.resolve_budget(n, budget) for n in counts], device=padded.device)
         alpha = self.retention_weights(padded, k, valid)
         gated = vp_noise_gate(padded.float(), alpha, standardize=self.config.gate_standardize, valid=valid)
-        restored = self.denoiser(gated).to(padded.dtype)  # back to the frozen projector's dtype
+        # The denoiser corrects a token in proportion to the noise it holds (1 - alpha): a kept token
+        # (alpha = 1) reaches the projector exactly as at inference, where the denoiser is gone.
+        # Uncorrected, it learned to rewrite kept tokens into a form only the training path sees.
+        correction = (1.0 - alpha).unsqueeze(-1) * (self.denoiser(gated) - gated)
+        restored = (gated + correction).to(padded.dtype)  # back to the frozen projector's dtype
         self._last_alpha = alpha.detach() if valid is None else alpha.detach()[valid]
         if ragged:
             restored = [r[:n] for r, n in zip(restored, counts)]

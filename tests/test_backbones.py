@@ -229,7 +229,7 @@ GATE_ATTENTION_REFUSED = {"llava_next": "placeholders", "gemma3": "causal"}  # n
 
 
 def test_gate_attention_trains_on_the_inference_sequence_or_refuses_by_name(backbone):
-    """At a near-zero temperature with an identity denoiser, the attention-throttled training
+    """At a near-zero temperature the attention-throttled training
     forward gives the hard top-K inference loss (original positions) on every family it supports."""
     name, vlm, processor = backbone
     batch = make_batch(processor)
@@ -238,7 +238,6 @@ def test_gate_attention_trains_on_the_inference_sequence_or_refuses_by_name(back
     config = AutoSelectConfig(budget=0.5, gate_attention=True, position_policy="original",
                               temperature_start=1e-6, temperature_end=1e-6)
     model = AutoSelectModel.attach(vlm, config)
-    model.denoiser = torch.nn.Identity()
     with torch.no_grad():
         model.train()
         if name in GATE_ATTENTION_REFUSED:
