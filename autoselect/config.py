@@ -43,9 +43,9 @@ class AutoSelectConfig:
     temperature_end: float = 0.1
     temperature_steps: int = 2000
     # Beyond the paper: Gumbel noise of this scale on the logits before the soft top-K (training
-    # only). Tied or shrunken logits then give a hard random choice at low temperature instead of
-    # weights spread over many tokens, so the scorer must separate the tokens it wants by more
-    # than the noise (Gumbel top-K: sampling K tokens without replacement by softmax weight).
+    # only), annealed to 0 with the temperature schedule. Tied or shrunken logits then give a hard
+    # random choice at low temperature instead of weights spread over many tokens, so the scorer
+    # must separate the tokens it wants; training ends on the deterministic top-K inference uses.
     score_noise: float = 0.0
     # Noise gate: standardise with per-channel batch statistics so the VP property holds for
     # features that are not unit-variance (the paper assumes "normalized visual tokens").
@@ -88,9 +88,15 @@ class AutoSelectConfig:
     # ---- schedules ----------------------------------------------------------------------
     def temperature(self, step: int) -> float:
         """Cosine-annealed soft top-K temperature at optimiser step ``step``."""
+        return self.temperature_end + (self.temperature_start - self.temperature_end) * self._cosine(step)
+
+    def noise_scale(self, step: int) -> float:
+        """Gumbel noise scale on the logits at ``step``: ``score_noise`` annealed to 0 like the temperature."""
+        return self.score_noise * self._cosine(step)
+
+    def _cosine(self, step: int) -> float:
         progress = min(max(step, 0), self.temperature_steps) / self.temperature_steps
-        cos = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return self.temperature_end + (self.temperature_start - self.temperature_end) * cos
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def resolved_heads(self, width: int) -> int:
         heads = self.scorer_heads or max(1, width // 64)

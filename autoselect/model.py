@@ -184,9 +184,10 @@ class AutoSelectModel(PrunedVLM):
     def retention_weights(self, tokens: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Soft top-K weights ``[B, N]`` (each row sums to its K) at the current temperature."""
         scores = self.scorer(tokens, valid)
-        if self.config.score_noise:
+        noise = self.config.noise_scale(self.training_step)
+        if noise > 0:
             uniform = torch.rand_like(scores).clamp(1e-12, 1 - 1e-12)
-            scores = scores - self.config.score_noise * torch.log(-torch.log(uniform))  # Gumbel(0, score_noise)
+            scores = scores - noise * torch.log(-torch.log(uniform))  # Gumbel(0, noise)
         return soft_topk(scores, k, temperature=self.temperature, valid=valid)
 
     def _train_inputs(self, image_inputs: dict[str, Any], text: dict[str, Any], budget) -> dict[str, Any]:

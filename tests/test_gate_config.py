@@ -77,3 +77,11 @@ def test_vp_gate_gradient_is_finite_at_saturated_weights():
     out = vp_noise_gate(torch.randn(2, 32, 4), alpha)
     out.sum().backward()
     assert torch.isfinite(scores.grad).all()
+
+
+def test_score_noise_anneals_to_zero_with_the_temperature():
+    config = AutoSelectConfig(score_noise=1.5, temperature_steps=100)
+    assert config.noise_scale(0) == 1.5
+    assert 0 < config.noise_scale(50) < 1.5
+    assert config.noise_scale(100) == 0 and config.noise_scale(1000) == 0
+    assert AutoSelectConfig().noise_scale(0) == 0  # off by default (paper form)
