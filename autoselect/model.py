@@ -204,7 +204,8 @@ class AutoSelectModel(PrunedVLM):
         # Uncorrected, it learned to rewrite kept tokens into a form only the training path sees.
         correction = (1.0 - alpha).unsqueeze(-1) * (self.denoiser(gated) - gated)
         restored = (gated + correction).to(padded.dtype)  # back to the frozen projector's dtype
-        self._last_alpha = alpha.detach() if valid is None else alpha.detach()[valid]
+        real_alpha = alpha if valid is None else alpha[valid]  # without padding
+        self._last_alpha = real_alpha.detach()
         if ragged:
             restored = [r[:n] for r, n in zip(restored, counts)]
         everything = [torch.arange(n, device=padded.device) for n in counts]
@@ -213,10 +214,9 @@ class AutoSelectModel(PrunedVLM):
         if self.config.gate_attention:
             if "token_type_ids" in inputs:
                 raise ValueError(f"gate_attention needs a causal LLM mask; {self.config.backbone} attends within images bidirectionally")
-            flat_alpha = alpha.flatten() if valid is None else alpha[valid]
             dtype = next(self.vlm.parameters()).dtype
             inputs["attention_mask"] = throttled_attention_mask(
-                inputs["input_ids"], inputs.get("attention_mask"), self.adapter.image_token_id, flat_alpha, dtype
+                inputs["input_ids"], inputs.get("attention_mask"), self.adapter.image_token_id, real_alpha.flatten(), dtype
             )
         return inputs
 

@@ -100,4 +100,3 @@ def soft_topk(
     if bool((k_t <= 0).any()) or bool((k_t > n_valid).any()):
         raise ValueError(f"soft_topk budget must satisfy 1 <= k <= N (N={shape[-1]}), got {k}")
     return _SoftTopK.apply(r, k_t, valid_2d).reshape(shape)
-

@@ -65,4 +65,3 @@ def test_hard_topk_is_sorted_and_exact():
     assert torch.equal(idx, expected)
     tied = torch.zeros(1, 6)
     assert topk_indices(tied, 3).tolist() == [[0, 1, 2]]  # ties resolve to the earlier tokens
-
