@@ -229,8 +229,8 @@ GATE_ATTENTION_REFUSED = {"llava_next": "placeholders", "gemma3": "causal"}  # n
 
 
 def test_gate_attention_trains_on_the_inference_sequence_or_refuses_by_name(backbone):
-    """At a near-zero temperature the attention-throttled training
-    forward gives the hard top-K inference loss (original positions) on every family it supports."""
+    """At a near-zero temperature the attention-throttled training forward gives the hard top-K
+    inference loss (original positions) on every family it supports."""
     name, vlm, processor = backbone
     batch = make_batch(processor)
     labels = torch.full_like(batch["input_ids"], -100)

@@ -269,9 +269,10 @@ def test_train_budgets_draw_a_budget_per_batch(tiny, batch):
 
 
 def test_gate_attention_at_low_temperature_trains_on_the_inference_sequence(tiny, batch):
-    """With attention throttling (and the denoiser, which leaves kept tokens alone), the training forward at a near-zero
-    temperature gives the loss of the hard top-K inference forward (original positions); the
-    noise gate alone does not (the LLM still attends to N - K noised tokens)."""
+    """With attention throttling, the training forward at a near-zero temperature gives the loss
+    of the hard top-K inference forward (original positions), even with a denoiser far from
+    identity (it leaves kept tokens alone); the noise gate alone does not (the LLM still attends
+    to N - K noised tokens)."""
     vlm, _ = tiny
     # Answer-like labels: the last text tokens. (The token right after the image would be
     # predicted from a dropped column in training and from the last kept one at inference.)
@@ -295,7 +296,6 @@ def test_gate_attention_at_low_temperature_trains_on_the_inference_sequence(tiny
     assert trained == pytest.approx(inferred, abs=1e-4)
     trained, inferred = losses[False]
     assert abs(trained - inferred) > 1e-3  # 10x the tolerance above
-
 
 
 def test_score_noise_turns_tied_logits_into_a_hard_random_choice(tiny, batch):
