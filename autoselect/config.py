@@ -55,6 +55,19 @@ class AutoSelectConfig:
     # inference (only the kept tokens) instead of K clean + N - K noised tokens. Needs one
     # placeholder per scored token (not LLaVA-NeXT's newlines) and a causal LLM mask (not Gemma 3).
     gate_attention: bool = False
+    # Beyond the paper (needs gate_attention): the training forward runs the hard top-K inference
+    # runs (kept tokens clean and fully attended, the rest throttled to `STRAIGHT_THROUGH_FLOOR`),
+    # while the backward goes through the soft top-K weights (straight-through estimator). A dropped
+    # token's gradient is then the first-order value of letting it back in *given the kept set*, so
+    # a redundant token earns nothing; the noise gate and denoiser are not used.
+    straight_through: bool = False
+    # Beyond the paper: inference keeps the top K of ``logits + inference_noise * g`` where g is
+    # one fixed Gumbel vector per token position (drawn from `inference_seed`), i.e. a seeded
+    # sample of the scorer's selection policy rather than its mode; 0 is the paper's hard top-K.
+    # Deterministic, and the same for an image alone or in a batch. Pairs with `score_noise`: a
+    # scorer trained at a constant noise scale is trained to be sampled from at that scale.
+    inference_noise: float = 0.0
+    inference_seed: int = 0
     # Position ids of kept tokens at inference: "repack" (contiguous) or "original" (with gaps).
     position_policy: str = "repack"
     # Filled in by `AutoSelectModel.attach` so a saved scorer can be checked against a VLM.
@@ -75,8 +88,11 @@ class AutoSelectConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.temperature_start > 0 and self.temperature_end > 0):
             raise ValueError("temperature_start and temperature_end must be > 0")
-        if not self.score_noise >= 0:
-            raise ValueError(f"score_noise must be >= 0, got {self.score_noise}")
+        if self.straight_through and not self.gate_attention:
+            raise ValueError("straight_through needs gate_attention=True (it drops tokens by throttling attention)")
+        for name in ("score_noise", "inference_noise"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.scorer_width is not None and self.scorer_width < 1:
             raise ValueError(f"scorer_width must be >= 1, got {self.scorer_width}")
 

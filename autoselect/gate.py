@@ -11,6 +11,10 @@ from __future__ import annotations
 import torch
 
 _SQRT_EPS = 1e-20
+# A dropped token's attention weight in the straight-through forward: small enough that the
+# sequence is the pruned one (its share of attention is 1e-6 of a kept token's), large enough
+# that the attention logits stay finite and the backward sees the token's marginal value.
+STRAIGHT_THROUGH_FLOOR = 1e-6
 
 
 def vp_noise_gate(
@@ -73,3 +77,22 @@ def throttled_attention_mask(
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, :]
     return torch.where(allowed, bias[:, None, :].to(dtype), torch.tensor(floor, dtype=dtype, device=bias.device))[:, None]
+
+
+def straight_through_topk(
+    alpha: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Hard top-K retention ``[B, N]`` in the forward (1 for the ``k[b]`` highest ``scores`` of a
+    row, `STRAIGHT_THROUGH_FLOOR` for the rest), with the gradient of the soft weights ``alpha``.
+
+    Why: used as the attention throttle, the forward is the hard-pruned sequence inference runs,
+    and ``dL/d alpha_i`` of a dropped token is finite (``log`` of the floor, not of 0): the loss
+    change of letting token ``i`` back in next to the kept ones.
+    """
+    masked = scores.detach().float()
+    if valid is not None:
+        masked = masked.masked_fill(~valid.bool(), float("-inf"))
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    hard = torch.where(ranks < k.to(ranks.device)[:, None], 1.0, STRAIGHT_THROUGH_FLOOR).to(alpha.dtype)
+    return hard + (alpha - alpha.detach())

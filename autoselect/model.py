@@ -18,7 +18,7 @@ from torch import nn
 from autoselect.backbones import BackboneAdapter, get_adapter
 from autoselect.config import AutoSelectConfig, ScoreMass
 from autoselect.denoiser import Denoiser
-from autoselect.gate import throttled_attention_mask, vp_noise_gate
+from autoselect.gate import straight_through_topk, throttled_attention_mask, vp_noise_gate
 from autoselect.pruned import PrunedVLM, Selection
 from autoselect.scorer import Scorer
 from autoselect.selection import mass_budget, pad_tokens, topk_indices
@@ -155,7 +155,17 @@ class AutoSelectModel(PrunedVLM):
 
     def choose(self, tokens: torch.Tensor, k: int, image_inputs: dict[str, Any]) -> Selection:
         scores = self.scorer(tokens)
-        return Selection(indices=topk_indices(scores, k), num_tokens=tokens.shape[1], scores=scores)
+        return Selection(indices=topk_indices(self.ranking(scores), k), num_tokens=tokens.shape[1], scores=scores)
+
+    def ranking(self, scores: torch.Tensor) -> torch.Tensor:
+        """What inference takes the top K of: the logits, plus ``inference_noise`` times a Gumbel
+        vector that depends only on the token position and ``inference_seed`` (a seeded sample)."""
+        if not self.config.inference_noise:
+            return scores
+        generator = torch.Generator().manual_seed(self.config.inference_seed)
+        uniform = torch.rand(scores.shape[-1], generator=generator, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+        gumbel = -torch.log(-torch.log(uniform))
+        return scores.double() + self.config.inference_noise * gumbel.to(scores.device)
 
     def select(self, budget=None, **image_inputs: Any):
         """As `PrunedVLM.select`; a `ScoreMass` budget picks K per image from the scores."""
@@ -169,7 +179,7 @@ class AutoSelectModel(PrunedVLM):
             for t in per_image:
                 scores = self.scorer(t[None])
                 k = mass_budget(scores[0], budget.share, budget.min_tokens)
-                selections.append(Selection(indices=topk_indices(scores, k), num_tokens=len(t), scores=scores))
+                selections.append(Selection(indices=topk_indices(self.ranking(scores), k), num_tokens=len(t), scores=scores))
         selection = Selection.concat(selections)
         return selection, selection.kept_tokens(per_image)
 
@@ -181,31 +191,41 @@ class AutoSelectModel(PrunedVLM):
         self._last_budget = choices[int(torch.randint(len(choices), ()))]
         return self._last_budget
 
-    def retention_weights(self, tokens: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Soft top-K weights ``[B, N]`` (each row sums to its K) at the current temperature."""
+    def training_scores(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Scorer logits ``[B, N]`` plus the annealed Gumbel noise of ``score_noise`` (training only)."""
         scores = self.scorer(tokens, valid)
         noise = self.config.noise_scale(self.training_step)
         if noise > 0:
             uniform = torch.rand_like(scores).clamp(1e-12, 1 - 1e-12)
             scores = scores - noise * torch.log(-torch.log(uniform))  # Gumbel(0, noise)
-        return soft_topk(scores, k, temperature=self.temperature, valid=valid)
+        return scores
+
+    def retention_weights(self, tokens: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Soft top-K weights ``[B, N]`` (each row sums to its K) at the current temperature."""
+        return soft_topk(self.training_scores(tokens, valid), k, temperature=self.temperature, valid=valid)
 
     def _train_inputs(self, image_inputs: dict[str, Any], text: dict[str, Any], budget) -> dict[str, Any]:
-        """All N tokens of every image, gated by their retention weights and restored by the denoiser."""
+        """All N tokens of every image, gated by their retention weights and restored by the denoiser
+        (or, with ``straight_through``, clean and throttled to the hard top-K)."""
         tokens = self.visual_tokens(**image_inputs)
         ragged = isinstance(tokens, list)
         counts = [len(t) for t in tokens] if ragged else [tokens.shape[1]] * tokens.shape[0]
         padded, valid = pad_tokens(tokens) if ragged else (tokens, None)
         k = torch.tensor([self.resolve_budget(n, budget) for n in counts], device=padded.device)
-        alpha = self.retention_weights(padded, k, valid)
-        gated = vp_noise_gate(padded.float(), alpha, standardize=self.config.gate_standardize, valid=valid)
-        # The denoiser corrects a token in proportion to the noise it holds (1 - alpha): a kept token
-        # (alpha = 1) reaches the projector exactly as at inference, where the denoiser is gone.
-        # Uncorrected, it learned to rewrite kept tokens into a form only the training path sees.
-        correction = (1.0 - alpha).unsqueeze(-1) * (self.denoiser(gated) - gated)
-        restored = (gated + correction).to(padded.dtype)  # back to the frozen projector's dtype
+        scores = self.training_scores(padded, valid)
+        alpha = soft_topk(scores, k, temperature=self.temperature, valid=valid)
+        self._last_alpha = (alpha if valid is None else alpha[valid]).detach()  # the soft weights, for the stats
+        if self.config.straight_through:
+            alpha = straight_through_topk(alpha, scores, k, valid)
+            restored = padded
+        else:
+            gated = vp_noise_gate(padded.float(), alpha, standardize=self.config.gate_standardize, valid=valid)
+            # The denoiser corrects a token in proportion to the noise it holds (1 - alpha): a kept
+            # token (alpha = 1) reaches the projector exactly as at inference, where the denoiser is
+            # gone. Uncorrected, it learned to rewrite kept tokens into a form only training sees.
+            correction = (1.0 - alpha).unsqueeze(-1) * (self.denoiser(gated) - gated)
+            restored = (gated + correction).to(padded.dtype)  # back to the frozen projector's dtype
         real_alpha = alpha if valid is None else alpha[valid]  # without padding
-        self._last_alpha = real_alpha.detach()
         if ragged:
             restored = [r[:n] for r, n in zip(restored, counts)]
         everything = [torch.arange(n, device=padded.device) for n in counts]

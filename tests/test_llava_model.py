@@ -316,3 +316,71 @@ def test_score_noise_turns_tied_logits_into_a_hard_random_choice(tiny, batch):
     assert torch.allclose(hard.sum(-1), k.to(hard.dtype))
     with pytest.raises(ValueError, match="score_noise"):
         AutoSelectConfig(score_noise=-1.0)
+
+
+def test_straight_through_trains_on_the_hard_pruned_sequence_with_gradient_for_every_logit(tiny, batch):
+    """With ``straight_through`` the training forward is the hard top-K inference forward (original
+    positions) at any temperature, and the backward still reaches every scorer logit, dropped
+    tokens included (their gradient is the value of letting them back in)."""
+    vlm, _ = tiny
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -4:] = batch["input_ids"][:, -4:]  # answer-like labels, as above
+    config = AutoSelectConfig(budget=16, gate_attention=True, straight_through=True, position_policy="original",
+                              temperature_start=1.0, temperature_end=1.0)
+    torch.manual_seed(0)
+    model = AutoSelectModel.attach(vlm, config)
+    logits_seen = []
+
+    def keep_logits(_module, _inputs, out):
+        out.retain_grad()
+        logits_seen.append(out)
+
+    handle = model.scorer.register_forward_hook(keep_logits)
+    model.train()
+    trained = model(**batch, labels=labels).loss
+    trained.backward()
+    handle.remove()
+    (scores,) = logits_seen
+    assert torch.isfinite(scores.grad).all() and (scores.grad != 0).all()
+    assert model.retention_stats()["alpha_entropy"] > 0.1  # the stats describe the soft weights the backward uses
+    model.eval()
+    with torch.no_grad():
+        inferred = float(model(**batch, labels=labels).loss)
+    assert float(trained.detach()) == pytest.approx(inferred, abs=1e-4)
+    with pytest.raises(ValueError, match="straight_through needs gate_attention"):
+        AutoSelectConfig(straight_through=True)
+
+
+def test_inference_noise_keeps_a_seeded_sample_the_same_alone_or_in_a_batch(tiny, batch, tmp_path):
+    """``inference_noise`` ranks by logits + a fixed per-position Gumbel vector: exactly K sorted
+    tokens, the same on every call and for an image alone or in a batch, another set than the
+    plain top-K, and another one again under another seed; 0 is the paper's top-K."""
+    vlm, processor = tiny
+    torch.manual_seed(0)
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16)).eval()
+    with torch.no_grad():
+        model(**batch)
+        plain = model.last_selection.indices.clone()
+        model.config.inference_noise = 1.0
+        model(**batch)
+        sampled = model.last_selection.indices.clone()
+        model(**batch)
+        assert torch.equal(model.last_selection.indices, sampled)  # deterministic
+        alone = processor(images=images(2)[1:], text=PROMPTS[1:], return_tensors="pt")
+        model(**alone)
+        assert torch.equal(model.last_selection.indices[0], sampled[1])  # batch-invariant
+        model.config.inference_seed = 1
+        model(**batch)
+        other_seed = model.last_selection.indices.clone()
+    assert sampled.shape == (2, 16) and torch.all(sampled[:, 1:] > sampled[:, :-1])
+    assert not torch.equal(sampled, plain) and not torch.equal(sampled, other_seed)
+    scores = torch.randn(2, N)
+    shift = model.ranking(scores) - scores.double()
+    assert torch.allclose(shift[0], shift[1]) and shift.std() > 0.5  # one Gumbel vector per position
+    model.config.inference_noise = 0.0
+    assert torch.equal(model.ranking(scores), scores)
+    model.config.inference_noise, model.config.inference_seed = 1.0, 0
+    model.save_pretrained(tmp_path / "s")
+    assert AutoSelectModel.from_pretrained(tmp_path / "s", vlm).config.inference_noise == 1.0
+    with pytest.raises(ValueError, match="inference_noise"):
+        AutoSelectConfig(inference_noise=-0.5)
