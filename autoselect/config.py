@@ -47,6 +47,9 @@ class AutoSelectConfig:
     # random choice at low temperature instead of weights spread over many tokens, so the scorer
     # must separate the tokens it wants; training ends on the deterministic top-K inference uses.
     score_noise: float = 0.0
+    # False: keep `score_noise` constant instead, training a selection *policy* to sample from at
+    # inference (`inference_noise` at the same scale) rather than a ranking to take the top-K of.
+    score_noise_anneal: bool = True
     # Noise gate: standardise with per-channel batch statistics so the VP property holds for
     # features that are not unit-variance (the paper assumes "normalized visual tokens").
     gate_standardize: bool = True
@@ -107,8 +110,9 @@ class AutoSelectConfig:
         return self.temperature_end + (self.temperature_start - self.temperature_end) * self._cosine(step)
 
     def noise_scale(self, step: int) -> float:
-        """Gumbel noise scale on the logits at ``step``: ``score_noise`` annealed to 0 like the temperature."""
-        return self.score_noise * self._cosine(step)
+        """Gumbel noise scale on the logits at ``step``: ``score_noise``, annealed to 0 like the
+        temperature unless ``score_noise_anneal`` is off."""
+        return self.score_noise * (self._cosine(step) if self.score_noise_anneal else 1.0)
 
     def _cosine(self, step: int) -> float:
         progress = min(max(step, 0), self.temperature_steps) / self.temperature_steps

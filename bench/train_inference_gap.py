@@ -44,6 +44,18 @@ def mean_loss(batches: list[dict], forward: Callable[[dict], torch.Tensor], seed
     return sum(losses) / len(losses)
 
 
+def heldout_batches(vlm, processor, task: str, corpora: Path, limit: int, seed: int) -> tuple[list[Example], list[dict]]:
+    """The held-out examples of ``task`` and their answer-labelled batches of 8."""
+    probe = prompt_inputs(processor, Example("probe", Image.new("RGB", (64, 64)), "?", ""))
+    ctx = TaskContext(image_size=int(probe["pixel_values"].shape[-1]), patch_size=int(vlm.config.vision_config.patch_size),
+                      corpora_dir=corpora, seed=seed, limit=limit)
+    tasks, skipped = load_tasks([task], ctx)
+    if not tasks:
+        raise ValueError(f"task {task!r} is not available: {skipped}")
+    examples = tasks[0].examples
+    return examples, [encode_rows(processor, [(e, e.answer) for e in examples[i : i + 8]]) for i in range(0, len(examples), 8)]
+
+
 def measure(model: AutoSelectModel, batches: list[dict], budget: int, seed: int) -> dict[str, float]:
     vlm, config = model.vlm, model.config
     random_pruner = RandomPruner(vlm, budget, seed=seed, position_policy=config.position_policy)
@@ -82,15 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     vlm, processor = load_vlm_and_processor(args.model, args.dtype, torch.device("cpu"))
     model, info = load_autoselect(args.autoselect, vlm, args.tracking_uri)
     budget = args.budget or int(model.config.budget)
-    probe = prompt_inputs(processor, Example("probe", Image.new("RGB", (64, 64)), "?", ""))
-    ctx = TaskContext(image_size=int(probe["pixel_values"].shape[-1]), patch_size=int(vlm.config.vision_config.patch_size),
-                      corpora_dir=args.corpora, seed=args.seed, limit=args.limit)
-    tasks, skipped = load_tasks([args.task], ctx)
-    if not tasks:
-        print(f"error: {skipped}", file=sys.stderr)
+    try:
+        examples, batches = heldout_batches(vlm, processor, args.task, args.corpora, args.limit, args.seed)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    examples = tasks[0].examples
-    batches = [encode_rows(processor, [(e, e.answer) for e in examples[i : i + 8]]) for i in range(0, len(examples), 8)]
     rows = measure(model, batches, budget, args.seed)
     result = {"model": args.model, "autoselect": info, "gate_attention": model.config.gate_attention, "task": args.task,
               "examples": len(examples), "budget": budget, "dtype": args.dtype, "answer_nll": rows,

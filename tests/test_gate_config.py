@@ -85,3 +85,5 @@ def test_score_noise_anneals_to_zero_with_the_temperature():
     assert 0 < config.noise_scale(50) < 1.5
     assert config.noise_scale(100) == 0 and config.noise_scale(1000) == 0
     assert AutoSelectConfig().noise_scale(0) == 0  # off by default (paper form)
+    constant = AutoSelectConfig(score_noise=1.5, score_noise_anneal=False, temperature_steps=100)
+    assert constant.noise_scale(0) == constant.noise_scale(50) == constant.noise_scale(1000) == 1.5

@@ -1,0 +1,107 @@
+"""Which hand-made K-subsets of an image's visual tokens the frozen VLM answers best from.
+
+A ceiling check for a learned scorer: on held-out Fashion-MNIST questions, the mean answer NLL
+with K tokens kept by rules that need no training (the brightest patches, i.e. the garment; the
+darkest, i.e. the background; the highest / lowest feature norm; random; foreground at random),
+each under both position policies. If the "obvious" subsets lose to random, the VLM reads the
+image from the mix of tokens, not from the object alone, and a query-agnostic top-K ranking has
+little to gain over random on this backbone.
+
+    python bench/fixed_selections.py [--model .cache/backbones/mini-llava-aligned] [--budget 28] [--limit 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from autoselect.pruned import PrunedVLM, Selection  # noqa: E402
+from autoselect.selection import topk_indices  # noqa: E402
+from pipelines.backbone import load_vlm_and_processor  # noqa: E402
+from train_inference_gap import heldout_batches, mean_loss  # noqa: E402
+
+Rule = Callable[[torch.Tensor, dict[str, Any], torch.Generator], torch.Tensor]
+
+
+def patch_brightness(tokens: torch.Tensor, image_inputs: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+    """Mean pixel value of each patch (row-major, the visual tokens' order; square grid)."""
+    pixels = image_inputs["pixel_values"].float().mean(1, keepdim=True)
+    side = int(tokens.shape[1] ** 0.5)
+    return F.adaptive_avg_pool2d(pixels, side).flatten(1)
+
+
+def foreground_at_random(tokens: torch.Tensor, image_inputs: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+    bright = patch_brightness(tokens, image_inputs, generator)
+    return (bright > bright.median(-1, keepdim=True).values).float() + torch.rand(bright.shape, generator=generator)
+
+
+RULES: dict[str, Rule] = {
+    "random": lambda t, i, g: torch.rand(t.shape[:2], generator=g),
+    "brightest (garment)": patch_brightness,
+    "darkest (background)": lambda t, i, g: -patch_brightness(t, i, g),
+    "garment at random": foreground_at_random,
+    "highest feature norm": lambda t, i, g: t.float().norm(dim=-1),
+    "lowest feature norm": lambda t, i, g: -t.float().norm(dim=-1),
+}
+
+
+class RulePruner(PrunedVLM):
+    """Keeps the top K of a fixed rule's scores."""
+
+    def __init__(self, vlm: nn.Module, budget: int, rule: Rule, seed: int, **kwargs: Any) -> None:
+        super().__init__(vlm, budget, **kwargs)
+        self.rule, self.generator = rule, torch.Generator().manual_seed(seed)
+
+    def choose(self, tokens: torch.Tensor, k: int, image_inputs: dict[str, Any]) -> Selection:
+        scores = self.rule(tokens, image_inputs, self.generator).float().to(tokens.device)
+        return Selection(indices=topk_indices(scores, k), num_tokens=tokens.shape[1], scores=scores)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=".cache/backbones/mini-llava-aligned")
+    parser.add_argument("--task", default="fmnist_vqa")
+    parser.add_argument("--corpora", type=Path, default=Path(".cache/corpora"))
+    parser.add_argument("--limit", type=int, default=40)
+    parser.add_argument("--budget", type=int, default=28)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+
+    started = time.time()
+    vlm, processor = load_vlm_and_processor(args.model, args.dtype, torch.device("cpu"))
+    try:
+        examples, batches = heldout_batches(vlm, processor, args.task, args.corpora, args.limit, args.seed)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    rows = {"all tokens": round(mean_loss(batches, lambda b: vlm(**b).loss, args.seed), 4)}
+    for name, rule in RULES.items():
+        for policy in ("repack", "original"):
+            pruner = RulePruner(vlm, args.budget, rule, args.seed, position_policy=policy)
+            rows[f"{name}, {policy}"] = round(mean_loss(batches, lambda b: pruner(**b).loss, args.seed), 4)
+    result = {"model": args.model, "task": args.task, "examples": len(examples), "budget": args.budget,
+              "dtype": args.dtype, "answer_nll": rows, "seconds": round(time.time() - started, 1)}
+    print(json.dumps(result, indent=2))
+    print(f"\n| kept tokens (K = {args.budget}), positions | answer NLL |\n|---|---|")
+    for name, value in rows.items():
+        print(f"| {name} | {value:.3f} |")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
