@@ -13,7 +13,6 @@ little to gain over random on this backbone.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from autoselect.pruned import PrunedVLM, Selection  # noqa: E402
 from autoselect.selection import topk_indices  # noqa: E402
 from pipelines.backbone import load_vlm_and_processor  # noqa: E402
-from train_inference_gap import heldout_batches, mean_loss  # noqa: E402
+from train_inference_gap import add_heldout_arguments, heldout_batches, mean_loss, report  # noqa: E402
 
 Rule = Callable[[torch.Tensor, dict[str, Any], torch.Generator], torch.Tensor]
 
@@ -70,14 +69,8 @@ class RulePruner(PrunedVLM):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=".cache/backbones/mini-llava-aligned")
-    parser.add_argument("--task", default="fmnist_vqa")
-    parser.add_argument("--corpora", type=Path, default=Path(".cache/corpora"))
-    parser.add_argument("--limit", type=int, default=40)
     parser.add_argument("--budget", type=int, default=28)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    add_heldout_arguments(parser)
     args = parser.parse_args(argv)
 
     started = time.time()
@@ -94,12 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             rows[f"{name}, {policy}"] = round(mean_loss(batches, lambda b: pruner(**b).loss, args.seed), 4)
     result = {"model": args.model, "task": args.task, "examples": len(examples), "budget": args.budget,
               "dtype": args.dtype, "answer_nll": rows, "seconds": round(time.time() - started, 1)}
-    print(json.dumps(result, indent=2))
-    print(f"\n| kept tokens (K = {args.budget}), positions | answer NLL |\n|---|---|")
-    for name, value in rows.items():
-        print(f"| {name} | {value:.3f} |")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    report(result, f"kept tokens (K = {args.budget}), positions", args.out)
     return 0
 
 

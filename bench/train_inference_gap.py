@@ -44,6 +44,27 @@ def mean_loss(batches: list[dict], forward: Callable[[dict], torch.Tensor], seed
     return sum(losses) / len(losses)
 
 
+def add_heldout_arguments(parser: argparse.ArgumentParser) -> None:
+    """The backbone, held-out task and output options every answer-NLL bench shares."""
+    parser.add_argument("--model", default=".cache/backbones/mini-llava-aligned")
+    parser.add_argument("--task", default="fmnist_vqa")
+    parser.add_argument("--corpora", type=Path, default=Path(".cache/corpora"))
+    parser.add_argument("--limit", type=int, default=40)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+
+
+def report(result: dict, label: str, out: Path | None) -> None:
+    """Print the JSON and a markdown table of ``result["answer_nll"]``; write the JSON to ``out``."""
+    print(json.dumps(result, indent=2))
+    print(f"\n| {label} | answer NLL |\n|---|---|")
+    for name, value in result["answer_nll"].items():
+        print(f"| {name} | {value:.3f} |")
+    if out:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def heldout_batches(vlm, processor, task: str, corpora: Path, limit: int, seed: int) -> tuple[list[Example], list[dict]]:
     """The held-out examples of ``task`` and their answer-labelled batches of 8."""
     probe = prompt_inputs(processor, Example("probe", Image.new("RGB", (64, 64)), "?", ""))
@@ -78,16 +99,10 @@ def measure(model: AutoSelectModel, batches: list[dict], budget: int, seed: int)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=".cache/backbones/mini-llava-aligned")
     parser.add_argument("--autoselect", required=True, help="save_pretrained folder or models:/name/version")
     parser.add_argument("--tracking-uri", default=None)
-    parser.add_argument("--task", default="fmnist_vqa")
-    parser.add_argument("--corpora", type=Path, default=Path(".cache/corpora"))
-    parser.add_argument("--limit", type=int, default=40)
     parser.add_argument("--budget", type=int, default=None, help="K (default: the scorer's trained budget)")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    add_heldout_arguments(parser)
     args = parser.parse_args(argv)
 
     started = time.time()
@@ -103,12 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": args.model, "autoselect": info, "gate_attention": model.config.gate_attention, "task": args.task,
               "examples": len(examples), "budget": budget, "dtype": args.dtype, "answer_nll": rows,
               "seconds": round(time.time() - started, 1)}
-    print(json.dumps(result, indent=2))
-    print(f"\n| path (K = {budget}) | answer NLL |\n|---|---|")
-    for name, value in rows.items():
-        print(f"| {name} | {value:.3f} |")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    report(result, f"path (K = {budget})", args.out)
     return 0
 
 
