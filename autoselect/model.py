@@ -21,7 +21,7 @@ from autoselect.denoiser import Denoiser
 from autoselect.gate import straight_through_topk, throttled_attention_mask, vp_noise_gate
 from autoselect.pruned import PrunedVLM, Selection
 from autoselect.scorer import Scorer
-from autoselect.selection import mass_budget, pad_tokens, topk_indices
+from autoselect.selection import mass_budget, pad_tokens, seeded_ranking, topk_indices
 from autoselect.soft_topk import soft_topk
 
 CONFIG_NAME = "config.json"
@@ -158,14 +158,8 @@ class AutoSelectModel(PrunedVLM):
         return Selection(indices=topk_indices(self.ranking(scores), k), num_tokens=tokens.shape[1], scores=scores)
 
     def ranking(self, scores: torch.Tensor) -> torch.Tensor:
-        """What inference takes the top K of: the logits, plus ``inference_noise`` times a Gumbel
-        vector that depends only on the token position and ``inference_seed`` (a seeded sample)."""
-        if not self.config.inference_noise:
-            return scores
-        generator = torch.Generator().manual_seed(self.config.inference_seed)
-        uniform = torch.rand(scores.shape[-1], generator=generator, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
-        gumbel = -torch.log(-torch.log(uniform))
-        return scores.double() + self.config.inference_noise * gumbel.to(scores.device)
+        """What inference takes the top K of: the logits, or with ``inference_noise`` a seeded sample."""
+        return seeded_ranking(scores, self.config.inference_noise, self.config.inference_seed)
 
     def select(self, budget=None, **image_inputs: Any):
         """As `PrunedVLM.select`; a `ScoreMass` budget picks K per image from the scores."""

@@ -36,3 +36,15 @@ def mass_budget(scores: torch.Tensor, share: float, min_tokens: int = 1) -> int:
     mass = torch.softmax(scores.float(), dim=-1).sort(descending=True).values.cumsum(-1)
     k = int((mass < share - 1e-6).sum()) + 1  # the first prefix whose mass reaches the share
     return max(min(min_tokens, scores.shape[-1]), min(k, scores.shape[-1]))
+
+
+def seeded_ranking(scores: torch.Tensor, noise: float, seed: int) -> torch.Tensor:
+    """``scores [..., N]`` plus ``noise`` times one Gumbel vector per token position drawn from
+    ``seed``: its top K is a seeded sample of the scorer's selection policy (``noise = 0``: the
+    scores themselves, the paper's top-K). Depends on the position only, so it is batch-invariant."""
+    if not noise:
+        return scores
+    generator = torch.Generator().manual_seed(seed)
+    uniform = torch.rand(scores.shape[-1], generator=generator, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+    gumbel = -torch.log(-torch.log(uniform))
+    return scores.double() + noise * gumbel.to(scores.device)

@@ -22,7 +22,8 @@ MODEL_NAME_IN_RUN = "scorer"
 
 
 class AutoSelectScorerModel(mlflow.pyfunc.PythonModel):
-    """Scores visual tokens ``[images, N, vision_width]`` -> logits ``[images, N]``."""
+    """Scores visual tokens ``[images, N, vision_width]`` -> ``[images, N]`` whose top K is what
+    AutoSelect keeps: the logits, plus the seeded Gumbel vector of a scorer with ``inference_noise``."""
 
     def load_context(self, context) -> None:
         from autoselect.model import load_scorer
@@ -32,13 +33,16 @@ class AutoSelectScorerModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import torch
 
+        from autoselect.selection import seeded_ranking
+
         tokens = np.asarray(model_input["visual_tokens"] if isinstance(model_input, dict) else model_input, dtype=np.float32)
         if tokens.ndim != 3 or tokens.shape[-1] != self.config.vision_width:
             raise ValueError(
                 f"visual_tokens must have shape [images, N, {self.config.vision_width}], got {list(tokens.shape)}"
             )
         with torch.no_grad():
-            return self.scorer(torch.from_numpy(tokens)).numpy()
+            scores = self.scorer(torch.from_numpy(tokens))
+            return seeded_ranking(scores, self.config.inference_noise, self.config.inference_seed).float().numpy()
 
 
 def setup_tracking(tracking_uri: str, experiment: str, artifact_location: str | None = None) -> str:

@@ -384,3 +384,24 @@ def test_inference_noise_keeps_a_seeded_sample_the_same_alone_or_in_a_batch(tiny
     assert AutoSelectModel.from_pretrained(tmp_path / "s", vlm).config.inference_noise == 1.0
     with pytest.raises(ValueError, match="inference_noise"):
         AutoSelectConfig(inference_noise=-0.5)
+
+
+def test_registered_pyfunc_ranks_as_the_model_selects(tiny, batch, tmp_path):
+    """The MLflow pyfunc's output has the same top K as `AutoSelectModel`, sampled scorer included."""
+    from types import SimpleNamespace
+
+    from autoselect.selection import topk_indices
+    from pipelines.registry import ARTIFACT_KEY, AutoSelectScorerModel
+
+    vlm, _ = tiny
+    torch.manual_seed(0)
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, inference_noise=1.0, inference_seed=3)).eval()
+    model.save_pretrained(tmp_path / "s")
+    pyfunc = AutoSelectScorerModel()
+    pyfunc.load_context(SimpleNamespace(artifacts={ARTIFACT_KEY: str(tmp_path / "s")}))
+    with torch.no_grad():
+        tokens = model.visual_tokens(pixel_values=batch["pixel_values"])
+        model(**batch)
+    ranked = torch.from_numpy(pyfunc.predict(None, {"visual_tokens": tokens.numpy()}))
+    assert torch.equal(topk_indices(ranked, 16), model.last_selection.indices)
+    assert not torch.equal(topk_indices(model.scorer(tokens), 16), model.last_selection.indices)  # the noise matters
