@@ -33,7 +33,7 @@ from autoselect.backbones import get_adapter
 from autoselect.config import resolve_budget, validate_budget
 from autoselect.pruners import available_pruners
 from pipelines.corpora import DEFAULT_OUT
-from pipelines.evaluation.methods import baseline_settings, build_methods
+from pipelines.evaluation.methods import AUTOSELECT, baseline_settings, build_methods
 from pipelines.evaluation.plots import kept_patches_plot, processed_image, retention_plot
 from pipelines.evaluation.report import Budget, build_report, markdown
 from pipelines.evaluation.runner import evaluate, to_device
@@ -41,7 +41,6 @@ from pipelines.evaluation.scoring import SCORING, prompt_inputs
 from pipelines.evaluation.tasks import TASKS, Example, TaskContext, load_tasks
 from pipelines.train_config import DTYPES, TINY_LLAVA
 
-AUTOSELECT = "autoselect"
 DEFAULT_BUDGETS = ["1/9", "2/9", "1/3"]  # 64 / 128 / 192 of LLaVA-1.5's 576 tokens; 28 / 57 / 85 of 256
 
 

@@ -4,6 +4,7 @@ end (report, table, plots, skipped tasks, determinism) with a quickly trained Au
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,31 @@ def test_retention_is_100_at_full_tokens_and_when_k_equals_n(report):
     # a loss: retention is full / pruned, so it moves opposite to the NLL
     full, pruned = (report["results"][m][b]["tasks"]["caption_nll"] for m, b in ((FULL, "all"), ("random", "8")))
     assert pruned["retention"] == pytest.approx(100 * full["score"] / pruned["score"], abs=0.02)
+
+
+def test_standard_errors_and_paired_differences_follow_the_per_example_scores(report, out_dir):
+    """Every cell's stderr is the sample one over its examples; the paired AutoSelect-minus-baseline
+    difference equals the difference of the two scores (same examples, same answer tokens), and is
+    exactly 0 with no error at K = N, where both keep every token."""
+    for task in ("markers", "spatial_markers"):
+        for method, budget in (("random", "8"), ("autoselect", "1/4"), (FULL, "all")):
+            entry = report["results"][method][budget]["tasks"][task]
+            p, n = entry["score"], entry["n"]
+            assert entry["stderr"] == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)), abs=1e-4), (task, method)
+            label = FULL if method == FULL else f"{method}@{budget}"
+            assert sum(report["per_example"][task][label]) == pytest.approx(p * n)
+    paired = report["paired"]
+    for task in ("markers", "spatial_markers", "caption_nll"):
+        same = paired[str(N)]["random"][task]
+        assert same["difference"] == 0.0 and same["stderr"] == 0.0 and same["n"] == report["tasks"][task]["n"]
+        ours, theirs = (report["results"][m]["8"]["tasks"][task]["score"] for m in ("autoselect", "random"))
+        assert paired["8"]["random"][task]["difference"] == pytest.approx(ours - theirs, abs=2e-4), task
+    assert set(paired["8"]) == set(PRUNERS) - {"autoselect"}
+    nll = report["results"]["random"]["8"]["tasks"]["caption_nll"]
+    assert nll["stderr"] is not None and 0 < nll["stderr"] < nll["score"]
+    table = (out_dir / "report.md").read_text()
+    assert "Paired on the same examples" in table and "| autoselect − random | 8 |" in table
+    assert f"{report['results']['random']['8']['tasks']['markers']['score']:.3f} ± " in table
 
 
 def test_missing_task_data_is_reported_as_skipped_with_the_reason(report, out_dir):

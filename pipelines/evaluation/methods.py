@@ -30,6 +30,7 @@ from autoselect.pruned import PrunedVLM, Selection
 from autoselect.pruners import FastV, build_pruner
 
 FULL = "full"
+AUTOSELECT = "autoselect"
 FASTV_LAYER = 2  # FastV's default cut; capped at the LLM's depth - 1 (the tiny LLM has 2 layers)
 
 
@@ -168,7 +169,7 @@ def build_methods(
     methods: list[Method] = [FullTokens(vlm)]
     for name in pruners:
         for label, budget in budgets:
-            if name == "autoselect":
+            if name == AUTOSELECT:
                 if autoselect is None:
                     raise ValueError("the autoselect method needs a trained scorer (--autoselect)")
                 model: nn.Module = autoselect

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from pipelines.evaluation.methods import FULL
+from pipelines.evaluation.methods import AUTOSELECT, FULL
 
 
 def _pyplot():
@@ -32,7 +32,7 @@ def retention_plot(report: dict[str, Any], path: Path) -> Path:
             continue
         points = sorted((row["k"], row["average_retention"]) for row in by_budget.values() if row["average_retention"] is not None)
         if points:
-            ax.plot(*zip(*points), marker="o", label=method, linewidth=2.5 if method == "autoselect" else 1.5)
+            ax.plot(*zip(*points), marker="o", label=method, linewidth=2.5 if method == AUTOSELECT else 1.5)
     ax.axhline(100.0, color="grey", linestyle="--", linewidth=1, label=f"all {n} tokens")
     ax.set_xlabel(f"visual tokens kept per image (K of N = {n})")
     ax.set_ylabel("average retention (%)")

@@ -6,10 +6,11 @@ tasks can be averaged: pruned / full for accuracies, full / pruned for losses.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from pipelines.evaluation.methods import FULL, Method
+from pipelines.evaluation.methods import AUTOSELECT, FULL, Method
 from pipelines.evaluation.tasks import Task
 
 RETENTION = (
@@ -70,6 +71,7 @@ def build_report(
             got = scores[task.name][method.label]
             row[task.name] = {
                 "score": round(float(got["score"]), 4),
+                "stderr": _round(got.get("stderr"), 4),
                 "n": int(got["n"]),
                 "retention": _round(retention(task, full, float(got["score"])), 2),
             }
@@ -91,12 +93,72 @@ def build_report(
         "full_tokens_at_chance": at_chance,
         "results": results,
         "average_retention": average,
+        "paired": paired_differences(tasks, scores, methods),
+        "per_example": {t.name: {label: got.get("per_example") for label, got in scores[t.name].items()} for t in tasks},
+        "per_example_tokens": {t.name: next(iter(scores[t.name].values())).get("per_example_tokens") for t in tasks if t.kind == "nll"},
     }
+
+
+def paired_difference(ours: Sequence[float], theirs: Sequence[float], tokens: Sequence[int] | None = None) -> dict[str, float] | None:
+    """``ours - theirs`` on the same examples with its paired standard error, in the task's units:
+    accuracy for 1/0 values; for summed NLLs with their answer ``tokens`` (the same for both
+    methods), NLL per answer token, token-weighted as the score is. Positive: ours is better for
+    accuracy, worse for NLL. None below 2 examples."""
+    n = len(ours)
+    if n < 2 or len(theirs) != n:
+        return None
+    scale = sum(tokens) / n if tokens else 1.0
+    diffs = [(a - b) / scale for a, b in zip(ours, theirs)]
+    mean = sum(diffs) / n
+    stderr = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
+    return {"difference": round(mean, 4), "stderr": round(stderr, 4), "n": n}
+
+
+def paired_differences(tasks: Sequence[Task], scores, methods: Sequence[Method]) -> dict[str, Any]:
+    """AutoSelect minus every baseline at the same budget, per task, on the same examples."""
+    ours = [m for m in methods if m.name == AUTOSELECT]
+    out: dict[str, Any] = {}
+    for mine in ours:
+        rivals = [m for m in methods if m.name not in (AUTOSELECT, FULL) and m.budget_label == mine.budget_label]
+        for rival in rivals:
+            cell = {}
+            for task in tasks:
+                a, b = scores[task.name][mine.label].get("per_example"), scores[task.name][rival.label].get("per_example")
+                if a is not None and b is not None:
+                    cell[task.name] = paired_difference(a, b, scores[task.name][mine.label].get("per_example_tokens"))
+            out.setdefault(mine.budget_label, {})[rival.name] = cell
+    return out
 
 
 def _cell(entry: dict[str, Any]) -> str:
     retained = "n/a" if entry["retention"] is None else f"{entry['retention']:.1f}%"
-    return f"{entry['score']:.3f} ({retained})"
+    stderr = "" if entry.get("stderr") is None else f" ± {entry['stderr']:.3f}"
+    return f"{entry['score']:.3f}{stderr} ({retained})"
+
+
+def _paired_lines(report: dict[str, Any]) -> list[str]:
+    """AutoSelect minus each baseline at each budget, per task (difference ± paired stderr)."""
+    tasks = report["tasks"]
+    rows = []
+    for budget, rivals in report.get("paired", {}).items():
+        for rival, cells in rivals.items():
+            shown = []
+            for name in tasks:
+                cell = cells.get(name)
+                shown.append("n/a" if cell is None else f"{cell['difference']:+.3f} ± {cell['stderr']:.3f}")
+            rows.append("| " + " | ".join([f"autoselect − {rival}", budget] + shown) + " |")
+    if not rows:
+        return []
+    header = ["pair", "budget"] + [f"{name} ({'acc' if info['higher_is_better'] else 'NLL'})" for name, info in tasks.items()]
+    return [
+        "",
+        "Paired on the same examples: AutoSelect minus each baseline at the same budget (± standard "
+        "error of the paired difference; positive is better for accuracy, worse for NLL).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *rows,
+    ]
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -109,7 +171,7 @@ def markdown(report: dict[str, Any]) -> str:
         "# Visual-token pruning evaluation",
         "",
         f"Model `{report['model']}`, N = {report['visual_tokens_per_image']} visual tokens per image, "
-        f"seed {report['seed']}. Cells: score (retention).",
+        f"seed {report['seed']}. Cells: score ± standard error over examples (retention).",
         "",
         f"_{report['retention_definition'][0].upper()}{report['retention_definition'][1:]}._",
         "",
@@ -121,6 +183,7 @@ def markdown(report: dict[str, Any]) -> str:
             avg = "n/a" if row["average_retention"] is None else f"{row['average_retention']:.1f}%"
             cells = [method, budget, str(row["k"])] + [_cell(row["tasks"][t]) for t in tasks] + [avg]
             lines.append("| " + " | ".join(cells) + " |")
+    lines += _paired_lines(report)
     if not tasks:
         lines += ["", "No task could be evaluated."]
     if report["retention_undefined"]:

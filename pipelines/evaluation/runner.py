@@ -7,7 +7,8 @@ baseline's draws for a task do not depend on which other tasks ran before it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -20,15 +21,31 @@ from pipelines.evaluation.tasks import Task
 
 @dataclass
 class Tally:
-    """Running totals of one method on one task."""
+    """Running totals of one method on one task, with one value per example for its standard error."""
 
     n: int = 0
     correct: int = 0  # choice tasks
     nll: float = 0.0  # nll tasks: summed over answer tokens
     tokens: int = 0
+    per_example: list[float] = field(default_factory=list)  # choice: 1/0 correct; nll: summed NLL
+    per_example_tokens: list[int] = field(default_factory=list)  # nll tasks: answer tokens
 
     def score(self, kind: str) -> float:
         return self.correct / self.n if kind == "choice" else self.nll / self.tokens
+
+    def stderr(self, kind: str) -> float | None:
+        """Standard error of `score` over examples (None below 2 examples), as lmms-eval reports it:
+        the sample standard deviation over sqrt(n) for accuracy; for the token-weighted NLL the
+        ratio estimator's (delta method) error, so long answers weigh as they do in the score."""
+        n = len(self.per_example)
+        if n < 2:
+            return None
+        if kind == "choice":
+            mean = sum(self.per_example) / n
+            return math.sqrt(sum((v - mean) ** 2 for v in self.per_example) / (n - 1) / n)
+        ratio, mean_tokens = self.score(kind), self.tokens / n
+        residuals = [v - ratio * t for v, t in zip(self.per_example, self.per_example_tokens)]
+        return math.sqrt(sum(r * r for r in residuals) / (n - 1) / n) / mean_tokens
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -45,7 +62,9 @@ def evaluate_task(
     device: torch.device,
     dtype: torch.dtype,
 ) -> dict[str, dict[str, float | int]]:
-    """``{method label: {"score", "n"}}``: accuracy for choice tasks, mean NLL per answer token for nll tasks."""
+    """``{method label: {"score", "stderr", "n", "per_example"}}``: accuracy for choice tasks, mean NLL
+    per answer token for nll tasks; ``per_example`` (1/0 correct, or summed NLL) lets methods be
+    compared pairwise on the same examples."""
     tallies = {m.label: Tally() for m in methods}
     chunks = [task.examples[i : i + batch_size] for i in range(0, len(task.examples), batch_size)]
     with tqdm(total=len(chunks) * len(methods), desc=task.name, unit="run", leave=False) as bar:
@@ -62,12 +81,20 @@ def evaluate_task(
                 tally = tallies[method.label]
                 tally.n += len(chunk)
                 if task.kind == "choice":
-                    tally.correct += int((sums.view(len(chunk), repeats).argmax(-1) == truth).sum())
+                    hits = (sums.view(len(chunk), repeats).argmax(-1) == truth).tolist()
+                    tally.correct += sum(hits)
+                    tally.per_example += [float(h) for h in hits]
                 else:
                     tally.nll -= float(sums.sum())
                     tally.tokens += int(counts.sum())
+                    tally.per_example += (-sums).tolist()
+                    tally.per_example_tokens += counts.tolist()
                 bar.update()
-    return {label: {"score": t.score(task.kind), "n": t.n} for label, t in tallies.items()}
+    return {
+        label: {"score": t.score(task.kind), "stderr": t.stderr(task.kind), "n": t.n, "per_example": t.per_example,
+                **({"per_example_tokens": t.per_example_tokens} if task.kind == "nll" else {})}
+        for label, t in tallies.items()
+    }
 
 
 def evaluate(
@@ -79,7 +106,7 @@ def evaluate(
     device: torch.device,
     dtype: torch.dtype,
 ) -> dict[str, dict[str, dict[str, float | int]]]:
-    """``{task: {method label: {"score", "n"}}}`` for every task and method."""
+    """``{task: {method label: {"score", "stderr", "n", "per_example"}}}`` for every task and method."""
     return {
         task.name: evaluate_task(task, make_methods(), processor, image_token_id, batch_size, device, dtype)
         for task in tqdm(tasks, desc="tasks", unit="task")
