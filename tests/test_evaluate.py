@@ -211,7 +211,14 @@ def test_standard_errors_and_paired_differences_follow_the_per_example_scores(re
         assert same["difference"] == 0.0 and same["stderr"] == 0.0 and same["n"] == report["tasks"][task]["n"]
         ours, theirs = (report["results"][m]["8"]["tasks"][task]["score"] for m in ("autoselect", "random"))
         assert paired["8"]["random"][task]["difference"] == pytest.approx(ours - theirs, abs=2e-4), task
+        if task != "caption_nll":  # choice tasks: the true answer's NLL, paired the same way
+            nlls = [report["results"][m]["8"]["tasks"][task]["answer_nll"] for m in ("autoselect", "random")]
+            assert paired["8"]["random"][task]["answer_nll"]["difference"] == pytest.approx(nlls[0] - nlls[1], abs=2e-4)
+            assert same["answer_nll"] == {"difference": 0.0, "stderr": 0.0, "n": same["n"]}
     assert set(paired["8"]) == set(PRUNERS) - {"autoselect"}
+    # with all tokens the taught VLM's true answers are likelier than under random pruning at K = 8
+    full_nll, random_nll = (report["results"][m][b]["tasks"]["markers"]["answer_nll"] for m, b in ((FULL, "all"), ("random", "8")))
+    assert 0 < full_nll < random_nll
     nll = report["results"]["random"]["8"]["tasks"]["caption_nll"]
     assert nll["stderr"] is not None and 0 < nll["stderr"] < nll["score"]
     table = (out_dir / "report.md").read_text()

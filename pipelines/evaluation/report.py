@@ -6,11 +6,11 @@ tasks can be averaged: pruned / full for accuracies, full / pruned for losses.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from pipelines.evaluation.methods import AUTOSELECT, FULL, Method
+from pipelines.evaluation.stats import stderr_of_mean
 from pipelines.evaluation.tasks import Task
 
 RETENTION = (
@@ -75,6 +75,8 @@ def build_report(
                 "n": int(got["n"]),
                 "retention": _round(retention(task, full, float(got["score"])), 2),
             }
+            if "answer_nll" in got:
+                row[task.name].update(answer_nll=round(got["answer_nll"], 4), answer_nll_stderr=_round(got["answer_nll_stderr"], 4))
         avg = _round(_mean([retention(t, float(scores[t.name][FULL]["score"]), float(scores[t.name][method.label]["score"])) for t in tasks]), 2)
         results.setdefault(method.name, {})[budget] = {
             "k": k_of.get(budget, num_tokens),
@@ -95,6 +97,8 @@ def build_report(
         "average_retention": average,
         "paired": paired_differences(tasks, scores, methods),
         "per_example": {t.name: {label: got.get("per_example") for label, got in scores[t.name].items()} for t in tasks},
+        "per_example_answer_nll": {t.name: {label: got["per_example_answer_nll"] for label, got in scores[t.name].items()}
+                                   for t in tasks if t.kind == "choice"},
         "per_example_tokens": {t.name: next(iter(scores[t.name].values())).get("per_example_tokens") for t in tasks if t.kind == "nll"},
     }
 
@@ -109,9 +113,7 @@ def paired_difference(ours: Sequence[float], theirs: Sequence[float], tokens: Se
         return None
     scale = sum(tokens) / n if tokens else 1.0
     diffs = [(a - b) / scale for a, b in zip(ours, theirs)]
-    mean = sum(diffs) / n
-    stderr = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
-    return {"difference": round(mean, 4), "stderr": round(stderr, 4), "n": n}
+    return {"difference": round(sum(diffs) / n, 4), "stderr": round(stderr_of_mean(diffs), 4), "n": n}
 
 
 def paired_differences(tasks: Sequence[Task], scores, methods: Sequence[Method]) -> dict[str, Any]:
@@ -123,9 +125,12 @@ def paired_differences(tasks: Sequence[Task], scores, methods: Sequence[Method])
         for rival in rivals:
             cell = {}
             for task in tasks:
-                a, b = scores[task.name][mine.label].get("per_example"), scores[task.name][rival.label].get("per_example")
-                if a is not None and b is not None:
-                    cell[task.name] = paired_difference(a, b, scores[task.name][mine.label].get("per_example_tokens"))
+                a, b = scores[task.name][mine.label], scores[task.name][rival.label]
+                if "per_example" not in a or "per_example" not in b:
+                    continue
+                cell[task.name] = paired_difference(a["per_example"], b["per_example"], a.get("per_example_tokens"))
+                if cell[task.name] is not None and "per_example_answer_nll" in a:
+                    cell[task.name]["answer_nll"] = paired_difference(a["per_example_answer_nll"], b["per_example_answer_nll"])
             out.setdefault(mine.budget_label, {})[rival.name] = cell
     return out
 
@@ -145,7 +150,10 @@ def _paired_lines(report: dict[str, Any]) -> list[str]:
             shown = []
             for name in tasks:
                 cell = cells.get(name)
-                shown.append("n/a" if cell is None else f"{cell['difference']:+.3f} ± {cell['stderr']:.3f}")
+                text = "n/a" if cell is None else f"{cell['difference']:+.3f} ± {cell['stderr']:.3f}"
+                if cell and cell.get("answer_nll"):
+                    text += f" (answer NLL {cell['answer_nll']['difference']:+.3f} ± {cell['answer_nll']['stderr']:.3f})"
+                shown.append(text)
             rows.append("| " + " | ".join([f"autoselect − {rival}", budget] + shown) + " |")
     if not rows:
         return []
@@ -153,7 +161,8 @@ def _paired_lines(report: dict[str, Any]) -> list[str]:
     return [
         "",
         "Paired on the same examples: AutoSelect minus each baseline at the same budget (± standard "
-        "error of the paired difference; positive is better for accuracy, worse for NLL).",
+        "error of the paired difference; positive is better for accuracy, worse for NLL; for choice "
+        "tasks also the true answer's NLL per token, which separates methods with far fewer examples).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),

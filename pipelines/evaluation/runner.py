@@ -7,15 +7,15 @@ baseline's draws for a task do not depend on which other tasks ran before it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm import tqdm
 
 from pipelines.evaluation.methods import Method
 from pipelines.evaluation.scoring import answer_log_likelihoods, choice_batch, encode_rows
+from pipelines.evaluation.stats import stderr_of_mean, stderr_of_ratio
 from pipelines.evaluation.tasks import Task
 
 
@@ -29,23 +29,21 @@ class Tally:
     tokens: int = 0
     per_example: list[float] = field(default_factory=list)  # choice: 1/0 correct; nll: summed NLL
     per_example_tokens: list[int] = field(default_factory=list)  # nll tasks: answer tokens
+    # choice tasks: NLL per token of the true answer turn, far less noisy than 1/0 accuracy
+    answer_nll: list[float] = field(default_factory=list)
 
     def score(self, kind: str) -> float:
         return self.correct / self.n if kind == "choice" else self.nll / self.tokens
 
-    def stderr(self, kind: str) -> float | None:
-        """Standard error of `score` over examples (None below 2 examples), as lmms-eval reports it:
-        the sample standard deviation over sqrt(n) for accuracy; for the token-weighted NLL the
-        ratio estimator's (delta method) error, so long answers weigh as they do in the score."""
-        n = len(self.per_example)
-        if n < 2:
-            return None
-        if kind == "choice":
-            mean = sum(self.per_example) / n
-            return math.sqrt(sum((v - mean) ** 2 for v in self.per_example) / (n - 1) / n)
-        ratio, mean_tokens = self.score(kind), self.tokens / n
-        residuals = [v - ratio * t for v, t in zip(self.per_example, self.per_example_tokens)]
-        return math.sqrt(sum(r * r for r in residuals) / (n - 1) / n) / mean_tokens
+    def summary(self, kind: str) -> dict[str, Any]:
+        """Score with its standard error over examples (lmms-eval's convention) and the per-example values."""
+        out: dict[str, Any] = {"score": self.score(kind), "n": self.n, "per_example": self.per_example}
+        if kind == "nll":
+            out.update(stderr=stderr_of_ratio(self.per_example, self.per_example_tokens), per_example_tokens=self.per_example_tokens)
+        else:
+            out.update(stderr=stderr_of_mean(self.per_example), answer_nll=sum(self.answer_nll) / len(self.answer_nll),
+                       answer_nll_stderr=stderr_of_mean(self.answer_nll), per_example_answer_nll=self.answer_nll)
+        return out
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -62,9 +60,9 @@ def evaluate_task(
     device: torch.device,
     dtype: torch.dtype,
 ) -> dict[str, dict[str, float | int]]:
-    """``{method label: {"score", "stderr", "n", "per_example"}}``: accuracy for choice tasks, mean NLL
-    per answer token for nll tasks; ``per_example`` (1/0 correct, or summed NLL) lets methods be
-    compared pairwise on the same examples."""
+    """``{method label: {"score", "stderr", "n", "per_example", ...}}``: accuracy for choice tasks (and
+    the true answer's NLL per token, ``answer_nll``), mean NLL per answer token for nll tasks;
+    ``per_example`` (1/0 correct, or summed NLL) lets methods be compared pairwise on the same examples."""
     tallies = {m.label: Tally() for m in methods}
     chunks = [task.examples[i : i + batch_size] for i in range(0, len(task.examples), batch_size)]
     with tqdm(total=len(chunks) * len(methods), desc=task.name, unit="run", leave=False) as bar:
@@ -81,20 +79,19 @@ def evaluate_task(
                 tally = tallies[method.label]
                 tally.n += len(chunk)
                 if task.kind == "choice":
-                    hits = (sums.view(len(chunk), repeats).argmax(-1) == truth).tolist()
+                    sums, counts = sums.view(len(chunk), repeats), counts.view(len(chunk), repeats)
+                    hits = (sums.argmax(-1) == truth).tolist()
                     tally.correct += sum(hits)
                     tally.per_example += [float(h) for h in hits]
+                    true = truth[:, None]
+                    tally.answer_nll += (-sums.gather(1, true) / counts.gather(1, true)).squeeze(1).tolist()
                 else:
                     tally.nll -= float(sums.sum())
                     tally.tokens += int(counts.sum())
                     tally.per_example += (-sums).tolist()
                     tally.per_example_tokens += counts.tolist()
                 bar.update()
-    return {
-        label: {"score": t.score(task.kind), "stderr": t.stderr(task.kind), "n": t.n, "per_example": t.per_example,
-                **({"per_example_tokens": t.per_example_tokens} if task.kind == "nll" else {})}
-        for label, t in tallies.items()
-    }
+    return {label: t.summary(task.kind) for label, t in tallies.items()}
 
 
 def evaluate(
