@@ -50,7 +50,7 @@ def add_heldout_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="fmnist_vqa")
     parser.add_argument("--corpora", type=Path, default=Path(".cache/corpora"))
     parser.add_argument("--limit", type=int, default=40)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto: bf16 on GPU / native-bf16 CPUs, else float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
 

@@ -9,6 +9,7 @@ was trained on.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,10 +33,25 @@ def _tiny(path: str):
     return TINY_BACKBONES[name]
 
 
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matrix instructions
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). Without it torch emulates
+    bf16 and a matmul is ~30x slower than float32 (measured on an AVX2-only EPYC), while with it
+    bf16 training of the mini-LLaVA ran ~6x faster than float32. Unknown (no /proc): False."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bfloat16 on GPU, float32 on CPU."""
+    """``auto`` is bfloat16 on GPU and on CPUs with native bf16 (`cpu_has_native_bf16`), else float32."""
     if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
+        dtype = "bfloat16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()) else "float32"
     return getattr(torch, dtype)
 
 

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="seeds the generated tasks and the random baseline (default: %(default)s)")
     add("--fastv-layer", type=int, default=None, help="FastV's cut layer L (default: 2, or the LLM's depth - 1 if smaller)")
     add("--overlay", type=names, default=None, help="methods for kept_patches.png (default: autoselect and the first two baselines)")
-    add("--dtype", choices=DTYPES, default="auto", help="model dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    add("--dtype", choices=DTYPES, default="auto", help="model dtype (auto: bfloat16 on GPU and on CPUs with native bf16, else float32)")
     add("--tracking-uri", default=None, help="MLflow tracking URI for models:/ (default: $MLFLOW_TRACKING_URI, else outputs/mlflow.db)")
     add("--out", type=Path, default=Path("outputs/eval"), help="output folder (default: %(default)s)")
     return parser

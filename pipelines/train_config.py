@@ -25,7 +25,7 @@ class ModelSection:
     """The frozen VLM: a local folder or hub id (``from_pretrained``), or the built-in tiny LLaVA."""
 
     path: str = TINY_LLAVA
-    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    dtype: str = "auto"  # auto: bfloat16 on GPU and on CPUs with native bf16, else float32
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:

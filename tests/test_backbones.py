@@ -247,3 +247,22 @@ def test_gate_attention_trains_on_the_inference_sequence_or_refuses_by_name(back
         trained = float(model(**batch, labels=labels).loss)
         inferred = float(model.eval()(**batch, labels=labels).loss)
     assert trained == pytest.approx(inferred, abs=1e-4)
+
+
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_native_bf16(tmp_path, monkeypatch):
+    """bf16 on a CPU without bf16 instructions is emulated (a matmul ~30x slower than float32 on an
+    AVX2-only EPYC), so `auto` picks it only on GPUs and CPUs that list avx512_bf16 or amx_bf16."""
+    from pipelines import backbone
+
+    avx2, amx = tmp_path / "avx2", tmp_path / "amx"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    amx.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    assert not backbone.cpu_has_native_bf16(avx2) and backbone.cpu_has_native_bf16(amx)
+    assert not backbone.cpu_has_native_bf16(tmp_path / "absent")
+    native = backbone.cpu_has_native_bf16
+    for cpuinfo, expected in ((avx2, torch.float32), (amx, torch.bfloat16)):
+        monkeypatch.setattr(backbone, "cpu_has_native_bf16", lambda c=cpuinfo: native(c))
+        assert backbone.resolve_dtype("auto", torch.device("cpu")) == expected
+        monkeypatch.undo()
+    assert backbone.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert backbone.resolve_dtype("float32", torch.device("cuda")) == torch.float32
