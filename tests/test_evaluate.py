@@ -286,3 +286,31 @@ def test_scorer_from_the_mlflow_registry(taught, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["autoselect"]["registered_model"] == "tiny-scorer" and report["autoselect"]["version"] == version
     assert report["results"]["autoselect"]["16"]["tasks"]["markers"]["n"] == 8
+
+
+def test_budget_sampling_bench_compares_scorers_on_the_same_examples(taught, tmp_path, capsys):
+    """bench/budget_sampling_mini_llava.py on the tiny model: a scorer against itself differs by
+    exactly 0; against another scorer the paired difference is the difference of accuracies."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "budget_sampling_mini_llava.py"
+    spec = importlib.util.spec_from_file_location("budget_sampling_mini_llava", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    untrained = tmp_path / "untrained"
+    AutoSelectModel.attach(build_tiny_llava(seed=0)[0], AutoSelectConfig(budget=8)).save_pretrained(untrained)
+    out = tmp_path / "bench.json"
+    code = bench.main(["--model", str(taught["model_dir"]), "--task", "markers", "--limit", "16", "--dtype", "float32",
+                       "--sampled", str(taught["scorer_dir"]), "--per-budget", f"8={taught['scorer_dir']}", f"16={untrained}",
+                       "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["examples"] == 16 and set(result["budgets"]) == {"8", "16"}
+    same, other = result["budgets"]["8"], result["budgets"]["16"]
+    assert same["sampled_minus_per_budget"]["accuracy_points"] == 0.0 and same["within_tolerance"]
+    assert same["sampled"] == same["per_budget"]
+    expected = 100 * (other["sampled"]["accuracy"] - other["per_budget"]["accuracy"])
+    assert other["sampled_minus_per_budget"]["accuracy_points"] == pytest.approx(expected, abs=0.02)
+    assert "| 16 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--sampled", "x", "--per-budget", "eight=x"])
