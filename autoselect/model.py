@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -62,6 +63,7 @@ class AutoSelectModel(PrunedVLM):
         self.scorer = build_scorer(config, adapter.vision_width)
         self.denoiser = Denoiser(adapter.vision_width, config.denoiser_layers, config.denoiser_mlp_ratio, config.dropout)
         self.training_step = 0
+        self.has_trained_denoiser = True  # False after loading an inference-only save
         # float32 whatever the VLM's dtype: bf16 logits are so coarse that most tokens tie (and the
         # soft top-K then spreads the budget evenly over them), and bf16 weights lose small updates.
         device = next(vlm.parameters()).device
@@ -102,20 +104,32 @@ class AutoSelectModel(PrunedVLM):
                 f"{adapter.vision_width}"
             )
         model = cls.attach(vlm, config)
-        state = load_file(str(directory / WEIGHTS_NAME), device=str(next(vlm.parameters()).device))
-        model.trainable_modules().load_state_dict(state, strict=True)
+        weights = directory / WEIGHTS_NAME
+        state = load_file(str(weights), device=str(next(vlm.parameters()).device))
+        with safe_open(str(weights), framework="pt") as handle:
+            inference_only = (handle.metadata() or {}).get("inference_only") == "true"
+        if inference_only:  # the scorer alone: what inference runs (see save_pretrained)
+            model.scorer.load_state_dict({k.removeprefix("scorer."): v for k, v in state.items()}, strict=True)
+            model.has_trained_denoiser = False
+        else:
+            model.trainable_modules().load_state_dict(state, strict=True)
         return model
 
     def trainable_modules(self) -> nn.ModuleDict:
         return nn.ModuleDict({"scorer": self.scorer, "denoiser": self.denoiser})
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` holding only scorer + denoiser."""
+    def save_pretrained(self, directory: str | Path, inference_only: bool = False) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` holding only scorer + denoiser (never the
+        VLM). ``inference_only``: the scorer alone, all that inference runs (the denoiser is
+        train-only; ~30 % of the weights on the mini-LLaVA); such a save cannot resume training."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        inference_only = inference_only or not self.has_trained_denoiser  # never save a fresh denoiser as trained
         self.config.save(directory / CONFIG_NAME)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_modules().state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "backbone": str(self.config.backbone)})
+        modules = nn.ModuleDict({"scorer": self.scorer}) if inference_only else self.trainable_modules()
+        state = {k: v.detach().contiguous().cpu() for k, v in modules.state_dict().items()}
+        metadata = {"format": "pt", "backbone": str(self.config.backbone), "inference_only": str(inference_only).lower()}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata=metadata)
         return directory
 
     # ---- nn.Module plumbing -------------------------------------------------------------
@@ -238,6 +252,9 @@ class AutoSelectModel(PrunedVLM):
         """Train mode: soft, gated path (needs ``labels`` for a loss). Eval mode: hard top-K."""
         if not self.training:
             return super().forward(budget=budget, **inputs)
+        if not self.has_trained_denoiser:
+            raise ValueError("this scorer was saved with inference_only=True (no denoiser): it can prune, "
+                             "not train; load a full save_pretrained folder to continue training")
         image_inputs, text = self.split_inputs(dict(inputs))
         if not image_inputs:
             return self.vlm(**text)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 from torch import nn
@@ -189,6 +190,34 @@ def test_save_and_load_round_trip(tiny, batch, tmp_path):
     loaded = AutoSelectModel.from_pretrained(tmp_path, fresh_vlm).eval()
     assert torch.equal(loaded.score(pixel_values=batch["pixel_values"]), scores)
     assert loaded.config.budget == 16
+
+
+def test_inference_only_save_keeps_the_scorer_prunes_the_same_and_refuses_training(tiny, batch, tmp_path):
+    """The denoiser is train-only: an inference-only save holds the scorer alone, is smaller, keeps
+    the same tokens and logits, refuses a training forward by name, and re-saves scorer-only."""
+    vlm, _ = tiny
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16))
+    with torch.no_grad():
+        for p in model.trainable_modules().parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    model.save_pretrained(tmp_path / "full")
+    model.save_pretrained(tmp_path / "scorer", inference_only=True)
+    keys = safetensors.torch.load_file(str(tmp_path / "scorer" / "model.safetensors")).keys()
+    assert keys and all(k.startswith("scorer.") for k in keys)
+    assert (tmp_path / "scorer" / "model.safetensors").stat().st_size < (tmp_path / "full" / "model.safetensors").stat().st_size
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        loaded = AutoSelectModel.from_pretrained(tmp_path / "scorer", build_tiny_llava(seed=0)[0]).eval()
+        assert torch.equal(loaded(**inputs).logits, expected)
+    assert torch.equal(loaded.last_selection.indices, model.last_selection.indices)
+    with pytest.raises(ValueError, match="inference_only=True"):
+        loaded.train()(**batch)
+    loaded.save_pretrained(tmp_path / "again")  # a full save of it must not pass a fresh denoiser off as trained
+    assert all(k.startswith("scorer.") for k in safetensors.torch.load_file(str(tmp_path / "again" / "model.safetensors")))
+    full = AutoSelectModel.from_pretrained(tmp_path / "full", build_tiny_llava(seed=0)[0])
+    assert full.has_trained_denoiser and torch.isfinite(full.train()(**batch).logits).all()  # the training path runs
 
 
 def test_from_pretrained_refuses_other_vision_width(tiny, tmp_path):
