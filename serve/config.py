@@ -30,7 +30,7 @@ class ServeArgs(_Strict):
     """What one application serves: a frozen VLM plus a registered AutoSelect scorer."""
 
     backbone: str = TINY_LLAVA  # local HF folder (model + processor), or the built-in tiny LLaVA id
-    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    dtype: str = "auto"  # auto: bfloat16 on GPU and on CPUs with native bf16, else float32
     scorer_uri: str = DEFAULT_SCORER_URI  # models:/<name>@<alias> (or /<version>)
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db
     served_model_name: str | None = None  # the OpenAI `model` id; default: the registered model name
