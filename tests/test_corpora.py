@@ -68,3 +68,28 @@ def test_committed_projector_beats_an_unaligned_one_on_held_out_fashion_mnist(co
     claimed = json.loads(DEFAULT_PROJECTOR.with_name("metrics.json").read_text())["heldout"]["fmnist_class"]["accuracy"]
     assert good >= 0.3 and good >= bad + 0.2, (good, bad)
     assert abs(good - claimed) <= 0.25, f"committed metrics say {claimed}, this sample gives {good}"
+
+
+def test_committed_scorer_loads_on_the_aligned_mini_llava_and_keeps_28_tokens(corpora):
+    """The committed scorer (inference-only save) loads onto the aligned mini-LLaVA, keeps exactly
+    K = 28 sorted tokens per held-out image, the same for an image alone as in a batch, and
+    refuses to train (it has no denoiser)."""
+    from PIL import Image
+
+    from autoselect import AutoSelectModel
+    from autoselect.convert.aligned import DEFAULT_PROJECTOR, load_aligned_mini_llava
+
+    vlm, processor = load_aligned_mini_llava(DEFAULT_PROJECTOR)
+    model = AutoSelectModel.from_pretrained(ROOT / "artifacts" / "mini-llava" / "scorer-k28-sampled", vlm).eval()
+    assert not model.has_trained_denoiser and model.config.budget == 28
+    records = load_records(corpora, "fashion_mnist", "heldout")[:4]
+    pixels = processor.image_processor([Image.open(corpora / r["image"]).convert("RGB") for r in records],
+                                       return_tensors="pt")["pixel_values"]
+    selection, _ = model.select(None, pixel_values=pixels)
+    assert selection.indices.shape == (4, 28)
+    assert (selection.indices.diff(dim=-1) > 0).all() and int(selection.indices.max()) < 256
+    for i in range(4):
+        alone, _ = model.select(None, pixel_values=pixels[i : i + 1])
+        assert torch.equal(alone.indices[0], selection.indices[i])
+    with pytest.raises(ValueError, match="inference_only"):
+        model.train()(pixel_values=pixels[:1], input_ids=torch.zeros(1, 1, dtype=torch.long))
