@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -32,9 +31,8 @@ from pipelines.backbone import load_autoselect, load_vlm_and_processor  # noqa: 
 from pipelines.evaluation.methods import PreLLM  # noqa: E402
 from pipelines.evaluation.report import paired_difference  # noqa: E402
 from pipelines.evaluation.runner import evaluate_task  # noqa: E402
-from pipelines.evaluation.scoring import prompt_inputs  # noqa: E402
+from pipelines.evaluation.scoring import heldout_task  # noqa: E402
 from pipelines.evaluation.stats import stderr_of_mean  # noqa: E402
-from pipelines.evaluation.tasks import Example, TaskContext, load_tasks  # noqa: E402
 
 
 def per_budget(text: str) -> tuple[int, str]:
@@ -72,14 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     vlm, processor = load_vlm_and_processor(args.model, args.dtype, torch.device("cpu"))
     dtype = next(vlm.parameters()).dtype
-    probe = prompt_inputs(processor, Example("probe", Image.new("RGB", (64, 64)), "?", ""))
-    ctx = TaskContext(image_size=int(probe["pixel_values"].shape[-1]), patch_size=int(vlm.config.vision_config.patch_size),
-                      corpora_dir=args.corpora, seed=0, limit=args.limit)
-    tasks, skipped = load_tasks([args.task], ctx)
-    if not tasks:
-        print(f"error: task {args.task!r} is not available: {skipped}", file=sys.stderr)
+    try:
+        task = heldout_task(vlm, processor, args.task, args.corpora, args.limit)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    task, image_token_id = tasks[0], get_adapter(vlm).image_token_id
+    image_token_id = get_adapter(vlm).image_token_id
     sampled, sampled_info = load_autoselect(args.sampled, vlm, args.tracking_uri)
     scorers = {k: load_autoselect(source, vlm, args.tracking_uri) for k, source in args.per_budget}
 

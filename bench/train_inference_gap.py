@@ -21,16 +21,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from autoselect import AutoSelectModel  # noqa: E402
 from autoselect.pruners.random import RandomPruner  # noqa: E402
 from pipelines.backbone import load_autoselect, load_vlm_and_processor  # noqa: E402
-from pipelines.evaluation.scoring import encode_rows, prompt_inputs  # noqa: E402
-from pipelines.evaluation.tasks import load_tasks  # noqa: E402
-from pipelines.evaluation.tasks.base import Example, TaskContext  # noqa: E402
+from pipelines.evaluation.scoring import encode_rows, heldout_task  # noqa: E402
+from pipelines.evaluation.tasks.base import Example  # noqa: E402
 
 NEAR_ZERO = 1e-4
 
@@ -67,13 +65,7 @@ def report(result: dict, label: str, out: Path | None) -> None:
 
 def heldout_batches(vlm, processor, task: str, corpora: Path, limit: int, seed: int) -> tuple[list[Example], list[dict]]:
     """The held-out examples of ``task`` and their answer-labelled batches of 8."""
-    probe = prompt_inputs(processor, Example("probe", Image.new("RGB", (64, 64)), "?", ""))
-    ctx = TaskContext(image_size=int(probe["pixel_values"].shape[-1]), patch_size=int(vlm.config.vision_config.patch_size),
-                      corpora_dir=corpora, seed=seed, limit=limit)
-    tasks, skipped = load_tasks([task], ctx)
-    if not tasks:
-        raise ValueError(f"task {task!r} is not available: {skipped}")
-    examples = tasks[0].examples
+    examples = heldout_task(vlm, processor, task, corpora, limit, seed).examples
     return examples, [encode_rows(processor, [(e, e.answer) for e in examples[i : i + 8]]) for i in range(0, len(examples), 8)]
 
 

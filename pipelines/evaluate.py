@@ -27,7 +27,6 @@ if __package__ in (None, ""):  # run as `python pipelines/evaluate.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-from PIL import Image
 
 from autoselect.backbones import get_adapter
 from autoselect.config import resolve_budget, validate_budget
@@ -37,8 +36,8 @@ from pipelines.evaluation.methods import AUTOSELECT, baseline_settings, build_me
 from pipelines.evaluation.plots import kept_patches_plot, processed_image, retention_plot
 from pipelines.evaluation.report import Budget, build_report, markdown
 from pipelines.evaluation.runner import evaluate, to_device
-from pipelines.evaluation.scoring import SCORING, prompt_inputs
-from pipelines.evaluation.tasks import TASKS, Example, TaskContext, load_tasks
+from pipelines.evaluation.scoring import SCORING, probe_prompt, prompt_inputs, task_context
+from pipelines.evaluation.tasks import TASKS, Example, load_tasks
 from pipelines.train_config import DTYPES, TINY_LLAVA
 
 DEFAULT_BUDGETS = ["1/9", "2/9", "1/3"]  # 64 / 128 / 192 of LLaVA-1.5's 576 tokens; 28 / 57 / 85 of 256
@@ -164,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     vlm, processor = load_vlm_and_processor(args.model, args.dtype, device)
     dtype = next(vlm.parameters()).dtype
     image_token_id = get_adapter(vlm).image_token_id
-    probe = prompt_inputs(processor, Example("probe", Image.new("RGB", (64, 64)), "?", ""))
-    num_tokens = int((probe["input_ids"] == image_token_id).sum())
+    num_tokens = int((probe_prompt(processor)["input_ids"] == image_token_id).sum())
     try:
         budgets = [Budget(label, value, resolve_budget(value, num_tokens)) for label, value in given_budgets]
     except ValueError as exc:
@@ -180,14 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"AutoSelect scorer from {args.autoselect} (trained at budget {autoselect.config.budget})")
 
-    ctx = TaskContext(
-        image_size=int(probe["pixel_values"].shape[-1]),
-        patch_size=int(vlm.config.vision_config.patch_size),
-        corpora_dir=args.corpora,
-        seed=args.seed,
-        limit=args.limit,
-    )
-    tasks, skipped = load_tasks(args.tasks, ctx)
+    tasks, skipped = load_tasks(args.tasks, task_context(vlm, processor, args.corpora, args.seed, args.limit))
     for name, reason in skipped.items():
         print(f"skipped task {name}: {reason}")
     settings = baseline_settings(vlm, args.seed, args.fastv_layer)

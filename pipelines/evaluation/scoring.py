@@ -12,15 +12,17 @@ answer token is scored by the logit of the column just before it in the pruned s
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
+from PIL import Image
 
 from autoselect.data import collate, encode_example
 from autoselect.placeholders import IGNORE_INDEX, prune_placeholders
 from autoselect.pruned import Selection
 from pipelines.evaluation.methods import Method
-from pipelines.evaluation.tasks import Example
+from pipelines.evaluation.tasks import Example, Task, TaskContext, load_tasks
 from pipelines.samples import chat_messages
 
 SCORING = {
@@ -47,6 +49,26 @@ def prompt_inputs(processor, example: Example) -> dict[str, torch.Tensor]:
     messages = chat_messages([(example.question, "")])[:1]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return dict(processor(images=[example.image], text=[text], return_tensors="pt"))
+
+
+def probe_prompt(processor) -> dict[str, torch.Tensor]:
+    """A prompt with one blank image: what the processor makes of any image (side, visual tokens)."""
+    return prompt_inputs(processor, Example("probe", Image.new("RGB", (64, 64)), "?", ""))
+
+
+def task_context(vlm, processor, corpora_dir: Path, seed: int = 0, limit: int | None = None) -> TaskContext:
+    """The `TaskContext` of this backbone: the image side its processor produces, its patch size."""
+    side = int(probe_prompt(processor)["pixel_values"].shape[-1])
+    return TaskContext(image_size=side, patch_size=int(vlm.config.vision_config.patch_size),
+                       corpora_dir=corpora_dir, seed=seed, limit=limit)
+
+
+def heldout_task(vlm, processor, name: str, corpora_dir: Path, limit: int | None, seed: int = 0) -> Task:
+    """One held-out task for this backbone; ValueError naming why when its data is absent."""
+    tasks, skipped = load_tasks([name], task_context(vlm, processor, corpora_dir, seed, limit))
+    if not tasks:
+        raise ValueError(f"task {name!r} is not available: {skipped[name]}")
+    return tasks[0]
 
 
 def output_columns(
