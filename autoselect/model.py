@@ -105,9 +105,9 @@ class AutoSelectModel(PrunedVLM):
             )
         model = cls.attach(vlm, config)
         weights = directory / WEIGHTS_NAME
-        state = load_file(str(weights), device=str(next(vlm.parameters()).device))
-        with safe_open(str(weights), framework="pt") as handle:
+        with safe_open(str(weights), framework="pt", device=str(next(vlm.parameters()).device)) as handle:
             inference_only = (handle.metadata() or {}).get("inference_only") == "true"
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
         if inference_only:  # the scorer alone: what inference runs (see save_pretrained)
             model.scorer.load_state_dict({k.removeprefix("scorer."): v for k, v in state.items()}, strict=True)
             model.has_trained_denoiser = False
