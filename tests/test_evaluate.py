@@ -112,9 +112,12 @@ def test_batched_scores_equal_each_rows_own_loss_under_every_pruner(taught):
             assert float(sums[row]) == pytest.approx(-float(loss) * int(counts[row]), abs=1e-4), (method.label, row)
 
 
-def test_shared_prompt_scoring_equals_one_forward_per_row(taught):
+@pytest.mark.parametrize("position_policy", ["repack", "original"])
+def test_shared_prompt_scoring_equals_one_forward_per_row(taught, position_policy):
     """The fast path (each prompt once, its KV cache copied to every candidate) gives the numbers of
-    a full forward per row, for full tokens, AutoSelect and every baseline."""
+    a full forward per row, for full tokens, AutoSelect and every baseline, whether kept tokens are
+    re-packed or keep their original positions (the tail then continues after the unpruned prompt)."""
+    from autoselect.pruners.random import RandomPruner
     from pipelines.evaluation.scoring import shared_prompt_length
 
     vlm, processor = taught["vlm"], taught["processor"]
@@ -124,10 +127,16 @@ def test_shared_prompt_scoring_equals_one_forward_per_row(taught):
     repeats = len(task.choices)
     assert shared_prompt_length(batch, repeats) is not None, "choice rows share their prompt"
     autoselect = AutoSelectModel.from_pretrained(taught["scorer_dir"], vlm).eval()
-    for method in build_methods(vlm, PRUNERS, [("8", 8)], autoselect, baseline_settings(vlm, 0, None)):
+    autoselect.config.position_policy = position_policy
+    if position_policy == "repack":
+        methods = build_methods(vlm, PRUNERS, [("8", 8)], autoselect, baseline_settings(vlm, 0, None))
+    else:  # the pruners whose position policy is a choice (FastV always keeps original positions)
+        methods = [PreLLM("autoselect", "8", 8, autoselect), PreLLM("random", "8", 8, RandomPruner(vlm, 8, seed=0, position_policy="original"))]
+    for method in methods:
+        assert method.name not in ("autoselect", "random") or method.model.position_policy == position_policy
         fast, _ = answer_log_likelihoods(method, batch, repeats, image_token_id, share_prompts=True)
         if method.name == "random":  # a fresh draw per call: rebuild it so both paths see the same stream
-            method = build_methods(vlm, ["random"], [("8", 8)], None, baseline_settings(vlm, 0, None))[1]
+            method = PreLLM("random", "8", 8, RandomPruner(vlm, 8, seed=0, position_policy=position_policy))
         slow, _ = answer_log_likelihoods(method, batch, repeats, image_token_id, share_prompts=False)
         assert torch.allclose(fast, slow, atol=1e-4), (method.label, (fast - slow).abs().max())
 

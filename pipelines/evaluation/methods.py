@@ -71,15 +71,24 @@ def prompt_rows(batch: dict[str, torch.Tensor], repeats: int, prefix: int) -> di
     return rows
 
 
-def continue_rows(vlm: nn.Module, prompt_out, batch: dict[str, torch.Tensor], repeats: int, prefix: int, logits_to_keep: int) -> torch.Tensor:
+def continue_rows(
+    vlm: nn.Module, prompt_out, batch: dict[str, torch.Tensor], repeats: int, prefix: int, logits_to_keep: int,
+    original_positions: bool = False,
+) -> torch.Tensor:
     """Every row's columns after the prompt, on a copy of its group's prompt KV cache; returns the
-    logits of the last ``logits_to_keep`` columns of the (possibly pruned) full sequence."""
+    logits of the last ``logits_to_keep`` columns of the (possibly pruned) full sequence.
+
+    The tail's positions continue the prompt's: after its ``past`` cached columns when the pruned
+    prompt was re-packed, after its ``prefix`` unpruned columns when kept tokens kept their
+    ``original_positions`` (gaps included), as a full forward of the row would number them."""
     cache = prompt_out.past_key_values
     cache.batch_repeat_interleave(repeats)
     past = cache.get_seq_length()
     tail_ids, tail_mask = batch["input_ids"][:, prefix:], batch["attention_mask"][:, prefix:]
     mask = torch.cat([torch.ones(tail_ids.shape[0], past, dtype=tail_mask.dtype, device=tail_mask.device), tail_mask], dim=1)
-    tail = vlm(input_ids=tail_ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+    start = prefix if original_positions else past
+    positions = torch.arange(start, start + tail_ids.shape[1], device=tail_ids.device).expand(tail_ids.shape[0], -1)
+    tail = vlm(input_ids=tail_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True).logits
     logits = torch.cat([prompt_out.logits[:, -1:].repeat_interleave(repeats, dim=0), tail], dim=1)
     if logits_to_keep > logits.shape[1]:
         raise ValueError(f"the scored window ({logits_to_keep}) starts inside the shared prompt ({prefix} columns)")
@@ -133,11 +142,12 @@ class PreLLM(Method):
         unique = {key: value[::repeats] for key, value in image_inputs.items()}  # one image per row group
         selection, kept = self.model.select(self.budget, **unique)
         repeated = repeat_selection(selection, repeats)
-        if prefix is None or repeats == 1 or self.model.position_policy != "repack" or self.model.adapter.layout_positions:
+        if prefix is None or repeats == 1 or self.model.adapter.layout_positions:
             replay = FixedSelection(self.model, repeated, kept.repeat_interleave(repeats, dim=0))
             return Forward(replay(**batch, logits_to_keep=logits_to_keep).logits, replay.last_selection)
         out = FixedSelection(self.model, selection, kept)(**prompt_rows(batch, repeats, prefix), use_cache=True, logits_to_keep=1)
-        return Forward(continue_rows(self.model.vlm, out, batch, repeats, prefix, logits_to_keep), repeated)
+        original = self.model.position_policy == "original"
+        return Forward(continue_rows(self.model.vlm, out, batch, repeats, prefix, logits_to_keep, original), repeated)
 
 
 class InsideLLM(Method):
