@@ -323,3 +323,37 @@ def test_budget_sampling_bench_compares_scorers_on_the_same_examples(taught, tmp
     assert "| 16 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.main(["--sampled", "x", "--per-budget", "eight=x"])
+
+
+def test_a_task_the_full_model_cannot_do_is_flagged_and_left_out_of_the_second_average():
+    """Full tokens at 8/64 on a 10-way task is 0.7 binomial standard errors above chance: its
+    retention is noise, flagged and averaged apart; 45/64 and the NLL task stay in both averages."""
+    from PIL import Image
+
+    from pipelines.evaluation.methods import FullTokens
+    from pipelines.evaluation.report import Budget, build_report, markdown, not_above_chance
+    from pipelines.evaluation.tasks import Example, Task
+
+    classes = tuple(f"class {i}" for i in range(10))
+    examples = [Example(str(i), Image.new("RGB", (8, 8)), "which?", classes[0]) for i in range(64)]
+    noisy = Task("noisy", "choice", examples, "a 10-way task", "test", classes)
+    clear = Task("clear", "choice", examples, "a 10-way task", "test", classes)
+    caption = Task("caption", "nll", examples, "captions", "test")
+    pruned = PreLLM("random", "8", 8, None)
+    nll = {"per_example_answer_nll": [1.0] * 64}
+    scores = {
+        "noisy": {FULL: {"score": 8 / 64, "n": 64, **nll}, pruned.label: {"score": 12 / 64, "n": 64, **nll}},
+        "clear": {FULL: {"score": 45 / 64, "n": 64, **nll}, pruned.label: {"score": 30 / 64, "n": 64, **nll}},
+        "caption": {FULL: {"score": 3.0, "n": 64}, pruned.label: {"score": 4.0, "n": 64}},
+    }
+    report = build_report({"model": "m", "seed": 0}, [noisy, clear, caption], {}, scores, [FullTokens(None), pruned], [Budget("8", 8, 8)], 64)
+    assert list(report["full_tokens_at_chance"]) == ["noisy"]
+    assert "does not clear chance 0.100 by 2 standard errors (0.038 each at n = 64)" in report["full_tokens_at_chance"]["noisy"]
+    row = report["results"]["random"]["8"]
+    assert row["average_retention"] == pytest.approx((150.0 + 100 * 30 / 45 + 75.0) / 3, abs=0.01)
+    assert row["average_retention_above_chance"] == pytest.approx((100 * 30 / 45 + 75.0) / 2, abs=0.01)
+    assert "avg retention, tasks above chance" in markdown(report)
+    # 13/64 on 10 ways clears chance by 2.7 standard errors; at or below chance is flagged as before
+    assert not_above_chance(clear, {"score": 13 / 64, "n": 64}) is None
+    assert not_above_chance(clear, {"score": 0.05, "n": 64}) is not None
+    assert not_above_chance(caption, {"score": 9.0, "n": 64}) is None

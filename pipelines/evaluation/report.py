@@ -6,6 +6,7 @@ tasks can be averaged: pruned / full for accuracies, full / pruned for losses.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -19,6 +20,7 @@ RETENTION = (
     "no loss against all visual tokens; the average is over the tasks whose retention is defined"
 )
 ALL_TOKENS = "all"
+CHANCE_Z = 2.0  # a full-token accuracy this many binomial standard errors above chance is "above chance"
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,20 @@ def retention(task: Task, full: float, pruned: float) -> float | None:
     if task.higher_is_better:
         return None if full == 0 else 100.0 * pruned / full
     return None if pruned == 0 else 100.0 * full / pruned
+
+
+def not_above_chance(task: Task, full: dict[str, Any], z: float = CHANCE_Z) -> str | None:
+    """Why a choice task's full-token accuracy does not clear chance by ``z`` standard errors
+    (binomial, at chance, one-sided), or None when it does. Below that the model cannot do the task
+    with all tokens, and a pruned/full ratio there measures sampling noise, not pruning."""
+    if task.kind != "choice":
+        return None
+    chance, n, score = 1 / len(task.choices), int(full["n"]), float(full["score"])
+    stderr = math.sqrt(chance * (1 - chance) / n)
+    if score - chance > z * stderr:
+        return None
+    return (f"full-token accuracy {score:.3f} does not clear chance {chance:.3f} by {z:g} standard errors "
+            f"({stderr:.3f} each at n = {n})")
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -59,29 +75,30 @@ def build_report(
     average: dict[str, dict[str, float | None]] = {}
     undefined = {t.name: "full-token accuracy is 0" for t in tasks if t.higher_is_better and scores[t.name][FULL]["score"] == 0}
     at_chance = {  # the model cannot do the task even with all tokens: its retention there is noise
-        t.name: f"full-token accuracy {float(scores[t.name][FULL]['score']):.3f} <= chance {1 / len(t.choices):.3f}"
-        for t in tasks
-        if t.name not in undefined and t.kind == "choice" and float(scores[t.name][FULL]["score"]) <= 1 / len(t.choices)
+        t.name: why for t in tasks if t.name not in undefined and (why := not_above_chance(t, scores[t.name][FULL]))
     }
     for method in methods:
         budget = method.budget_label or ALL_TOKENS
         row: dict[str, Any] = {}
+        retained: dict[str, float | None] = {}
         for task in tasks:
             full = float(scores[task.name][FULL]["score"])
             got = scores[task.name][method.label]
+            retained[task.name] = retention(task, full, float(got["score"]))
             row[task.name] = {
                 "score": round(float(got["score"]), 4),
                 "stderr": _round(got.get("stderr"), 4),
                 "n": int(got["n"]),
-                "retention": _round(retention(task, full, float(got["score"])), 2),
+                "retention": _round(retained[task.name], 2),
             }
             if "answer_nll" in got:
                 row[task.name].update(answer_nll=round(got["answer_nll"], 4), answer_nll_stderr=_round(got["answer_nll_stderr"], 4))
-        avg = _round(_mean([retention(t, float(scores[t.name][FULL]["score"]), float(scores[t.name][method.label]["score"])) for t in tasks]), 2)
+        avg = _round(_mean(list(retained.values())), 2)
         results.setdefault(method.name, {})[budget] = {
             "k": k_of.get(budget, num_tokens),
             "tasks": row,
             "average_retention": avg,
+            "average_retention_above_chance": _round(_mean([v for name, v in retained.items() if name not in at_chance]), 2),
         }
         average.setdefault(method.name, {})[budget] = avg
     return {
@@ -176,6 +193,9 @@ def markdown(report: dict[str, Any]) -> str:
     header = ["method", "budget", "K"] + [
         f"{name} ({'acc ↑' if info['higher_is_better'] else 'NLL ↓'}, n={info['n']})" for name, info in tasks.items()
     ] + ["avg retention"]
+    some_at_chance = bool(report["full_tokens_at_chance"])
+    if some_at_chance:
+        header.append("avg retention, tasks above chance")
     lines = [
         "# Visual-token pruning evaluation",
         "",
@@ -191,6 +211,9 @@ def markdown(report: dict[str, Any]) -> str:
         for budget, row in by_budget.items():
             avg = "n/a" if row["average_retention"] is None else f"{row['average_retention']:.1f}%"
             cells = [method, budget, str(row["k"])] + [_cell(row["tasks"][t]) for t in tasks] + [avg]
+            if some_at_chance:
+                above = row["average_retention_above_chance"]
+                cells.append("n/a" if above is None else f"{above:.1f}%")
             lines.append("| " + " | ".join(cells) + " |")
     lines += _paired_lines(report)
     if not tasks:
@@ -199,7 +222,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "Retention undefined (left out of the average):"]
         lines += [f"- `{name}`: {why}" for name, why in report["retention_undefined"].items()]
     if report["full_tokens_at_chance"]:
-        lines += ["", "At chance with all tokens (retention there measures noise, not pruning):"]
+        lines += ["", "At chance with all tokens (retention there measures noise, not pruning; the last column "
+                  "averages the other tasks):"]
         lines += [f"- `{name}`: {why}" for name, why in report["full_tokens_at_chance"].items()]
     if report["skipped"]:
         lines += ["", "Skipped tasks:"]
