@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     vlm, processor = load_vlm_and_processor(args.model, args.dtype, device)
     dtype = next(vlm.parameters()).dtype
     image_token_id = get_adapter(vlm).image_token_id
-    num_tokens = int((probe_prompt(processor)["input_ids"] == image_token_id).sum())
+    probe = probe_prompt(processor)
+    num_tokens = int((probe["input_ids"] == image_token_id).sum())
     try:
         budgets = [Budget(label, value, resolve_budget(value, num_tokens)) for label, value in given_budgets]
     except ValueError as exc:
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"AutoSelect scorer from {args.autoselect} (trained at budget {autoselect.config.budget})")
 
-    tasks, skipped = load_tasks(args.tasks, task_context(vlm, processor, args.corpora, args.seed, args.limit))
+    tasks, skipped = load_tasks(args.tasks, task_context(vlm, probe, args.corpora, args.seed, args.limit))
     for name, reason in skipped.items():
         print(f"skipped task {name}: {reason}")
     settings = baseline_settings(vlm, args.seed, args.fastv_layer)

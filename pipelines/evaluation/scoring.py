@@ -56,16 +56,16 @@ def probe_prompt(processor) -> dict[str, torch.Tensor]:
     return prompt_inputs(processor, Example("probe", Image.new("RGB", (64, 64)), "?", ""))
 
 
-def task_context(vlm, processor, corpora_dir: Path, seed: int = 0, limit: int | None = None) -> TaskContext:
-    """The `TaskContext` of this backbone: the image side its processor produces, its patch size."""
-    side = int(probe_prompt(processor)["pixel_values"].shape[-1])
-    return TaskContext(image_size=side, patch_size=int(vlm.config.vision_config.patch_size),
+def task_context(vlm, probe: dict[str, torch.Tensor], corpora_dir: Path, seed: int = 0, limit: int | None = None) -> TaskContext:
+    """The `TaskContext` of this backbone: the image side its processor produces (from a
+    `probe_prompt`), its patch size."""
+    return TaskContext(image_size=int(probe["pixel_values"].shape[-1]), patch_size=int(vlm.config.vision_config.patch_size),
                        corpora_dir=corpora_dir, seed=seed, limit=limit)
 
 
 def heldout_task(vlm, processor, name: str, corpora_dir: Path, limit: int | None, seed: int = 0) -> Task:
     """One held-out task for this backbone; ValueError naming why when its data is absent."""
-    tasks, skipped = load_tasks([name], task_context(vlm, processor, corpora_dir, seed, limit))
+    tasks, skipped = load_tasks([name], task_context(vlm, probe_prompt(processor), corpora_dir, seed, limit))
     if not tasks:
         raise ValueError(f"task {name!r} is not available: {skipped[name]}")
     return tasks[0]
