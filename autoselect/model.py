@@ -8,6 +8,7 @@ Eval mode:   visual tokens -> scorer -> hard top-K (order kept) -> frozen projec
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ class AutoSelectModel(PrunedVLM):
         self.denoiser = Denoiser(adapter.vision_width, config.denoiser_layers, config.denoiser_mlp_ratio, config.dropout)
         self.training_step = 0
         self.has_trained_denoiser = True  # False after loading an inference-only save
+        self.trained_vlm_dtype: str | None = None  # the frozen VLM's dtype when the loaded scorer was trained
         # float32 whatever the VLM's dtype: bf16 logits are so coarse that most tokens tie (and the
         # soft top-K then spreads the budget evenly over them), and bf16 weights lose small updates.
         device = next(vlm.parameters()).device
@@ -106,8 +108,15 @@ class AutoSelectModel(PrunedVLM):
         model = cls.attach(vlm, config)
         weights = directory / WEIGHTS_NAME
         with safe_open(str(weights), framework="pt", device=str(next(vlm.parameters()).device)) as handle:
-            inference_only = (handle.metadata() or {}).get("inference_only") == "true"
+            metadata = handle.metadata() or {}
             state = {key: handle.get_tensor(key) for key in handle.keys()}
+        inference_only = metadata.get("inference_only") == "true"
+        model.trained_vlm_dtype = metadata.get("vlm_dtype")  # None: saved before it was recorded
+        running = str(next(vlm.parameters()).dtype).removeprefix("torch.")
+        if model.trained_vlm_dtype not in (None, running):
+            warnings.warn(f"the AutoSelect scorer in {directory} was trained over a {model.trained_vlm_dtype} VLM "
+                          f"and now runs over a {running} one: its scores may differ from those it was "
+                          "validated with", stacklevel=2)
         if inference_only:  # the scorer alone: what inference runs (see save_pretrained)
             model.scorer.load_state_dict({k.removeprefix("scorer."): v for k, v in state.items()}, strict=True)
             model.has_trained_denoiser = False
@@ -128,7 +137,8 @@ class AutoSelectModel(PrunedVLM):
         self.config.save(directory / CONFIG_NAME)
         modules = nn.ModuleDict({"scorer": self.scorer}) if inference_only else self.trainable_modules()
         state = {k: v.detach().contiguous().cpu() for k, v in modules.state_dict().items()}
-        metadata = {"format": "pt", "backbone": str(self.config.backbone), "inference_only": str(inference_only).lower()}
+        metadata = {"format": "pt", "backbone": str(self.config.backbone), "inference_only": str(inference_only).lower(),
+                    "vlm_dtype": str(next(self.vlm.parameters()).dtype).removeprefix("torch.")}
         save_file(state, str(directory / WEIGHTS_NAME), metadata=metadata)
         return directory
 

@@ -113,6 +113,7 @@ def train_step(args, model: Path, data: str, data_key: str) -> tuple[str, str]:
     """``(version, run_id)``: a registered version trained with these exact settings, or a new one."""
     from mlflow.tracking import MlflowClient
 
+    from pipelines.backbone import default_device, resolve_dtype
     from pipelines.train import train
     from pipelines.train_config import load_train_config
 
@@ -124,7 +125,9 @@ def train_step(args, model: Path, data: str, data_key: str) -> tuple[str, str]:
         "mlflow.experiment=autoselect-demo", "ray.storage_path=outputs/ray", "name=demo-mini-llava",
     ]
     config = load_train_config(Path("pipelines/configs/mini-llava.yaml"), overrides)
-    key = hashlib.sha256(json.dumps([config.to_dict(), data_key], sort_keys=True).encode()).hexdigest()[:16]
+    # the resolved dtype, not "auto": a scorer trained over a bf16 VLM is not reused on a float32 machine
+    dtype = str(resolve_dtype(config.model.dtype, default_device())).removeprefix("torch.")
+    key = hashlib.sha256(json.dumps([config.to_dict(), data_key, dtype], sort_keys=True).encode()).hexdigest()[:16]
     client = MlflowClient(args.tracking_uri)
     if not args.fresh:
         for version in client.search_model_versions(f"name='{REGISTERED_MODEL}'"):

@@ -29,6 +29,9 @@ import ray.data
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from safetensors import safe_open
+
+from autoselect.model import WEIGHTS_NAME
 from pipelines import registry, storage
 from pipelines.train_config import TrainConfig, load_train_config
 from pipelines.train_loop import AUTOSELECT_DIR, train_loop_per_worker
@@ -95,6 +98,7 @@ def train(config: TrainConfig, config_path: str | None = None) -> dict[str, Any]
                     "backbone": config.model.path,
                     "budget": str(autoselect_config.budget),
                     "vision_width": str(registry_width(Path(directory) / AUTOSELECT_DIR)),
+                    "vlm_dtype": saved_vlm_dtype(Path(directory) / AUTOSELECT_DIR),
                     "run_name": config.name,
                 },
             )
@@ -112,6 +116,12 @@ def train(config: TrainConfig, config_path: str | None = None) -> dict[str, Any]
 
 def registry_width(autoselect_dir: Path) -> int | None:
     return json.loads((autoselect_dir / "config.json").read_text()).get("vision_width")
+
+
+def saved_vlm_dtype(autoselect_dir: Path) -> str:
+    """The frozen VLM's dtype during training, as the workers recorded it ("auto" resolved per machine)."""
+    with safe_open(str(autoselect_dir / WEIGHTS_NAME), framework="pt") as handle:
+        return (handle.metadata() or {}).get("vlm_dtype", "unknown")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,12 @@ def load_vlm(config: TrainConfig, device: torch.device) -> torch.nn.Module:
     return backbone.load_vlm(config.model.path, config.model.dtype, device, config.model.trust_remote_code)
 
 
+def seed_worker(seed: int, rank: int) -> None:
+    """``seed + rank`` for the training draws (gate noise, Gumbel noise): ranks sharing one seed
+    would draw identical noise on their different examples, halving the noise the scorer sees."""
+    torch.manual_seed(seed + rank)
+
+
 def deepspeed_config(config: TrainConfig) -> dict[str, Any]:
     """fp32 DeepSpeed: the only trained parameters (scorer, denoiser) are float32 whatever dtype the
     frozen VLM runs in, so DeepSpeed's bf16 mode (bf16 parameters, fp32 master copy) is not wanted."""
@@ -90,9 +96,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(config.optim.seed)
+    torch.manual_seed(config.optim.seed)  # the same initial scorer on every rank
 
     model = AutoSelectModel.attach(load_vlm(config, device), config.autoselect_config())
+    seed_worker(config.optim.seed, rank)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")  # reuses Ray's group
     engine, _, _, _ = deepspeed.initialize(
         model=model,

@@ -15,6 +15,11 @@ from typing import Any, Iterator
 
 import pytest
 
+# What `dtype: auto` assumes of the CPU, pinned for the whole suite (and the Ray workers and
+# subprocesses it starts, which inherit it): float32, as on an AVX2-only CPU, so no outcome depends
+# on whether the machine has native bf16. `AUTOSELECT_CPU_BF16=1 make test` runs it the other way.
+os.environ.setdefault("AUTOSELECT_CPU_BF16", "0")
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # pipelines/ is not an installed package; make it importable from any cwd
     sys.path.insert(0, str(ROOT))

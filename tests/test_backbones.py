@@ -160,7 +160,9 @@ def test_saved_backbone_folder_loads_with_its_processor(name, tmp_path):
     vlm, processor = TINY_BACKBONES[name](seed=0)
     vlm.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
-    loaded, loaded_processor = load_vlm_and_processor(str(tmp_path), device=torch.device("cpu"))
+    # float32 like the original it is compared with: `auto` would be bf16 on a CPU with native bf16
+    loaded, loaded_processor = load_vlm_and_processor(str(tmp_path), "float32", torch.device("cpu"))
+    assert loaded.dtype == torch.float32
     batch, again = make_batch(processor), make_batch(loaded_processor)
     assert torch.equal(batch["input_ids"], again["input_ids"])
     with torch.no_grad():
@@ -254,6 +256,7 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_has_native_bf16(tmp_path, monkeyp
     AVX2-only EPYC), so `auto` picks it only on GPUs and CPUs that list avx512_bf16 or amx_bf16."""
     from pipelines import backbone
 
+    monkeypatch.delenv(backbone.CPU_BF16_ENV, raising=False)  # the suite pins it (conftest); detect here
     avx2, amx = tmp_path / "avx2", tmp_path / "amx"
     avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
     amx.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
@@ -266,3 +269,23 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_has_native_bf16(tmp_path, monkeyp
         monkeypatch.undo()
     assert backbone.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert backbone.resolve_dtype("float32", torch.device("cuda")) == torch.float32
+
+
+def test_cpu_bf16_override_pins_what_auto_assumes(tmp_path, monkeypatch):
+    """AUTOSELECT_CPU_BF16 decides `auto` on CPU whatever /proc/cpuinfo says (both ways), and a
+    value other than 0/1 is refused by name rather than read as either."""
+    from pipelines import backbone
+
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16 amx_bf16\n")
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu avx2\n")
+    monkeypatch.setenv(backbone.CPU_BF16_ENV, "0")
+    assert not backbone.cpu_has_native_bf16(amx)
+    assert backbone.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setenv(backbone.CPU_BF16_ENV, "1")
+    assert backbone.cpu_has_native_bf16(avx2)
+    assert backbone.resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setenv(backbone.CPU_BF16_ENV, "yes")
+    with pytest.raises(ValueError, match="AUTOSELECT_CPU_BF16 must be 0 or 1"):
+        backbone.cpu_has_native_bf16(avx2)

@@ -220,6 +220,23 @@ def test_inference_only_save_keeps_the_scorer_prunes_the_same_and_refuses_traini
     assert full.has_trained_denoiser and torch.isfinite(full.train()(**batch).logits).all()  # the training path runs
 
 
+def test_saved_scorer_records_its_vlm_dtype_and_warns_when_loaded_over_another(tiny, tmp_path):
+    """A scorer trained over a bf16 VLM (what `auto` picks on some machines) is not passed off as
+    one validated over float32: the save records the dtype and a mismatched load says so."""
+    import warnings
+
+    vlm, _ = tiny
+    AutoSelectModel.attach(vlm.to(torch.bfloat16), AutoSelectConfig(budget=16)).save_pretrained(tmp_path)
+    with safetensors.safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["vlm_dtype"] == "bfloat16"
+    with pytest.warns(UserWarning, match="trained over a bfloat16 VLM and now runs over a float32 one"):
+        loaded = AutoSelectModel.from_pretrained(tmp_path, build_tiny_llava(seed=0)[0])
+    assert loaded.trained_vlm_dtype == "bfloat16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AutoSelectModel.from_pretrained(tmp_path, build_tiny_llava(seed=0)[0].to(torch.bfloat16))
+
+
 def test_from_pretrained_refuses_other_vision_width(tiny, tmp_path):
     vlm, _ = tiny
     AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16)).save_pretrained(tmp_path)

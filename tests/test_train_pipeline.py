@@ -11,9 +11,10 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from mlflow.tracking import MlflowClient
 
-from autoselect import AutoSelectModel
+from autoselect import AutoSelectConfig, AutoSelectModel
 from autoselect.testing import build_tiny_llava
 from autoselect.testing.synthetic import COLOURS, QUESTION, marker_image
 from pipelines import preprocess, registry
@@ -88,6 +89,7 @@ def test_train_resumes_after_worker_death_and_registers(ray_local, s3_env, tiny_
         assert client.get_metric_history(summary["run_id"], name), name
     version = client.get_model_version("tiny-scorer", summary["version"])
     assert version.tags["budget"] == "16" and version.tags["vision_width"] == "32"
+    assert version.tags["vlm_dtype"] == "float32"  # what the workers ran; the suite pins `auto` (conftest)
 
     registered_dir = registry.download_autoselect(f"models:/tiny-scorer/{summary['version']}", tmp_path / "dl")
     from ray.train import Checkpoint
@@ -109,6 +111,30 @@ def test_train_resumes_after_worker_death_and_registers(ray_local, s3_env, tiny_
     tokens = loaded.visual_tokens(pixel_values=pixel_values).numpy()
     scores = scorer_model.predict({"visual_tokens": tokens})
     assert np.allclose(scores, loaded.score(pixel_values=pixel_values).numpy(), atol=1e-6)
+
+
+def test_ranks_draw_different_training_noise_from_one_seed():
+    """Each Ray Train worker seeds ``seed + rank`` after building the model: the initial scorer is
+    the same on every rank, but the noise gate and Gumbel draws differ between ranks (with one seed
+    both workers would add identical noise to their different examples) and repeat per rank."""
+    from autoselect.testing import build_tiny_llava
+    from pipelines.train_loop import seed_worker
+
+    vlm, processor = build_tiny_llava(seed=0)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    batch = processor(images=[image], text=["USER: <image>\nWhat colour? ASSISTANT: red"], return_tensors="pt")
+    batch["labels"] = batch["input_ids"].clone()
+
+    def first_step(rank: int):
+        torch.manual_seed(0)  # as the loop does before attach
+        model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16)).train()
+        init = model.scorer.state_dict()
+        seed_worker(0, rank)
+        return init, float(model(**batch).loss)
+
+    (init0, loss0), (init1, loss1), (_, again0) = first_step(0), first_step(1), first_step(0)
+    assert all(torch.equal(init0[k], init1[k]) for k in init0)
+    assert loss0 != loss1 and loss0 == again0
 
 
 def test_config_errors_are_named(tmp_path):

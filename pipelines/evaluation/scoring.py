@@ -56,16 +56,18 @@ def probe_prompt(processor) -> dict[str, torch.Tensor]:
     return prompt_inputs(processor, Example("probe", Image.new("RGB", (64, 64)), "?", ""))
 
 
-def task_context(vlm, probe: dict[str, torch.Tensor], corpora_dir: Path, seed: int = 0, limit: int | None = None) -> TaskContext:
+def task_context(vlm, probe: dict[str, torch.Tensor], corpora_dir: Path, seed: int = 0, limit: int | None = None,
+                 split: str = "val") -> TaskContext:
     """The `TaskContext` of this backbone: the image side its processor produces (from a
-    `probe_prompt`), its patch size."""
+    `probe_prompt`), its patch size; ``split`` is the held-out half (val: choose, test: report)."""
     return TaskContext(image_size=int(probe["pixel_values"].shape[-1]), patch_size=int(vlm.config.vision_config.patch_size),
-                       corpora_dir=corpora_dir, seed=seed, limit=limit)
+                       corpora_dir=corpora_dir, seed=seed, limit=limit, split=split)
 
 
-def heldout_task(vlm, processor, name: str, corpora_dir: Path, limit: int | None, seed: int = 0) -> Task:
-    """One held-out task for this backbone; ValueError naming why when its data is absent."""
-    tasks, skipped = load_tasks([name], task_context(vlm, probe_prompt(processor), corpora_dir, seed, limit))
+def heldout_task(vlm, processor, name: str, corpora_dir: Path, limit: int | None, seed: int = 0, split: str = "val") -> Task:
+    """One held-out task for this backbone (``split``: val by default, where recipes are chosen);
+    ValueError naming why when its data is absent."""
+    tasks, skipped = load_tasks([name], task_context(vlm, probe_prompt(processor), corpora_dir, seed, limit, split))
     if not tasks:
         raise ValueError(f"task {name!r} is not available: {skipped[name]}")
     return tasks[0]

@@ -8,6 +8,7 @@ itself (mean next-token loss of its tokens). A task whose data is absent raises
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,8 @@ from PIL import Image
 from pipelines.corpora import load_records, open_image, read_manifest
 
 Kind = Literal["choice", "nll"]
+EVAL_SPLITS = ("val", "test")  # every choice is made on val; reported numbers come from test
+HELDOUT_STREAM = 10_000  # + a per-task number: never an integer seed a training stream uses
 GENERATED_DEFAULT_SIZE = 200  # examples of a generated task when --limit is not given
 EXPORT_HINT = "export them with `python pipelines/packaged_corpora.py --out {dir}`"
 
@@ -31,6 +34,9 @@ class Example:
     image: Image.Image
     question: str
     answer: str  # the reference answer (the correct choice, or the caption to score)
+    # where the answer is, as (x0, y0, x1, y1) fractions of the image's width and height; empty
+    # when the task does not know (the evaluation-only oracle needs it)
+    boxes: tuple[tuple[float, float, float, float], ...] = ()
 
 
 @dataclass
@@ -80,6 +86,18 @@ class TaskContext:
     corpora_dir: Path
     seed: int = 0
     limit: int | None = None
+    split: str = "val"  # which half of every held-out set: "val" (choose) or "test" (report)
+
+    def __post_init__(self) -> None:
+        if self.split not in EVAL_SPLITS:
+            raise ValueError(f"split must be one of {EVAL_SPLITS}, got {self.split!r}")
+
+    def rng(self, task_number: int):
+        """The seeded stream of a generated task: its own per task, seed and split, and never an
+        integer seed a training stream uses (``HELDOUT_STREAM``)."""
+        import numpy as np
+
+        return np.random.default_rng([HELDOUT_STREAM, task_number, self.seed, EVAL_SPLITS.index(self.split)])
 
     def size(self, available: int | None = None) -> int:
         """How many examples to use: ``limit``, capped by what is ``available`` (generated: 200)."""
@@ -87,15 +105,28 @@ class TaskContext:
         return min(wanted, available) if available is not None else wanted
 
 
+def cell_box(cell: int, grid: int) -> tuple[float, float, float, float]:
+    """The box of patch ``cell`` (row-major) of a ``grid x grid`` patch grid, in image fractions."""
+    row, col = divmod(cell, grid)
+    return (col / grid, row / grid, (col + 1) / grid, (row + 1) / grid)
+
+
+def split_of(record_id: str) -> str:
+    """``val`` or ``test`` for a held-out record: a fixed half by a hash of its id, so the halves
+    never change with the seed, the limit or the order of the file."""
+    return EVAL_SPLITS[hashlib.sha256(record_id.encode()).digest()[0] % 2]
+
+
 def heldout_records(ctx: TaskContext, name: str) -> list[dict]:
-    """The held-out split ``<name>.heldout.jsonl`` of the packaged-corpora export, never a train file."""
+    """``ctx.split``'s half (`split_of`) of ``<name>.heldout.jsonl`` of the packaged-corpora
+    export, never a train file."""
     path = ctx.corpora_dir / f"{name}.heldout.jsonl"
     if not path.is_file():
         raise TaskUnavailable(f"{path} not found: the packaged corpora are not exported; " + EXPORT_HINT.format(dir=ctx.corpora_dir))
     records = load_records(ctx.corpora_dir, name, "heldout")
     if not records:
         raise TaskUnavailable(f"{path} is empty (was its source left out of the export? see manifest.json 'skipped')")
-    return records
+    return [r for r in records if split_of(r["id"]) == ctx.split]
 
 
 def manifest_choices(ctx: TaskContext, task_key: str) -> tuple[str, ...]:

@@ -21,5 +21,5 @@ def load(ctx: TaskContext) -> Task:
         kind="nll",
         examples=[record_example(ctx, r) for r in chosen],
         description=f"mean NLL per answer token of the reference caption ({', '.join(sorted(by_source))})",
-        source=f"{ctx.corpora_dir}/captions.heldout.jsonl",
+        source=f"{ctx.corpora_dir}/captions.heldout.jsonl, {ctx.split} half",
     )

@@ -19,6 +19,6 @@ def load(ctx: TaskContext) -> Task:
         kind="choice",
         examples=[record_example(ctx, r) for r in chosen],
         description=f"Open Clip Art category ({len(choices)}-way multiple choice)",
-        source=f"{ctx.corpora_dir}/openclipart.heldout.jsonl",
+        source=f"{ctx.corpora_dir}/openclipart.heldout.jsonl, {ctx.split} half",
         choices=choices,
     )

@@ -19,6 +19,6 @@ def load(ctx: TaskContext) -> Task:
         kind="choice",
         examples=[record_example(ctx, r) for r in chosen],
         description="Fashion-MNIST clothing class (10-way multiple choice)",
-        source=f"{ctx.corpora_dir}/fashion_mnist.heldout.jsonl",
+        source=f"{ctx.corpora_dir}/fashion_mnist.heldout.jsonl, {ctx.split} half",
         choices=choices,
     )

@@ -8,28 +8,26 @@ streams (plain integer seeds) never use.
 
 from __future__ import annotations
 
-import numpy as np
-
 from autoselect.testing.synthetic import COLOURS, QUESTION, marker_image
-from pipelines.evaluation.tasks.base import Example, Task, TaskContext
+from pipelines.evaluation.tasks.base import Example, Task, TaskContext, cell_box
 
 NAME = "markers"
-HELDOUT_STREAM = 10_000  # + a per-task number: never an integer seed a training stream uses
 
 
 def load(ctx: TaskContext) -> Task:
-    rng = np.random.default_rng([HELDOUT_STREAM, 1, ctx.seed])
+    rng = ctx.rng(1)
     names = list(COLOURS)
     examples = []
     for i in range(ctx.size()):
         colour = names[int(rng.integers(len(names)))]
-        image, _ = marker_image(rng, colour, size=ctx.image_size, patch=ctx.patch_size)
-        examples.append(Example(f"{NAME}-{i:04d}", image, QUESTION, colour))
+        image, cells = marker_image(rng, colour, size=ctx.image_size, patch=ctx.patch_size)
+        boxes = tuple(cell_box(cell, ctx.image_size // ctx.patch_size) for cell in cells)
+        examples.append(Example(f"{NAME}-{i:04d}", image, QUESTION, colour, boxes))
     return Task(
         name=NAME,
         kind="choice",
         examples=examples,
         description="colour of 2 one-patch markers on grey noise (multiple choice)",
-        source=f"generated (autoselect.testing.synthetic, seed {ctx.seed})",
+        source=f"generated (autoselect.testing.synthetic, seed {ctx.seed}, {ctx.split} stream)",
         choices=tuple(names),
     )
