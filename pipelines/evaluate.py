@@ -5,8 +5,10 @@
     python pipelines/evaluate.py --model autoselect-testing/tiny-llava \
         --autoselect models:/autoselect-scorer@champion --budgets 1/9 2/9 1/3 --tasks markers,spatial_markers
 
-Every method (all tokens, AutoSelect, random, uniform, FastV, VisionZip, DivPrune) scores the
-same encoded batches. Multiple-choice tasks pick the candidate whose full answer turn has the
+Every method (all tokens, AutoSelect, random, uniform, pooled, FastV, VisionZip, DivPrune, and
+the oracle on tasks that know where their answer is) scores the same encoded batches under one
+position policy. Held-out data comes in two fixed halves: choose anything (seed, checkpoint,
+recipe) on ``--split val`` and report ``--split test`` once. Multiple-choice tasks pick the candidate whose full answer turn has the
 highest summed log-likelihood; caption_nll is the mean NLL of the reference answer's tokens.
 Tasks whose data is absent (e.g. the packaged corpora were not exported) are reported as
 skipped, with the reason.
@@ -29,15 +31,17 @@ if __package__ in (None, ""):  # run as `python pipelines/evaluate.py`
 import torch
 
 from autoselect.backbones import get_adapter
-from autoselect.config import resolve_budget, validate_budget
+from autoselect.config import POSITION_POLICIES, resolve_budget, validate_budget
 from autoselect.pruners import available_pruners
 from pipelines.corpora import DEFAULT_OUT
 from pipelines.evaluation.methods import AUTOSELECT, baseline_settings, build_methods
+from pipelines.evaluation.oracle import ORACLE
 from pipelines.evaluation.plots import kept_patches_plot, processed_image, retention_plot
 from pipelines.evaluation.report import Budget, build_report, markdown
 from pipelines.evaluation.runner import evaluate, to_device
 from pipelines.evaluation.scoring import SCORING, probe_prompt, prompt_inputs, task_context
 from pipelines.evaluation.tasks import TASKS, Example, load_tasks
+from pipelines.evaluation.tasks.base import EVAL_SPLITS
 from pipelines.train_config import DTYPES, TINY_LLAVA
 
 DEFAULT_BUDGETS = ["1/9", "2/9", "1/3"]  # 64 / 128 / 192 of LLaVA-1.5's 576 tokens; 28 / 57 / 85 of 256
@@ -67,8 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--autoselect", help="trained scorer: a save_pretrained folder or models:/name@alias (MLflow registry)")
     add("--budgets", nargs="+", default=DEFAULT_BUDGETS, help="K per image (int) or a ratio of N (0.25, 1/9) (default: %(default)s)")
     add("--pruners", type=names, default=None,
-        help=f"comma-separated methods from {AUTOSELECT},{','.join(available_pruners())} "
-        "(default: all of them; autoselect only when --autoselect is given). All tokens always run, as the reference.")
+        help=f"comma-separated methods from {AUTOSELECT},{','.join(available_pruners())},{ORACLE} "
+        "(default: all of them; autoselect only when --autoselect is given; the oracle runs only on tasks with "
+        "answer boxes). All tokens always run, as the reference.")
+    add("--split", choices=EVAL_SPLITS, default="val",
+        help="held-out half: val to choose anything, test to report the chosen recipe once (default: %(default)s)")
+    add("--position-policy", choices=(*POSITION_POLICIES, "both"), default=None,
+        help="positions of the kept tokens for EVERY pre-LLM method: repack (contiguous) or original (the "
+        "unpruned positions, gaps included); both runs each method under each (default: the AutoSelect "
+        "scorer's own policy, else repack)")
     add("--tasks", type=names, default=list(TASKS), help=f"comma-separated tasks (default: {','.join(TASKS)})")
     add("--limit", type=int, default=None, help="examples per task (default: every held-out record; 200 for generated tasks)")
     add("--batch-size", type=int, default=8, help="examples per forward; a multiple-choice batch has examples x choices rows (default: %(default)s)")
@@ -89,7 +100,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> lis
             budgets.append((text, parse_budget(text)))
         except argparse.ArgumentTypeError as exc:
             parser.error(str(exc))
-    known = [AUTOSELECT, *available_pruners()]
+    known = [AUTOSELECT, *available_pruners(), ORACLE]
     if args.pruners is None:
         args.pruners = known if args.autoselect else known[1:]
     unknown = [p for p in args.pruners if p not in known]
@@ -116,10 +127,17 @@ def overlay_labels(pruners: list[str], chosen: list[str] | None, budget: str) ->
 
 
 def write_overlay(path: Path, example: Example, methods, labels: list[str], processor, num_tokens: int, device, dtype) -> Path:
-    """The patches each of ``labels`` keeps on ``example``'s image (prompt only, as served)."""
+    """The patches each of ``labels`` (``pruner@budget``; the first policy when both ran) keeps on
+    ``example``'s image (prompt only, as served)."""
     prompt = to_device(prompt_inputs(processor, example), device, dtype)
-    by_label = {m.label: m for m in methods}
-    panels = [(f"all {num_tokens} tokens", None)] + [(label, by_label[label].kept_indices(prompt)[0]) for label in labels]
+    by_label: dict[str, object] = {}
+    for method in methods:
+        by_label.setdefault(f"{method.base}@{method.budget_label}", method)
+    panels = [(f"all {num_tokens} tokens", None)]
+    for label in labels:
+        method = by_label[label]
+        method.prepare([example])
+        panels.append((label, method.kept_indices(prompt)[0]))
     image = processed_image(prompt["pixel_values"][0], processor)
     return kept_patches_plot(image, num_tokens, panels, path, f"{example.id}: {example.question}")
 
@@ -136,7 +154,9 @@ def write_outputs(args, report: dict, tasks, make_methods, budgets: list[Budget]
     else:
         smallest = min(budgets, key=lambda b: b.k)
         labels = overlay_labels(args.pruners, args.overlay, smallest.label)
-        example = tasks[0].examples[0]
+        # the first task where every overlaid method runs (the oracle needs answer boxes)
+        example = next((t.examples[0] for t in tasks if all(e.boxes for e in t.examples)), tasks[0].examples[0])
+        labels = [label for label in labels if example.boxes or not label.startswith(ORACLE + "@")]
         try:
             outputs["overlay"] = write_overlay(
                 args.out / "kept_patches.png", example, make_methods(), labels, processor, report["visual_tokens_per_image"], device, dtype
@@ -179,14 +199,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"AutoSelect scorer from {args.autoselect} (trained at budget {autoselect.config.budget})")
 
-    tasks, skipped = load_tasks(args.tasks, task_context(vlm, probe, args.corpora, args.seed, args.limit))
+    policy = args.position_policy or (autoselect.position_policy if autoselect is not None else "repack")
+    policies = POSITION_POLICIES if policy == "both" else (policy,)
+    tasks, skipped = load_tasks(args.tasks, task_context(vlm, probe, args.corpora, args.seed, args.limit, args.split))
     for name, reason in skipped.items():
         print(f"skipped task {name}: {reason}")
     settings = baseline_settings(vlm, args.seed, args.fastv_layer)
     budget_args = [(b.label, b.value) for b in budgets]
 
     def make_methods():
-        return build_methods(vlm, args.pruners, budget_args, autoselect, settings)
+        return build_methods(vlm, args.pruners, budget_args, autoselect, settings, policies)
 
     scores = evaluate(tasks, make_methods, processor, image_token_id, args.batch_size, device, dtype)
     meta = {
@@ -194,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         "autoselect": autoselect_info,
         "pruners": {p: settings.get(p, {}) for p in args.pruners},
         "seed": args.seed,
+        "split": args.split,
+        "position_policy": policy,
         "limit": args.limit,
         "batch_size": args.batch_size,
         "device": str(device),

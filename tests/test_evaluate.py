@@ -22,7 +22,8 @@ from pipelines.evaluation.scoring import answer_log_likelihoods, choice_batch, e
 from pipelines.evaluation.tasks import TaskContext, load_tasks
 
 N = 64  # tiny LLaVA: 32 px, patch 4
-PRUNERS = ["autoselect", *available_pruners()]
+CAPTIONS_IN_VAL = 9  # of the 16 held-out caption records write_captions makes, by split_of's hash
+PRUNERS = ["autoselect", *available_pruners(), "oracle"]
 BUDGETS = ["8", "1/4", str(N)]  # K = 8, 16 and N
 
 
@@ -51,7 +52,7 @@ def taught(tmp_path_factory, single_thread):
     return {"root": root, "vlm": vlm.eval(), "processor": processor, "model_dir": root / "vlm", "scorer_dir": root / "scorer"}
 
 
-def write_captions(out: Path, count: int = 8) -> None:
+def write_captions(out: Path, count: int = 16) -> None:
     """A packaged-corpora folder holding only held-out captions (so fmnist_vqa has no data)."""
     import numpy as np
 
@@ -134,6 +135,7 @@ def test_shared_prompt_scoring_equals_one_forward_per_row(taught, position_polic
         methods = [PreLLM("autoselect", "8", 8, autoselect), PreLLM("random", "8", 8, RandomPruner(vlm, 8, seed=0, position_policy="original"))]
     for method in methods:
         assert method.name not in ("autoselect", "random") or method.model.position_policy == position_policy
+        method.prepare(task.examples)  # the oracle reads the examples' answer boxes
         fast, _ = answer_log_likelihoods(method, batch, repeats, image_token_id, share_prompts=True)
         if method.name == "random":  # a fresh draw per call: rebuild it so both paths see the same stream
             method = PreLLM("random", "8", 8, RandomPruner(vlm, 8, seed=0, position_policy=position_policy))
@@ -186,7 +188,10 @@ def test_every_method_and_budget_has_a_score(report):
             for task in tasks[:2]:
                 entry = row["tasks"][task]
                 assert entry["n"] == 16 and 0.0 <= entry["score"] <= 1.0
-            assert row["tasks"]["caption_nll"]["n"] == 8 and row["tasks"]["caption_nll"]["score"] > 0
+            if method == "oracle":  # captions have no answer box: the oracle cannot run there
+                assert "caption_nll" not in row["tasks"]
+                continue
+            assert row["tasks"]["caption_nll"]["n"] == CAPTIONS_IN_VAL and row["tasks"]["caption_nll"]["score"] > 0
 
 
 def test_retention_is_100_at_full_tokens_and_when_k_equals_n(report):
@@ -224,7 +229,8 @@ def test_standard_errors_and_paired_differences_follow_the_per_example_scores(re
             nlls = [report["results"][m]["8"]["tasks"][task]["answer_nll"] for m in ("autoselect", "random")]
             assert paired["8"]["random"][task]["answer_nll"]["difference"] == pytest.approx(nlls[0] - nlls[1], abs=2e-4)
             assert same["answer_nll"] == {"difference": 0.0, "stderr": 0.0, "n": same["n"]}
-    assert set(paired["8"]) == set(PRUNERS) - {"autoselect"}
+    # FastV keeps original positions (its method): under this run's repack policy it is not paired
+    assert set(paired["8"]) == set(PRUNERS) - {"autoselect", "fastv"}
     # with all tokens the taught VLM's true answers are likelier than under random pruning at K = 8
     full_nll, random_nll = (report["results"][m][b]["tasks"]["markers"]["answer_nll"] for m, b in ((FULL, "all"), ("random", "8")))
     assert 0 < full_nll < random_nll
@@ -357,3 +363,76 @@ def test_a_task_the_full_model_cannot_do_is_flagged_and_left_out_of_the_second_a
     assert not_above_chance(clear, {"score": 13 / 64, "n": 64}) is None
     assert not_above_chance(clear, {"score": 0.05, "n": 64}) is not None
     assert not_above_chance(caption, {"score": 9.0, "n": 64}) is None
+
+
+# ---- like for like: one position policy, val/test halves, the oracle --------------------------
+def test_every_pre_llm_method_runs_the_evaluations_position_policy(taught):
+    """`both` builds each pre-LLM method under each policy (names say which) and FixedSelection
+    replays the choice under the method's policy, whatever the pruner's own default: random under
+    the evaluation's `original` gives the logits of a random pruner built with `original`."""
+    from autoselect.pruners.random import RandomPruner
+
+    vlm, processor = taught["vlm"], taught["processor"]
+    methods = build_methods(vlm, ["random", "pooled", "fastv"], [("8", 8)], None, baseline_settings(vlm, 0, None), ("repack", "original"))
+    assert [m.label for m in methods[1:]] == ["random[repack]@8", "random[original]@8", "pooled[repack]@8", "pooled[original]@8", "fastv[original]@8"]
+    assert [m.position_policy for m in methods[1:]] == ["repack", "original", "repack", "original", "original"]
+    (task,), _ = load_tasks(["markers"], TaskContext(32, 4, Path("/nonexistent"), seed=4, limit=2))
+    batch = {k: v for k, v in encode_rows(processor, [(e, e.answer) for e in task.examples]).items() if k != "labels"}
+    got = {m.label: m.forward(batch, 1, 3).logits for m in methods[1:3]}
+    with torch.no_grad():
+        for policy in ("repack", "original"):
+            own = RandomPruner(vlm, 8, seed=0, position_policy=policy)(**batch, logits_to_keep=3).logits
+            assert torch.allclose(got[f"random[{policy}]@8"], own, atol=1e-5), policy
+    assert not torch.allclose(got["random[repack]@8"], got["random[original]@8"], atol=1e-3)
+
+
+def test_cli_states_split_and_policy_and_pairs_only_the_same_policy(taught, tmp_path):
+    report = run_cli(taught, tmp_path / "both", "--pruners", "autoselect,random,fastv", "--budgets", "8",
+                     "--tasks", "markers", "--position-policy", "both", "--split", "test")
+    assert report["split"] == "test" and report["position_policy"] == "both"
+    assert set(report["results"]) == {FULL, "autoselect[repack]", "autoselect[original]", "random[repack]", "random[original]", "fastv[original]"}
+    assert set(report["paired"]["8"]) == {"random[repack]", "random[original]", "fastv[original]"}  # fastv: with autoselect[original] only
+    table = (tmp_path / "both" / "report.md").read_text()
+    assert "test split, position policy both" in table and "| autoselect[original] − fastv[original] | 8 |" in table
+    assert "test stream" in report["tasks"]["markers"]["source"]
+
+
+def test_val_and_test_are_fixed_disjoint_halves_of_every_heldout_set(taught):
+    from pipelines.evaluation.tasks.base import split_of
+
+    corpora = taught["root"] / "corpora"
+    halves = {split: load_tasks(["caption_nll"], TaskContext(32, 4, corpora, split=split))[0][0] for split in ("val", "test")}
+    ids = {split: {e.id for e in task.examples} for split, task in halves.items()}
+    assert not ids["val"] & ids["test"] and len(ids["val"] | ids["test"]) == 16
+    assert all(split_of(i) == split for split, chosen in ids.items() for i in chosen)
+    assert len(ids["val"]) == CAPTIONS_IN_VAL
+    generated = {split: load_tasks(["markers"], TaskContext(32, 4, corpora, seed=0, limit=4, split=split))[0][0] for split in ("val", "test")}
+    assert not torch.equal(torch.tensor(list(generated["val"].examples[0].image.getdata())),
+                           torch.tensor(list(generated["test"].examples[0].image.getdata())))
+    with pytest.raises(ValueError, match="split must be one of"):
+        TaskContext(32, 4, corpora, split="train")
+
+
+def test_the_oracle_keeps_the_answers_patches_and_the_report_checks_the_task(taught, report, out_dir):
+    """The oracle keeps the tokens inside the answer's boxes first (then the nearest ones); on the
+    taught VLM that is the ceiling: it keeps what the full model reads, where random does not."""
+    from pipelines.evaluation.oracle import OraclePruner, box_scores
+
+    scores = box_scores([(0.25, 0.0, 0.5, 0.25)], 4, 4)  # patches (0, 1) of a 4 x 4 grid
+    assert scores.argmax() == 1 and scores[1] == pytest.approx(1.0, abs=1e-5) and scores[0] < 1e-5
+    vlm, processor = taught["vlm"], taught["processor"]
+    (task,), _ = load_tasks(["markers"], TaskContext(32, 4, Path("/nonexistent"), seed=4, limit=3))
+    oracle = OraclePruner(vlm, 2)
+    oracle.prepare(task.examples)
+    pixels = processor(images=[e.image for e in task.examples], text=["<image>"] * 3, return_tensors="pt")["pixel_values"]
+    selection, _ = oracle.select(2, pixel_values=pixels)
+    for example, kept in zip(task.examples, selection.indices):
+        cells = sorted(round(b[1] * 8) * 8 + round(b[0] * 8) for b in example.boxes)
+        assert kept.tolist() == cells, example.id
+    with pytest.raises(ValueError, match="needs answer boxes"):
+        oracle.prepare([task.examples[0].__class__("x", task.examples[0].image, "?", "red")])
+    full, rand, best = (report["results"][m][b]["tasks"]["markers"]["score"] for m, b in ((FULL, "all"), ("random", "8"), ("oracle", "8")))
+    assert best > rand and best >= full - 0.15
+    check = report["selection_check"]["markers"]["oracle@8"]
+    assert check["oracle"] == best and check["random"] == rand and isinstance(check["go"], bool)
+    assert "Can the task show selection?" in (out_dir / "report.md").read_text()

@@ -15,7 +15,7 @@ from autoselect.testing import build_tiny_llava
 
 N, K = 64, 16  # 32 px images, patch 4, CLS dropped
 LAYER = 2  # FastV's default; the tiny LLM gets 3 layers so layer 2 is a real cut
-PRE_LLM = ["random", "uniform", "visionzip", "divprune"]
+PRE_LLM = ["random", "uniform", "pooled", "visionzip", "divprune"]
 ALL = PRE_LLM + ["fastv"]
 PROMPTS = [
     "USER: <image>\nWhat is in the image? ASSISTANT:",
@@ -103,7 +103,7 @@ def test_deterministic(tiny, batch, name):
         assert not torch.equal(other.last_selection.indices, runs[0][1])
 
 
-@pytest.mark.parametrize("name", ["uniform", "visionzip", "divprune", "fastv"])  # random draws differ per call
+@pytest.mark.parametrize("name", ["uniform", "pooled", "visionzip", "divprune", "fastv"])  # random draws differ per call
 def test_left_padded_batch_matches_each_sample_alone(tiny, batch, name):
     vlm, processor = tiny
     pruner = build_pruner(name, vlm, K)
@@ -138,6 +138,24 @@ def test_uniform_grid_is_strided_lattice_and_exact_for_every_k():
         assert idx.numel() == k and torch.all(idx[1:] > idx[:-1]) and idx.max() < 64
     rows = grid_indices(8, 8, 8) // 8
     assert rows.unique().numel() > 1  # spread over rows, not the first 8 patches
+
+
+# ---- pooled grid -----------------------------------------------------------------------------
+def test_pooled_grid_is_average_pooling_for_square_k_and_covers_every_patch_for_any_k():
+    from autoselect.pruners.pooled import PooledGrid, cell_assignment
+
+    vlm, _ = build_tiny_llava(seed=0)
+    tokens = torch.randn(2, 64, 32, generator=torch.Generator().manual_seed(0))
+    selection = PooledGrid(vlm, 16).choose(tokens, 16, {})
+    grid = tokens.transpose(1, 2).reshape(2, 32, 8, 8)
+    expected = torch.nn.functional.adaptive_avg_pool2d(grid, 4).flatten(2).transpose(1, 2)  # row-major 4 x 4 blocks
+    assert torch.allclose(selection.tokens, expected, atol=1e-6)
+    assert torch.equal(selection.indices[0], grid_indices(16, 8, 8))  # each block's token in its centre slot
+    for k in (1, 7, 28, 63):
+        centres, cell = cell_assignment(k, 8, 8)
+        sizes = torch.bincount(cell, minlength=k)
+        assert centres.numel() == k and bool((sizes >= 1).all()) and int(sizes.sum()) == 64
+        assert torch.equal(cell[centres], torch.arange(k))  # every centre pools its own patch
 
 
 # ---- DivPrune --------------------------------------------------------------------------------

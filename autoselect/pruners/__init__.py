@@ -4,7 +4,7 @@ compare them with AutoSelect on the same batches.
 Every pruner wraps one VLM instance (nothing is patched process-wide) and offers
 ``forward(budget=None, **batch)``, ``generate(budget=None, **batch, ...)``, ``default_budget`` and
 ``last_selection`` (a `Selection`: K sorted indices per image). The pre-LLM ones (random, uniform,
-visionzip, divprune) are `PrunedVLM`s, like `AutoSelectModel` at inference; FastV acts inside the
+pooled, visionzip, divprune) are `PrunedVLM`s, like `AutoSelectModel` at inference; FastV acts inside the
 LLM (see its module for how its outputs differ). AutoSelect needs trained weights, so the caller
 builds it with ``AutoSelectModel.from_pretrained(directory, vlm)``.
 """
@@ -18,6 +18,7 @@ from torch import nn
 from autoselect.pruned import PrunedVLM
 from autoselect.pruners.divprune import DivPrune
 from autoselect.pruners.fastv import FastV
+from autoselect.pruners.pooled import PooledGrid
 from autoselect.pruners.random import RandomPruner
 from autoselect.pruners.uniform import UniformPruner
 from autoselect.pruners.visionzip import VisionZip
@@ -27,6 +28,7 @@ Pruner = PrunedVLM | FastV
 PRUNERS: dict[str, type[PrunedVLM] | type[FastV]] = {
     "random": RandomPruner,
     "uniform": UniformPruner,
+    "pooled": PooledGrid,
     "fastv": FastV,
     "visionzip": VisionZip,
     "divprune": DivPrune,
@@ -51,6 +53,7 @@ __all__ = [
     "PRUNERS",
     "DivPrune",
     "FastV",
+    "PooledGrid",
     "Pruner",
     "RandomPruner",
     "UniformPruner",

@@ -18,17 +18,24 @@ from torch import nn
 from autoselect.pruned import PrunedVLM, Selection
 
 
-def grid_indices(k: int, rows: int, cols: int) -> torch.Tensor:
-    """Sorted indices (row-major) of ``k`` patches spread evenly over a ``rows x cols`` grid."""
+def lattice_counts(k: int, rows: int, cols: int) -> list[int]:
+    """How many of ``k`` lattice points each lattice row holds: the lattice splits the grid into
+    ``len(counts)`` even bands of rows, band ``i`` into ``counts[i]`` even cells."""
     if not 1 <= k <= rows * cols:
         raise ValueError(f"budget K={k} must be between 1 and the {rows * cols} visual tokens")
     # Enough lattice rows for k points (ceil) but no more than the grid has; near-square cells.
     lattice_rows = max(math.ceil(k / cols), min(rows, k, round(math.sqrt(k * rows / cols))))
     base, extra = divmod(k, lattice_rows)
+    return [base + (i + 1) * extra // lattice_rows - i * extra // lattice_rows for i in range(lattice_rows)]  # extras spread
+
+
+def grid_indices(k: int, rows: int, cols: int) -> torch.Tensor:
+    """Sorted indices (row-major) of ``k`` patches spread evenly over a ``rows x cols`` grid: the
+    centres of the `lattice_counts` cells."""
+    counts = lattice_counts(k, rows, cols)
     picked = []
-    for i in range(lattice_rows):
-        count = base + (i + 1) * extra // lattice_rows - i * extra // lattice_rows  # spread the extras
-        row = (2 * i + 1) * rows // (2 * lattice_rows)  # cell centres, in exact integer arithmetic
+    for i, count in enumerate(counts):
+        row = (2 * i + 1) * rows // (2 * len(counts))  # cell centres, in exact integer arithmetic
         picked.extend(row * cols + (2 * j + 1) * cols // (2 * count) for j in range(count))
     return torch.tensor(picked, dtype=torch.long)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from torch import nn
 from autoselect.model import AutoSelectModel
 from autoselect.pruned import PrunedVLM, Selection
 from autoselect.pruners import FastV, build_pruner
+from pipelines.evaluation.oracle import ORACLE, OraclePruner
 
 FULL = "full"
 AUTOSELECT = "autoselect"
@@ -53,10 +54,11 @@ def repeat_selection(selection: Selection, repeats: int) -> Selection:
 
 
 class FixedSelection(PrunedVLM):
-    """Runs ``pruner``'s shared pruned path with a selection (and kept tokens) chosen earlier."""
+    """Runs ``pruner``'s shared pruned path with a selection (and kept tokens) chosen earlier,
+    under ``position_policy`` (the evaluation's, whatever the pruner's own default)."""
 
-    def __init__(self, pruner: PrunedVLM, selection: Selection, kept: torch.Tensor) -> None:
-        super().__init__(pruner.vlm, selection.budget, pruner.adapter, pruner.position_policy)
+    def __init__(self, pruner: PrunedVLM, selection: Selection, kept: torch.Tensor, position_policy: str) -> None:
+        super().__init__(pruner.vlm, selection.budget, pruner.adapter, position_policy)
         self._fixed = (selection, kept)
 
     def select(self, budget: int | float | None = None, **image_inputs: Any) -> tuple[Selection, torch.Tensor]:
@@ -96,12 +98,25 @@ def continue_rows(
 
 
 class Method(ABC):
-    def __init__(self, name: str, budget_label: str | None, budget: int | float | None, model: nn.Module) -> None:
-        self.name, self.budget_label, self.budget, self.model = name, budget_label, budget, model
+    """``name`` is what the report shows: the pruner (``base``), with its position policy in
+    brackets when one run compares both policies (``random[original]``)."""
+
+    def __init__(self, name: str, budget_label: str | None, budget: int | float | None, model: nn.Module,
+                 position_policy: str | None = None, show_policy: bool = False) -> None:
+        self.base, self.budget_label, self.budget, self.model = name, budget_label, budget, model
+        self.position_policy = position_policy
+        self.name = f"{name}[{position_policy}]" if show_policy and position_policy else name
 
     @property
     def label(self) -> str:
         return self.name if self.budget_label is None else f"{self.name}@{self.budget_label}"
+
+    def supports(self, task) -> bool:
+        """Whether this method can run ``task`` (the oracle needs answer boxes)."""
+        return True
+
+    def prepare(self, examples) -> None:
+        """Called with a batch's examples before its forward (the oracle reads their boxes)."""
 
     @abstractmethod
     def forward(self, batch: dict[str, torch.Tensor], repeats: int, logits_to_keep: int, prefix: int | None = None) -> Forward:
@@ -142,16 +157,31 @@ class PreLLM(Method):
         unique = {key: value[::repeats] for key, value in image_inputs.items()}  # one image per row group
         selection, kept = self.model.select(self.budget, **unique)
         repeated = repeat_selection(selection, repeats)
+        policy = self.position_policy or self.model.position_policy  # None: the pruner's own
         if prefix is None or repeats == 1 or self.model.adapter.layout_positions:
-            replay = FixedSelection(self.model, repeated, kept.repeat_interleave(repeats, dim=0))
+            replay = FixedSelection(self.model, repeated, kept.repeat_interleave(repeats, dim=0), policy)
             return Forward(replay(**batch, logits_to_keep=logits_to_keep).logits, replay.last_selection)
-        out = FixedSelection(self.model, selection, kept)(**prompt_rows(batch, repeats, prefix), use_cache=True, logits_to_keep=1)
-        original = self.model.position_policy == "original"
+        out = FixedSelection(self.model, selection, kept, policy)(**prompt_rows(batch, repeats, prefix), use_cache=True, logits_to_keep=1)
+        original = policy == "original"
         return Forward(continue_rows(self.model.vlm, out, batch, repeats, prefix, logits_to_keep, original), repeated)
 
 
+class Oracle(PreLLM):
+    """`OraclePruner` on tasks that know where their answers are."""
+
+    model: OraclePruner
+
+    def supports(self, task) -> bool:
+        return all(e.boxes for e in task.examples)
+
+    def prepare(self, examples) -> None:
+        self.model.prepare(examples)
+
+
 class InsideLLM(Method):
-    """FastV: prunes after LLM layer L; its logits cover the shorter sequence (``last_columns``)."""
+    """FastV: prunes after LLM layer L; its logits cover the shorter sequence (``last_columns``).
+    Its first L layers see every token at its own position and its pruned layers keep those
+    positions (FastV's method): it runs under ``original`` whatever the evaluation's policy."""
 
     model: FastV
 
@@ -173,18 +203,25 @@ def build_methods(
     budgets: list[tuple[str, int | float]],
     autoselect: AutoSelectModel | None,
     settings: dict[str, dict[str, Any]],
+    policies: Sequence[str] = ("repack",),
 ) -> list[Method]:
-    """Full tokens, then every pruner at every budget; fresh baseline instances (a random pruner
-    restarts its seeded stream), the one AutoSelect model shared across budgets."""
+    """Full tokens, then every pruner at every budget under every position policy (the same for
+    all, so the comparison is like for like); fresh baseline instances (a random pruner restarts
+    its seeded stream), the one AutoSelect model shared across budgets. FastV runs once per
+    budget: it has one policy of its own (`InsideLLM`)."""
     methods: list[Method] = [FullTokens(vlm)]
+    both = len(policies) > 1
     for name in pruners:
-        for label, budget in budgets:
-            if name == AUTOSELECT:
-                if autoselect is None:
-                    raise ValueError("the autoselect method needs a trained scorer (--autoselect)")
-                model: nn.Module = autoselect
-            else:
-                model = build_pruner(name, vlm, budget, **settings.get(name, {}))
-            kind = InsideLLM if isinstance(model, FastV) else PreLLM
-            methods.append(kind(name, label, budget, model))
+        for policy in policies if name != "fastv" else ("original",):
+            for label, budget in budgets:
+                if name == AUTOSELECT:
+                    if autoselect is None:
+                        raise ValueError("the autoselect method needs a trained scorer (--autoselect)")
+                    model: nn.Module = autoselect
+                elif name == ORACLE:
+                    model = OraclePruner(vlm, budget).eval()
+                else:
+                    model = build_pruner(name, vlm, budget, **settings.get(name, {}))
+                kind = InsideLLM if isinstance(model, FastV) else Oracle if name == ORACLE else PreLLM
+                methods.append(kind(name, label, budget, model, policy, show_policy=both))
     return methods

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from pipelines.evaluation.methods import AUTOSELECT, FULL, Method
+from pipelines.evaluation.oracle import ORACLE
 from pipelines.evaluation.stats import stderr_of_mean
 from pipelines.evaluation.tasks import Task
 
@@ -83,7 +84,9 @@ def build_report(
         retained: dict[str, float | None] = {}
         for task in tasks:
             full = float(scores[task.name][FULL]["score"])
-            got = scores[task.name][method.label]
+            got = scores[task.name].get(method.label)
+            if got is None:  # the method cannot run this task (the oracle without answer boxes)
+                continue
             retained[task.name] = retention(task, full, float(got["score"]))
             row[task.name] = {
                 "score": round(float(got["score"]), 4),
@@ -113,6 +116,7 @@ def build_report(
         "results": results,
         "average_retention": average,
         "paired": paired_differences(tasks, scores, methods),
+        "selection_check": selection_check(tasks, scores, methods),
         "per_example": {t.name: {label: got.get("per_example") for label, got in scores[t.name].items()} for t in tasks},
         "per_example_answer_nll": {t.name: {label: got["per_example_answer_nll"] for label, got in scores[t.name].items()}
                                    for t in tasks if t.kind == "choice"},
@@ -135,24 +139,56 @@ def paired_difference(ours: Sequence[float], theirs: Sequence[float], tokens: Se
 
 def paired_differences(tasks: Sequence[Task], scores, methods: Sequence[Method]) -> dict[str, Any]:
     """AutoSelect minus every baseline at the same budget, per task, on the same examples."""
-    ours = [m for m in methods if m.name == AUTOSELECT]
+    ours = [m for m in methods if m.base == AUTOSELECT]
     out: dict[str, Any] = {}
     for mine in ours:
-        rivals = [m for m in methods if m.name not in (AUTOSELECT, FULL) and m.budget_label == mine.budget_label]
+        rivals = [m for m in methods if m.base not in (AUTOSELECT, FULL) and m.budget_label == mine.budget_label
+                  and m.position_policy == mine.position_policy]
         for rival in rivals:
             cell = {}
             for task in tasks:
-                a, b = scores[task.name][mine.label], scores[task.name][rival.label]
+                a, b = scores[task.name].get(mine.label, {}), scores[task.name].get(rival.label, {})
                 if "per_example" not in a or "per_example" not in b:
                     continue
                 cell[task.name] = paired_difference(a["per_example"], b["per_example"], a.get("per_example_tokens"))
                 if cell[task.name] is not None and "per_example_answer_nll" in a:
                     cell[task.name]["answer_nll"] = paired_difference(a["per_example_answer_nll"], b["per_example_answer_nll"])
-            out.setdefault(mine.budget_label, {})[rival.name] = cell
+            out.setdefault(mine.budget_label, {})[rival.name] = cell  # rival names carry the shared policy
     return out
 
 
-def _cell(entry: dict[str, Any]) -> str:
+# Go / no-go for a task meant to show selection, on validation, before any scorer is trained:
+# the model must do it with all tokens, random selection must hurt, and the oracle must not.
+GO_FULL, GO_RANDOM_GAP, GO_ORACLE_GAP = 0.60, 0.20, 0.05
+
+
+def selection_check(tasks: Sequence[Task], scores, methods: Sequence[Method]) -> dict[str, Any]:
+    """Per choice task the oracle ran on, per budget: full, random and oracle accuracy and whether
+    the task can show selection (full >= 60 %, random >= 20 points below full, oracle within 5)."""
+    out: dict[str, Any] = {}
+    for task in tasks:
+        if task.kind != "choice":
+            continue
+        got = scores[task.name]
+        for oracle in (m for m in methods if m.base == ORACLE and m.label in got):
+            rival = next((m for m in methods if m.base == "random" and m.budget_label == oracle.budget_label
+                          and m.position_policy == oracle.position_policy and m.label in got), None)
+            if rival is None:
+                continue
+            full, chance, ceiling = (float(got[label]["score"]) for label in (FULL, rival.label, oracle.label))
+            why = [text for failed, text in (
+                (full < GO_FULL, f"full-token accuracy {full:.3f} < {GO_FULL}"),
+                (full - chance < GO_RANDOM_GAP, f"random is only {full - chance:+.3f} below full (needs {GO_RANDOM_GAP})"),
+                (full - ceiling > GO_ORACLE_GAP, f"the oracle is {full - ceiling:.3f} below full (allowed {GO_ORACLE_GAP})"),
+            ) if failed]
+            out.setdefault(task.name, {})[oracle.name + "@" + oracle.budget_label] = {
+                "full": round(full, 4), "random": round(chance, 4), "oracle": round(ceiling, 4), "go": not why, "why": why}
+    return out
+
+
+def _cell(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return "—"
     retained = "n/a" if entry["retention"] is None else f"{entry['retention']:.1f}%"
     stderr = "" if entry.get("stderr") is None else f" ± {entry['stderr']:.3f}"
     return f"{entry['score']:.3f}{stderr} ({retained})"
@@ -171,7 +207,8 @@ def _paired_lines(report: dict[str, Any]) -> list[str]:
                 if cell and cell.get("answer_nll"):
                     text += f" (answer NLL {cell['answer_nll']['difference']:+.3f} ± {cell['answer_nll']['stderr']:.3f})"
                 shown.append(text)
-            rows.append("| " + " | ".join([f"autoselect − {rival}", budget] + shown) + " |")
+            policy = rival[rival.index("["):] if rival.endswith("]") else ""
+            rows.append("| " + " | ".join([f"{AUTOSELECT}{policy} − {rival}", budget] + shown) + " |")
     if not rows:
         return []
     header = ["pair", "budget"] + [f"{name} ({'acc' if info['higher_is_better'] else 'NLL'})" for name, info in tasks.items()]
@@ -187,6 +224,19 @@ def _paired_lines(report: dict[str, Any]) -> list[str]:
     ]
 
 
+def _check_lines(report: dict[str, Any]) -> list[str]:
+    checks = report.get("selection_check") or {}
+    if not checks:
+        return []
+    lines = ["", f"Can the task show selection? (go: full >= {GO_FULL:.0%}, random >= {GO_RANDOM_GAP:.0%} "
+             f"below full, oracle within {GO_ORACLE_GAP:.0%} of full; decide on the val split)", ""]
+    for task, by_budget in checks.items():
+        for label, c in by_budget.items():
+            verdict = "GO" if c["go"] else "NO-GO: " + "; ".join(c["why"])
+            lines.append(f"- `{task}` {label}: full {c['full']:.3f}, random {c['random']:.3f}, oracle {c['oracle']:.3f} — {verdict}")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     """Score (retention) per task and the average retention, one row per method and budget."""
     tasks = report["tasks"]
@@ -200,7 +250,9 @@ def markdown(report: dict[str, Any]) -> str:
         "# Visual-token pruning evaluation",
         "",
         f"Model `{report['model']}`, N = {report['visual_tokens_per_image']} visual tokens per image, "
-        f"seed {report['seed']}. Cells: score ± standard error over examples (retention).",
+        f"seed {report['seed']}, {report.get('split', '?')} split, position policy {report.get('position_policy', '?')} "
+        "for every pre-LLM method (FastV keeps original positions: its method). "
+        "Cells: score ± standard error over examples (retention); — where a method cannot run the task.",
         "",
         f"_{report['retention_definition'][0].upper()}{report['retention_definition'][1:]}._",
         "",
@@ -210,12 +262,13 @@ def markdown(report: dict[str, Any]) -> str:
     for method, by_budget in report["results"].items():
         for budget, row in by_budget.items():
             avg = "n/a" if row["average_retention"] is None else f"{row['average_retention']:.1f}%"
-            cells = [method, budget, str(row["k"])] + [_cell(row["tasks"][t]) for t in tasks] + [avg]
+            cells = [method, budget, str(row["k"])] + [_cell(row["tasks"].get(t)) for t in tasks] + [avg]
             if some_at_chance:
                 above = row["average_retention_above_chance"]
                 cells.append("n/a" if above is None else f"{above:.1f}%")
             lines.append("| " + " | ".join(cells) + " |")
     lines += _paired_lines(report)
+    lines += _check_lines(report)
     if not tasks:
         lines += ["", "No task could be evaluated."]
     if report["retention_undefined"]:

@@ -62,7 +62,9 @@ def evaluate_task(
 ) -> dict[str, dict[str, float | int]]:
     """``{method label: {"score", "stderr", "n", "per_example", ...}}``: accuracy for choice tasks (and
     the true answer's NLL per token, ``answer_nll``), mean NLL per answer token for nll tasks;
-    ``per_example`` (1/0 correct, or summed NLL) lets methods be compared pairwise on the same examples."""
+    ``per_example`` (1/0 correct, or summed NLL) lets methods be compared pairwise on the same examples.
+    A method that cannot run the task (the oracle, without answer boxes) has no entry."""
+    methods = [m for m in methods if m.supports(task)]
     tallies = {m.label: Tally() for m in methods}
     chunks = [task.examples[i : i + batch_size] for i in range(0, len(task.examples), batch_size)]
     with tqdm(total=len(chunks) * len(methods), desc=task.name, unit="run", leave=False) as bar:
@@ -75,6 +77,7 @@ def evaluate_task(
             batch = to_device(batch, device, dtype)
             for method in methods:
                 bar.set_postfix_str(method.label)
+                method.prepare(chunk)
                 sums, counts = answer_log_likelihoods(method, batch, repeats, image_token_id)
                 tally = tallies[method.label]
                 tally.n += len(chunk)
