@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.generation.streamers import BaseStreamer
 
 from autoselect.backbones import BackboneAdapter, get_adapter
 from autoselect.config import POSITION_POLICIES, resolve_budget, validate_budget
@@ -213,12 +214,45 @@ class PrunedVLM(nn.Module):
         return self.vlm(**self.pruned_inputs(image_inputs, text, budget, for_generation=False))
 
     @torch.no_grad()
-    def generate(self, budget: int | float | None = None, **inputs: Any) -> torch.Tensor:
+    def generate(self, budget: int | float | None = None, **inputs: Any):
         """``vlm.generate`` with each image pruned to ``budget`` tokens (default: ours).
 
-        The returned sequences start with the rebuilt prompt (K placeholders per image).
+        Hugging Face's contract: the sequences (or ``.sequences`` with ``return_dict_in_generate``)
+        are the caller's ``input_ids``, unpruned and padded as passed, then the new tokens, so
+        ``out[:, input_ids.shape[1]:]`` is the answer; a ``streamer`` is handed that prompt too. The
+        LLM itself ran on K placeholders per image: a returned cache, ``attentions`` or
+        ``hidden_states`` cover that shorter prompt.
         """
         image_inputs, text = self.split_inputs(dict(inputs))
         if not image_inputs:
             return self.vlm.generate(**text)
-        return self.vlm.generate(**self.pruned_inputs(image_inputs, text, budget, for_generation=True))
+        kwargs = self.pruned_inputs(image_inputs, text, budget, for_generation=True)
+        if kwargs.get("streamer") is not None:
+            kwargs["streamer"] = _CallerPrompt(kwargs["streamer"], inputs["input_ids"])
+        return with_prompt(self.vlm.generate(**kwargs), inputs["input_ids"], kwargs["input_ids"].shape[1])
+
+
+def with_prompt(out, input_ids: torch.Tensor, prompt_length: int):
+    """``generate``'s output ``out`` on a ``prompt_length``-column prompt, with the caller's
+    ``input_ids`` in place of that prompt (repeated per returned sequence, as generate expands them)."""
+    sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    prompt = input_ids.to(sequences.device).repeat_interleave(len(sequences) // len(input_ids), dim=0)
+    sequences = torch.cat([prompt, sequences[:, prompt_length:]], dim=1)
+    if isinstance(out, torch.Tensor):
+        return sequences
+    out.sequences = sequences
+    return out
+
+
+class _CallerPrompt(BaseStreamer):
+    """A streamer's first ``put`` (the prompt) gets the caller's ``input_ids``, not the pruned ones."""
+
+    def __init__(self, streamer: BaseStreamer, input_ids: torch.Tensor) -> None:
+        self.streamer, self.prompt = streamer, input_ids
+
+    def put(self, value: torch.Tensor) -> None:
+        self.streamer.put(value if self.prompt is None else self.prompt.cpu())
+        self.prompt = None
+
+    def end(self) -> None:
+        self.streamer.end()

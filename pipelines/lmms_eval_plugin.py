@@ -98,19 +98,12 @@ class AutoSelectLMMS(lmms):
             with torch.inference_mode():
                 out = self.model.generate(**inputs, **self._kwargs(), do_sample=False,
                                           max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)))
-            text = self.processor.tokenizer.decode(self._new_tokens(out, inputs["input_ids"]), skip_special_tokens=True)
+            text = self.processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             for stop in until:
                 if stop and stop in text:
                     text = text.split(stop)[0]
             answers.append(text.strip())
         return answers
-
-    def _new_tokens(self, out: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """The generated ids. A pruned model returns its rebuilt prompt first, shorter by the image
-        placeholders it dropped (and generated text never holds placeholders)."""
-        image_token = self.model.adapter.image_token_id if hasattr(self.model, "adapter") else None
-        dropped = 0 if image_token is None else int((input_ids == image_token).sum() - (out == image_token).sum())
-        return out[0, input_ids.shape[1] - dropped :]
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         results = []

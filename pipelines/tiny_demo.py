@@ -67,7 +67,7 @@ def main() -> None:
     image, cells = marker_image(rng, "blue")
     inputs = processor(images=[image], text=[processor.apply_chat_template(messages(), add_generation_prompt=True)], return_tensors="pt")
     generated = reloaded.generate(**inputs, max_new_tokens=4, do_sample=False)
-    answer = processor.tokenizer.decode(generated[0, -4:], skip_special_tokens=True).strip()
+    answer = processor.tokenizer.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     kept = reloaded.last_selection.indices[0].tolist()
 
     summary = {

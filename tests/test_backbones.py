@@ -6,6 +6,8 @@ import torch
 
 from autoselect import AutoSelectConfig, AutoSelectModel
 from autoselect.backbones import get_adapter
+from autoselect.pruners import build_pruner
+from autoselect.testing.contract import check_generate_contract
 from autoselect.testing.tiny_backbones import TINY_BACKBONES
 
 QUESTIONS = ["What is in the image?", "Describe the picture in one short sentence please."]
@@ -118,20 +120,31 @@ def test_training_step_reaches_every_scorer_logit_and_no_vlm_parameter(backbone)
 
 
 def test_batched_generate_equals_per_sample_generate(backbone):
+    """HF's contract on a left-padded batch: the caller's prompt, then per row the new tokens of that row alone."""
     _, vlm, processor = backbone
-    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=0.5)).eval()
     batch = make_batch(processor, seed=3)
-    batched = model.generate(**batch, max_new_tokens=5, do_sample=False)
-    for row, (question, size) in enumerate(zip(QUESTIONS, SIZES)):
-        single = make_batch(processor, [question], [size], seed=3) if row == 0 else None
-        if single is None:  # the second image alone: same pixels as in the batch
-            rng_images = images(SIZES, 3)[1:]
-            text = processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}], add_generation_prompt=True
-            )
-            single = processor(images=[rng_images], text=[text], return_tensors="pt")
-        alone = model.generate(**single, max_new_tokens=5, do_sample=False)
-        assert torch.equal(batched[row, -5:], alone[0, -5:])
+    assert (batch["attention_mask"][:, 0] == 0).any(), "the test needs left padding"
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[1]}]}], add_generation_prompt=True
+    )  # the second image alone: same pixels as in the batch
+    singles = [make_batch(processor, QUESTIONS[:1], SIZES[:1], seed=3),
+               processor(images=[images(SIZES, 3)[1:]], text=[text], return_tensors="pt")]
+    for model in AutoSelectModel.attach(vlm, AutoSelectConfig(budget=0.5)).eval(), build_pruner("divprune", vlm, 0.5):
+        check_generate_contract(model, batch, singles, max_new_tokens=5)
+
+
+@pytest.mark.parametrize("pruner", ["autoselect", "random"])
+def test_generate_keeps_the_callers_prompt_and_k_equals_n_is_the_unmodified_generate(backbone, pruner):
+    _, vlm, processor = backbone
+    batch = make_batch(processor)
+
+    def build(budget):
+        return AutoSelectModel.attach(vlm, AutoSelectConfig(budget=budget)).eval() if pruner == "autoselect" \
+            else build_pruner(pruner, vlm, budget)
+
+    check_generate_contract(build(0.25), batch)
+    reference = vlm.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert torch.equal(build(1.0).generate(**batch, max_new_tokens=4, do_sample=False), reference)
 
 
 def test_save_and_load_round_trip(backbone, tmp_path):

@@ -9,6 +9,7 @@ from torch import nn
 
 from autoselect import AutoSelectConfig, AutoSelectModel
 from autoselect.testing import build_tiny_llava
+from autoselect.testing.contract import check_generate_contract
 
 N = 64  # 32 px images, patch 4, CLS dropped
 PROMPTS = [
@@ -115,18 +116,15 @@ def test_budget_per_call_overrides_config(tiny, batch):
 
 
 def test_batched_generate_equals_per_sample_generate(tiny):
+    """HF's contract on a left-padded batch: the caller's prompt, then per row the new tokens of that row alone."""
     vlm, processor = tiny
     model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16)).eval()
     imgs = images(2, seed=3)
     batch = processor(images=imgs, text=PROMPTS, return_tensors="pt", padding=True)
     assert (batch["attention_mask"][:, 0] == 0).any(), "the test needs left padding"
-    batched = model.generate(**batch, max_new_tokens=6, do_sample=False, budget=16)
-    for row, (image, prompt) in enumerate(zip(imgs, PROMPTS)):
-        single = processor(images=[image], text=[prompt], return_tensors="pt")
-        alone = model.generate(**single, max_new_tokens=6, do_sample=False, budget=16)
-        assert torch.equal(batched[row, -6:], alone[0, -6:])
-        expected_prompt = single["input_ids"].shape[1] - (N - 16)
-        assert alone.shape[1] == expected_prompt + 6
+    singles = [processor(images=[image], text=[prompt], return_tensors="pt") for image, prompt in zip(imgs, PROMPTS)]
+    check_generate_contract(model, batch, singles, max_new_tokens=6, budget=16)
+    assert model.last_selection.indices.shape == (1, 16)  # it did prune
 
 
 def test_generate_k_equals_n_matches_unmodified_generate(tiny, batch):
@@ -134,6 +132,10 @@ def test_generate_k_equals_n_matches_unmodified_generate(tiny, batch):
     reference = vlm.generate(**batch, max_new_tokens=5, do_sample=False)
     model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=N)).eval()
     assert torch.equal(model.generate(**batch, max_new_tokens=5, do_sample=False), reference)
+    as_dict = model.generate(**batch, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(as_dict.sequences, reference) and len(as_dict.logits) == 5
+    beams = {"max_new_tokens": 3, "do_sample": False, "num_beams": 2, "num_return_sequences": 2}  # rows repeated
+    assert torch.equal(model.generate(**batch, **beams), vlm.generate(**batch, **beams))
 
 
 def test_multi_image_rows_are_repadded(tiny):
@@ -171,8 +173,7 @@ def test_original_position_policy_keeps_positions_with_gaps(tiny):
     kept = model.last_selection.indices[0]
     assert positions[start : start + 8].tolist() == (start + kept).tolist()
     assert positions[start + 8] == start + N  # the first text token after the image keeps its place
-    generated = model.generate(**batch, max_new_tokens=3, do_sample=False)
-    assert generated.shape[1] == batch["input_ids"].shape[1] - (N - 8) + 3
+    check_generate_contract(model, batch, max_new_tokens=3)
 
 
 def test_save_and_load_round_trip(tiny, batch, tmp_path):
@@ -290,8 +291,7 @@ def test_score_mass_budget_keeps_the_fewest_tokens_reaching_the_share(tiny, batc
         assert set(keep.tolist()) == set(probs.topk(len(keep)).indices.tolist())
     assert len({len(k) for k in kept}) > 1, "the two images should need different budgets"
     assert out.logits.shape[1] == batch["input_ids"].shape[1] - max(N - len(k) for k in kept)
-    generated = model.generate(**batch, budget=ScoreMass(0.8), max_new_tokens=2, do_sample=False)
-    assert generated.shape[0] == 2
+    check_generate_contract(model, batch, max_new_tokens=2, budget=ScoreMass(0.8))  # rows pruned to different K
     with pytest.raises(ValueError, match="share must be in"):
         ScoreMass(1.5)
     with pytest.raises(ValueError, match="only AutoSelect"):

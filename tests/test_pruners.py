@@ -12,6 +12,7 @@ from autoselect.pruners.uniform import grid_indices
 from autoselect.pruners.visionzip import zip_tokens
 from autoselect.selection import gather_tokens
 from autoselect.testing import build_tiny_llava
+from autoselect.testing.contract import check_generate_contract
 
 N, K = 64, 16  # 32 px images, patch 4, CLS dropped
 LAYER = 2  # FastV's default; the tiny LLM gets 3 layers so layer 2 is a real cut
@@ -80,11 +81,20 @@ def test_keeps_exactly_k_sorted_tokens_per_image(tiny, batch, name):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_generate_runs_pruned(tiny, batch, name):
+def test_generate_keeps_hf_contract(tiny, batch, name):
+    """The caller's prompt, then the new tokens; each row's as alone (random draws differ per call)."""
+    vlm, processor = tiny
+    pruner = build_pruner(name, vlm, K)
+    singles = [processor(images=[i], text=[p], return_tensors="pt") for i, p in zip(images(2), PROMPTS)]
+    check_generate_contract(pruner, batch, [] if name == "random" else singles, max_new_tokens=3)
+    assert len(pruner.last_selection.indices[0]) == K
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_generate_k_equals_n_matches_unmodified_generate(tiny, batch, name):
     vlm, _ = tiny
-    sequences = build_pruner(name, vlm, K).generate(**batch, max_new_tokens=3, do_sample=False)
-    prompt = batch["input_ids"].shape[1] - (0 if name == "fastv" else N - K)  # FastV returns the full prompt
-    assert sequences.shape == (2, prompt + 3)
+    reference = vlm.generate(**batch, max_new_tokens=5, do_sample=False)
+    assert torch.equal(build_pruner(name, vlm, N).generate(**batch, max_new_tokens=5, do_sample=False), reference)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -268,12 +278,6 @@ def test_fastv_prefill_and_cached_decode_equal_masking_the_dropped_tokens(tiny, 
         reference = masked_reference(vlm, batch, out.sequences, dropped)
     for step, scores in enumerate(out.logits):  # step 0 is the pruned prefill, then cached decode steps
         assert torch.allclose(scores, reference[:, prompt - 1 + step], atol=1e-4), f"step {step}"
-
-
-def test_fastv_generate_k_equals_n_matches_unmodified_generate(tiny, batch):
-    vlm, _ = tiny
-    reference = vlm.generate(**batch, max_new_tokens=5, do_sample=False)
-    assert torch.equal(build_pruner("fastv", vlm, N).generate(**batch, max_new_tokens=5, do_sample=False), reference)
 
 
 def test_fastv_rows_with_different_image_counts_are_repadded(tiny):

@@ -16,8 +16,9 @@ rotary ``position_embeddings``), with the default dynamic KV cache.
 
 Outputs: ``forward`` returns logits for the sequence after layer ``L`` (``S - images * (N - K)``
 columns; ``last_columns`` maps each back to its input column) and, given ``labels``, the loss on
-that sequence. ``generate`` prefills pruned and decodes with the pruned cache; its sequences start
-with the full, unpruned prompt.
+that sequence. ``generate`` prefills pruned and decodes with the pruned cache; it keeps Hugging
+Face's contract: its sequences are the caller's ``input_ids`` (unpruned, padded as passed), then
+the new tokens.
 """
 
 from __future__ import annotations
@@ -235,7 +236,7 @@ class FastV(nn.Module):
 
     @torch.no_grad()
     def generate(self, budget: int | float | None = None, **inputs: Any) -> torch.Tensor:
-        """``vlm.generate`` with FastV inside; the sequences start with the unpruned prompt."""
+        """``vlm.generate`` with FastV inside; the sequences are the caller's ``input_ids``, then the new tokens."""
         plan = self._pass(inputs, budget)
         if plan is None:
             return self.vlm.generate(**inputs)
