@@ -99,10 +99,11 @@ def _build(settings: ExportSettings, out_dir: Path) -> None:
         skipped["fashion_mnist"] = result["skipped"]
         tasks[fashion_mnist.TASK] = fashion_mnist.task_info()
     if "openclipart" in settings.sources:
-        result = openclipart.export(
-            Path(settings.clipart_dir), out_dir, settings.clipart_train, settings.clipart_heldout, settings.image_size,
+        clips = openclipart.draw(
+            Path(settings.clipart_dir), settings.clipart_train, settings.clipart_heldout, settings.image_size,
             settings.seed, settings.clipart_min_per_category, settings.clipart_categories,
         )
+        result = openclipart.export(Path(settings.clipart_dir), out_dir, clips)
         files["openclipart"] = result["records"]
         for split in SPLITS:
             files["captions"][split] += result["captions"][split]
