@@ -13,7 +13,8 @@ Fashion-MNIST train-file items, the clip-art corpus's train drawings and the tra
 held-out scenes take t10k items (minus pixel duplicates of train items), its held-out drawings
 and the held-out photos. Two records per scene: the garment question (task ``scenes_garment``)
 and a caption naming every item and where it is (task ``scenes_caption``); both keep the items'
-labels, source ids and boxes (pixels and fractions of the image).
+labels, source ids and boxes (pixels and fractions of the image); training picks either kind by
+its ``task`` field (e.g. ``align_projector.py --task-weights scenes_caption=1``).
 """
 
 from __future__ import annotations
