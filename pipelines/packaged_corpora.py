@@ -13,6 +13,8 @@ Sources and the Debian packages they need (install once):
   questions, and the SVG twin's dc:title as a caption. Empty, broken, oversized, duplicated and
   multi-category files are skipped and counted in manifest.json.
 * Photos from scikit-image (if installed), scikit-learn and matplotlib, with written captions.
+* Scenes: one Fashion-MNIST garment and 0-2 clip-art drawings at random places on a photo crop;
+  "What kind of clothing item is in the picture?" plus a caption naming every item and where.
 
 Nothing is redone when OUT already holds an export with the same settings, exporter code and
 source versions (build_manifest.json); --force redoes it.
@@ -47,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a category is used when it has this many usable drawings (default: %(default)s)")
     add("--clipart-categories", default=None, help="comma-separated categories to use instead (e.g. animals,food)")
     add("--photos-heldout", type=int, default=d.photos_heldout, help="photos kept for held-out captions (default: %(default)s)")
+    add("--scenes-train", type=int, default=d.scenes_train, help="train scenes (default: %(default)s)")
+    add("--scenes-heldout", type=int, default=d.scenes_heldout, help="held-out scenes, on held-out items and photos (default: %(default)s)")
     add("--sources", default=",".join(d.sources), help=f"comma-separated subset of {','.join(SOURCES)} (default: all)")
     add("--fmnist-dir", default=d.fmnist_dir, help="Fashion-MNIST idx files (default: %(default)s)")
     add("--clipart-dir", default=d.clipart_dir, help="folder holding png/ and svg/ (default: %(default)s)")
@@ -66,6 +70,8 @@ def settings_from_args(args: argparse.Namespace) -> ExportSettings:
         clipart_min_per_category=args.clipart_min_per_category,
         clipart_categories=categories,
         photos_heldout=args.photos_heldout,
+        scenes_train=args.scenes_train,
+        scenes_heldout=args.scenes_heldout,
         sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()),
         fmnist_dir=args.fmnist_dir,
         clipart_dir=args.clipart_dir,

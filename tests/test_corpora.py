@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
     bool(missing), reason=f"Debian data packages not installed ({', '.join(map(str, missing))}); run `make data` as root"
 )
 
-SMALL = ExportSettings(fmnist_train=40, fmnist_heldout=30, clipart_train=26, clipart_heldout=13)
+SMALL = ExportSettings(fmnist_train=40, fmnist_heldout=30, clipart_train=26, clipart_heldout=13, scenes_train=8, scenes_heldout=8)
 
 
 @pytest.fixture(scope="module")

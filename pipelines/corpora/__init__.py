@@ -3,7 +3,7 @@ fixed, seeded train / held-out splits (see ``export`` for the layout).
 
 Sources: Fashion-MNIST (Debian ``dataset-fashion-mnist``), Open Clip Art (Debian
 ``openclipart-png`` + ``openclipart-svg``) and sample photos from scikit-image, scikit-learn and
-matplotlib.
+matplotlib; and scenes composed from all three (items at random places on a photo, ``scenes``).
 """
 
 from pipelines.corpora.common import MissingPackageError

@@ -6,6 +6,8 @@ Layout of the output folder (image paths in the JSONL files are relative to it, 
     fashion_mnist.{train,heldout}.jsonl   10-way clothing questions           (task fmnist_class)
     openclipart.{train,heldout}.jsonl     multiple-choice clip-art categories (task clipart_category)
     captions.{train,heldout}.jsonl        clip-art titles + photo captions    (clipart_title, photo_caption)
+    scenes.{train,heldout}.jsonl          items on photos: garment question + caption per scene
+                                                                              (scenes_garment, scenes_caption)
     images/<source>/...png
     manifest.json                         counts, skipped files, tasks (choices, chance), settings
     build_manifest.json                   the cache key (settings, exporter code, source versions)
@@ -25,14 +27,14 @@ from PIL import Image
 
 from autoselect.convert.assets import distribution_version, file_sha256
 from autoselect.convert.cache import Built, cached_build
-from pipelines.corpora import common, fashion_mnist, openclipart, photos
+from pipelines.corpora import common, fashion_mnist, openclipart, photos, scenes
 from pipelines.corpora.common import write_jsonl
 
 DEFAULT_OUT = Path(".cache/corpora")
 MANIFEST = "manifest.json"
 SPLITS = ("train", "heldout")
-SOURCES = ("fashion_mnist", "openclipart", "photos")
-FILES = ("fashion_mnist", "openclipart", "captions")
+SOURCES = ("fashion_mnist", "openclipart", "photos", "scenes")
+FILES = ("fashion_mnist", "openclipart", "captions", "scenes")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class ExportSettings:
     clipart_min_per_category: int = 50
     clipart_categories: tuple[str, ...] | None = None  # None: every non-catch-all category with enough drawings
     photos_heldout: int = 6
+    scenes_train: int = 2000
+    scenes_heldout: int = 1200  # halved into val / test by id: >= 300 test scenes per task
     sources: tuple[str, ...] = SOURCES
     fmnist_dir: str = str(fashion_mnist.DEFAULT_DIR)
     clipart_dir: str = str(openclipart.DEFAULT_ROOT)
@@ -54,7 +58,7 @@ class ExportSettings:
         unknown = sorted(set(self.sources) - set(SOURCES))
         if unknown:
             raise ValueError(f"unknown source(s) {unknown}; choose from {', '.join(SOURCES)}")
-        for name in ("image_size", "fmnist_train", "fmnist_heldout", "clipart_train", "clipart_heldout", "photos_heldout"):
+        for name in ("image_size", "fmnist_train", "fmnist_heldout", "clipart_train", "clipart_heldout", "photos_heldout", "scenes_train", "scenes_heldout"):
             if getattr(self, name) < 0 or (name == "image_size" and self.image_size < 14):
                 raise ValueError(f"{name} must be a non-negative size (image_size >= 14), got {getattr(self, name)}")
 
@@ -70,19 +74,24 @@ def _dpkg_version(package: str) -> str | None:
     return result.stdout.strip() or None
 
 
+def _uses(settings: ExportSettings, source: str) -> bool:
+    """Whether the export reads ``source``: exported itself, or pasted into the scenes."""
+    return source in settings.sources or "scenes" in settings.sources
+
+
 def cache_inputs(settings: ExportSettings) -> dict[str, Any]:
     """Settings + the exporters' code + the versions of everything that decides the output bytes."""
-    code = {module.__name__: file_sha256(module.__file__) for module in (common, fashion_mnist, openclipart, photos)}
+    code = {module.__name__: file_sha256(module.__file__) for module in (common, fashion_mnist, openclipart, photos, scenes)}
     code[__name__] = file_sha256(__file__)
     versions: dict[str, Any] = {"Pillow": Image.__version__, "numpy": distribution_version("numpy")}
-    if "fashion_mnist" in settings.sources:
+    if _uses(settings, "fashion_mnist"):
         versions[fashion_mnist.DEBIAN_PACKAGE] = _dpkg_version(fashion_mnist.DEBIAN_PACKAGE)
         versions["fashion_mnist_files"] = {
             p.name: file_sha256(p) for p in fashion_mnist.source_files(Path(settings.fmnist_dir)) if p.exists()
         }
-    if "openclipart" in settings.sources:
+    if _uses(settings, "openclipart"):
         versions.update({p: _dpkg_version(p) for p in (openclipart.PNG_PACKAGE, openclipart.SVG_PACKAGE)})
-    if "photos" in settings.sources:
+    if _uses(settings, "photos"):
         versions.update(photos.library_versions())
     return {"settings": settings.key(), "code_sha256": code, "versions": versions}
 
@@ -98,11 +107,15 @@ def _build(settings: ExportSettings, out_dir: Path) -> None:
         files["fashion_mnist"] = result["records"]
         skipped["fashion_mnist"] = result["skipped"]
         tasks[fashion_mnist.TASK] = fashion_mnist.task_info()
-    if "openclipart" in settings.sources:
-        result = openclipart.export(
-            Path(settings.clipart_dir), out_dir, settings.clipart_train, settings.clipart_heldout, settings.image_size,
+    clips = None
+    if _uses(settings, "openclipart"):  # one draw: the scenes paste the clip-art corpus's own split
+        clips = openclipart.draw(
+            Path(settings.clipart_dir), settings.clipart_train, settings.clipart_heldout, settings.image_size,
             settings.seed, settings.clipart_min_per_category, settings.clipart_categories,
         )
+        skipped["openclipart"] = dict(sorted(clips.skipped.items()))
+    if "openclipart" in settings.sources:
+        result = openclipart.export(Path(settings.clipart_dir), out_dir, clips)
         files["openclipart"] = result["records"]
         for split in SPLITS:
             files["captions"][split] += result["captions"][split]
@@ -115,6 +128,12 @@ def _build(settings: ExportSettings, out_dir: Path) -> None:
             files["captions"][split] += result["records"][split]
         skipped["photos"] = result["skipped"]
         tasks[photos.TASK] = {"question": photos.QUESTION}
+    if "scenes" in settings.sources:
+        backgrounds, _ = photos.split(settings.photos_heldout, settings.seed)
+        counts = {"heldout": settings.scenes_heldout, "train": settings.scenes_train}
+        pools, skipped["scenes"] = scenes.pools(Path(settings.fmnist_dir), clips, backgrounds, counts, settings.seed)
+        files["scenes"] = scenes.export(out_dir, pools, settings.image_size, settings.seed)
+        tasks.update(scenes.task_info())
 
     counts = {
         f"{name}.{split}.jsonl": write_jsonl(out_dir / f"{name}.{split}.jsonl", records)

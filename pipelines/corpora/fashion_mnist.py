@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,13 +55,22 @@ def load_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def export(root: Path, out_dir: Path, n_train: int, n_heldout: int, image_size: int, seed: int) -> dict:
-    """Write the PNGs and return ``{"records": {split: [...]}, "skipped": {...}}``."""
-    records: dict[str, list[dict]] = {}
+@dataclass(frozen=True)
+class Item:
+    id: str  # fashion_mnist-<file>-<index>, the same whichever draw picked it
+    label: str
+    pixels: np.ndarray  # 28 x 28 uint8, light item on black
+
+
+def draw(root: Path, counts: dict[str, int], seed: int, scope: str = NAME) -> tuple[dict[str, list[Item]], Counter]:
+    """``counts[split]`` class-balanced items per split (in file order) from the seeded draw
+    ``scope``, and the skip counts: held-out items whose pixels also occur in the train file are
+    left out, so nothing held out can have been trained on."""
     skipped: Counter[str] = Counter()
     train_images, _ = load_split(root, "train")
     train_hashes = {hashlib.sha1(image.tobytes()).digest() for image in train_images}
-    for split, n in (("heldout", n_heldout), ("train", n_train)):
+    drawn: dict[str, list[Item]] = {}
+    for split, n in counts.items():
         images, labels = load_split(root, split)
         groups: dict[str, list[int]] = {}
         for index, label in enumerate(labels.tolist()):
@@ -72,14 +82,23 @@ def export(root: Path, out_dir: Path, n_train: int, n_heldout: int, image_size: 
                 return False
             return True
 
-        chosen = balanced_take(shuffled_groups(groups, seeded_rng(seed, NAME, split)), n, unseen)
+        chosen = balanced_take(shuffled_groups(groups, seeded_rng(seed, scope, split)), n, unseen)
+        drawn[split] = [
+            Item(f"{NAME}-{_FILES[split]}-{index:05d}", CLASS_NAMES[int(labels[index])], images[index]) for index in sorted(chosen)
+        ]
+    return drawn, skipped
+
+
+def export(root: Path, out_dir: Path, n_train: int, n_heldout: int, image_size: int, seed: int) -> dict:
+    """Write the PNGs and return ``{"records": {split: [...]}, "skipped": {...}}``."""
+    drawn, skipped = draw(root, {"heldout": n_heldout, "train": n_train}, seed)
+    records: dict[str, list[dict]] = {}
+    for split, items in drawn.items():
         records[split] = []
-        for index in sorted(chosen):
-            label = CLASS_NAMES[int(labels[index])]
-            relative = save_png(gray_to_rgb(images[index], image_size), out_dir, f"images/{NAME}/{split}/{index:05d}.png")
-            records[split].append(
-                llava_record(f"{NAME}-{_FILES[split]}-{index:05d}", relative, QUESTION, label, task=TASK, label=label)
-            )
+        for item in items:
+            index = item.id.rsplit("-", 1)[1]
+            relative = save_png(gray_to_rgb(item.pixels, image_size), out_dir, f"images/{NAME}/{split}/{index}.png")
+            records[split].append(llava_record(item.id, relative, QUESTION, item.label, task=TASK, label=item.label))
     return {"records": records, "skipped": dict(skipped)}
 
 

@@ -145,30 +145,38 @@ def svg_metadata(svg_path: Path) -> tuple[str | None, list[str]]:
     return title, keywords
 
 
-def export(
+@dataclass
+class Draw:
+    """The seeded split of the drawings, decoded: the clip-art corpus writes it and the scenes
+    paste it, so both use the same held-out drawings."""
+
+    splits: dict[str, list[tuple[Clip, Image.Image]]]  # split -> (drawing, square on white at image_size)
+    categories: list[str]
+    available: dict[str, int]  # unique drawings per category, all of them
+    skipped: Counter
+
+
+def draw(
     root: Path,
-    out_dir: Path,
     n_train: int,
     n_heldout: int,
     image_size: int,
     seed: int,
     min_per_category: int,
     categories: tuple[str, ...] | None = None,
-) -> dict:
-    """Category records per split, title-caption records for the same images, and skip counts."""
-    root = Path(root)
+) -> Draw:
+    """Category-balanced drawings per split, held-out drawn first (fixed whatever ``n_train`` is)."""
     found = scan(root)
     skipped = found.skipped
     chosen_categories = choose_categories(found.groups, min_per_category, categories)
     if not chosen_categories:
         raise ValueError(f"no clip-art category has {min_per_category} or more usable drawings under {root}")
-    question = category_question(chosen_categories)
     queues = shuffled_groups({c: found.groups[c] for c in chosen_categories}, seeded_rng(seed, NAME))
     loaded: dict[str, Image.Image] = {}  # already shrunk: a draw may decode hundreds of drawings
 
     def decodable(clip: Clip) -> bool:
         try:
-            loaded[clip.path] = square_on_white(load_image(root / "png" / clip.path), image_size)
+            loaded[clip.path] = square_on_white(load_image(Path(root) / "png" / clip.path), image_size)
             return True
         except ValueError:
             skipped["oversized"] += 1
@@ -176,33 +184,44 @@ def export(
             skipped["corrupt"] += 1
         return False
 
+    splits = {
+        split: [(clip, loaded.pop(clip.path)) for clip in sorted(balanced_take(queues, n, decodable), key=lambda c: c.path)]
+        for split, n in (("heldout", n_heldout), ("train", n_train))
+    }
+    available = {c: len(found.groups[c]) for c in sorted(found.groups)}
+    return Draw(splits, chosen_categories, available, skipped)
+
+
+def export(root: Path, out_dir: Path, drawn: Draw) -> dict:
+    """Category records per split, title-caption records for the same images, and skip counts."""
+    skipped = Counter(drawn.skipped)
+    question = category_question(drawn.categories)
     categories_out: dict[str, list[dict]] = {}
     titles_out: dict[str, list[dict]] = {}
-    for split, n in (("heldout", n_heldout), ("train", n_train)):  # held-out first: fixed whatever n_train is
+    for split, clips in drawn.splits.items():
         categories_out[split], titles_out[split] = [], []
-        for clip in sorted(balanced_take(queues, n, decodable), key=lambda c: c.path):
-            relative = save_png(loaded.pop(clip.path), out_dir, f"images/{NAME}/{clip.path}")
+        for clip, image in clips:
+            relative = save_png(image, out_dir, f"images/{NAME}/{clip.path}")
             stem = f"{NAME}-{clip.path[: -len('.png')]}"
             answer = display_name(clip.category)
             categories_out[split].append(
                 llava_record(f"{stem}-category", relative, question, answer, task=CATEGORY_TASK, label=answer)
             )
-            title, keywords = svg_metadata((root / "svg" / clip.path).with_suffix(".svg"))
+            title, keywords = svg_metadata((Path(root) / "svg" / clip.path).with_suffix(".svg"))
             if title:
                 titles_out[split].append(
                     llava_record(f"{stem}-title", relative, TITLE_QUESTION, title, task=TITLE_TASK, label=title, keywords=keywords)
                 )
             else:
                 skipped["no_title"] += 1
-    available = {c: len(found.groups[c]) for c in sorted(found.groups)}
     return {
         "records": categories_out,
         "captions": titles_out,
         "skipped": dict(sorted(skipped.items())),
         "task": {
             "question": question,
-            "choices": [display_name(c) for c in chosen_categories],
-            "chance": 1 / len(chosen_categories),
-            "unique_drawings_per_category": available,
+            "choices": [display_name(c) for c in drawn.categories],
+            "chance": 1 / len(drawn.categories),
+            "unique_drawings_per_category": drawn.available,
         },
     }

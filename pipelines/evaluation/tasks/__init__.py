@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from pipelines.evaluation.tasks import captions, clipart, fmnist, markers, spatial
+from pipelines.evaluation.tasks import captions, clipart, fmnist, markers, scenes, spatial
 from pipelines.evaluation.tasks.base import Example, Task, TaskContext, TaskUnavailable
 
 TASKS: dict[str, Callable[[TaskContext], Task]] = {
@@ -18,6 +18,7 @@ TASKS: dict[str, Callable[[TaskContext], Task]] = {
     "spatial_fmnist": spatial.load_fmnist,
     "clipart_category": clipart.load,
     "caption_nll": captions.load,
+    "scenes_garment": scenes.load,
 }
 
 

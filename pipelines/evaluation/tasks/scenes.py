@@ -1,0 +1,32 @@
+"""Localized content: "what kind of clothing item is in the picture?" on held-out scenes (one
+Fashion-MNIST garment, 0-2 clip-art drawings, a photo behind them; ``pipelines/corpora/scenes.py``).
+
+The answer sits in the garment's square (1/4 to 1/2 of the image side), so a pruner that drops
+those tokens fails while the drawings and the photo keep the rest of the image busy. Each
+example's ``boxes`` is that square, for the oracle. Class-balanced when ``--limit`` cuts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from pipelines.corpora.scenes import GARMENT_TASK
+from pipelines.evaluation.tasks.base import Task, TaskContext, heldout_records, manifest_choices, record_example
+
+NAME = "scenes_garment"
+
+
+def load(ctx: TaskContext) -> Task:
+    from pipelines.align.evaluate import balanced_subset  # imported on use: only these tasks need the alignment package
+
+    records = [r for r in heldout_records(ctx, "scenes") if r["task"] == GARMENT_TASK]
+    choices = manifest_choices(ctx, GARMENT_TASK)
+    chosen = balanced_subset(records, ctx.size(len(records)))
+    return Task(
+        name=NAME,
+        kind="choice",
+        examples=[replace(record_example(ctx, r), boxes=tuple(tuple(box) for box in r["boxes"])) for r in chosen],
+        description="Fashion-MNIST garment among clip-art drawings on a photo (10-way multiple choice)",
+        source=f"{ctx.corpora_dir}/scenes.heldout.jsonl, {ctx.split} half",
+        choices=choices,
+    )
