@@ -277,9 +277,9 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_has_native_bf16(tmp_path, monkeyp
     assert not backbone.cpu_has_native_bf16(tmp_path / "absent")
     native = backbone.cpu_has_native_bf16
     for cpuinfo, expected in ((avx2, torch.float32), (amx, torch.bfloat16)):
-        monkeypatch.setattr(backbone, "cpu_has_native_bf16", lambda c=cpuinfo: native(c))
-        assert backbone.resolve_dtype("auto", torch.device("cpu")) == expected
-        monkeypatch.undo()
+        with pytest.MonkeyPatch.context() as patch:  # undone per branch; the delenv above stays
+            patch.setattr(backbone, "cpu_has_native_bf16", lambda c=cpuinfo: native(c))
+            assert backbone.resolve_dtype("auto", torch.device("cpu")) == expected
     assert backbone.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert backbone.resolve_dtype("float32", torch.device("cuda")) == torch.float32
 
