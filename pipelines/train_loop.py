@@ -38,6 +38,14 @@ def load_vlm(config: TrainConfig, device: torch.device) -> torch.nn.Module:
     return backbone.load_vlm(config.model.path, config.model.dtype, device, config.model.trust_remote_code)
 
 
+def initial_model(config: TrainConfig, device: torch.device) -> AutoSelectModel:
+    """The frozen VLM with the step-0 scorer and denoiser, drawn from ``optim.seed``: the same on
+    every rank, and what a test compares a trained scorer with."""
+    vlm = load_vlm(config, device)
+    torch.manual_seed(config.optim.seed)
+    return AutoSelectModel.attach(vlm, config.autoselect_config())
+
+
 def seed_worker(seed: int, rank: int) -> None:
     """``seed + rank`` for the training draws (gate noise, Gumbel noise): ranks sharing one seed
     would draw identical noise on their different examples, halving the noise the scorer sees."""
@@ -96,9 +104,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(config.optim.seed)  # the same initial scorer on every rank
-
-    model = AutoSelectModel.attach(load_vlm(config, device), config.autoselect_config())
+    model = initial_model(config, device)
     seed_worker(config.optim.seed, rank)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")  # reuses Ray's group
     engine, _, _, _ = deepspeed.initialize(

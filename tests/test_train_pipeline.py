@@ -19,6 +19,7 @@ from autoselect.testing import build_tiny_llava
 from autoselect.testing.synthetic import COLOURS, QUESTION, marker_image
 from pipelines import preprocess, registry
 from pipelines.train import train
+from pipelines.train_loop import initial_model
 from pipelines.train_config import TINY_LLAVA, TrainConfig, load_train_config
 from pipelines.config_io import from_mapping
 
@@ -104,8 +105,8 @@ def test_train_resumes_after_worker_death_and_registers(ray_local, s3_env, tiny_
         trained = AutoSelectModel.from_pretrained(f"{directory}/autoselect", vlm_a).eval()
         loaded = AutoSelectModel.from_pretrained(registered_dir, vlm_b).eval()
         assert torch.equal(trained.score(pixel_values=pixel_values), loaded.score(pixel_values=pixel_values))
-    fresh = AutoSelectModel.attach(build_tiny_llava(seed=0)[0], loaded.config).eval()
-    assert not torch.equal(fresh.score(pixel_values=pixel_values), loaded.score(pixel_values=pixel_values))
+    step0 = initial_model(config, torch.device("cpu")).eval()  # the seeded weights training started from
+    assert not torch.equal(step0.score(pixel_values=pixel_values), loaded.score(pixel_values=pixel_values))  # it was trained
 
     scorer_model = mlflow.pyfunc.load_model(f"models:/tiny-scorer/{summary['version']}")
     tokens = loaded.visual_tokens(pixel_values=pixel_values).numpy()
@@ -203,7 +204,7 @@ def test_native_resolution_backbone_trains_through_the_pipeline(ray_local, tmp_p
     directory = registry.download_autoselect(f"models:/tiny-qwen-scorer/{summary['version']}", tmp_path / "dl")
     vlm, processor = load_vlm_and_processor(model, device=torch.device("cpu"))
     loaded = AutoSelectModel.from_pretrained(directory, vlm).eval()
-    fresh = AutoSelectModel.attach(load_vlm_and_processor(model, device=torch.device("cpu"))[0], loaded.config).eval()
+    step0 = initial_model(config, torch.device("cpu")).eval()  # the seeded weights training started from
     inputs = processor(images=[Image.open(corpus / "images" / "1.png")], text=["<|vision_start|><|image_pad|><|vision_end|>"], return_tensors="pt")
     image_inputs = {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]}
-    assert not torch.equal(loaded.score(**image_inputs)[0], fresh.score(**image_inputs)[0])  # it was trained
+    assert not torch.equal(loaded.score(**image_inputs)[0], step0.score(**image_inputs)[0])  # it was trained
