@@ -55,6 +55,11 @@ def load_scorer(directory: str | Path) -> tuple[Scorer, AutoSelectConfig]:
     return scorer.eval(), config
 
 
+
+def vlm_dtype_name(vlm: nn.Module) -> str:
+    """``"float32"``, ``"bfloat16"``, ...: the frozen VLM's dtype as a save records it."""
+    return str(next(vlm.parameters()).dtype).removeprefix("torch.")
+
 class AutoSelectModel(PrunedVLM):
     """Wraps one VLM instance; only ``scorer`` and ``denoiser`` have trainable parameters."""
 
@@ -112,7 +117,7 @@ class AutoSelectModel(PrunedVLM):
             state = {key: handle.get_tensor(key) for key in handle.keys()}
         inference_only = metadata.get("inference_only") == "true"
         model.trained_vlm_dtype = metadata.get("vlm_dtype")  # None: saved before it was recorded
-        running = str(next(vlm.parameters()).dtype).removeprefix("torch.")
+        running = vlm_dtype_name(vlm)
         if model.trained_vlm_dtype not in (None, running):
             warnings.warn(f"the AutoSelect scorer in {directory} was trained over a {model.trained_vlm_dtype} VLM "
                           f"and now runs over a {running} one: its scores may differ from those it was "
@@ -138,7 +143,7 @@ class AutoSelectModel(PrunedVLM):
         modules = nn.ModuleDict({"scorer": self.scorer}) if inference_only else self.trainable_modules()
         state = {k: v.detach().contiguous().cpu() for k, v in modules.state_dict().items()}
         metadata = {"format": "pt", "backbone": str(self.config.backbone), "inference_only": str(inference_only).lower(),
-                    "vlm_dtype": str(next(self.vlm.parameters()).dtype).removeprefix("torch.")}
+                    "vlm_dtype": vlm_dtype_name(self.vlm)}
         save_file(state, str(directory / WEIGHTS_NAME), metadata=metadata)
         return directory
 

@@ -19,7 +19,7 @@ from autoselect.testing import build_tiny_llava
 from autoselect.testing.synthetic import COLOURS, QUESTION, marker_image
 from pipelines import preprocess, registry
 from pipelines.train import train
-from pipelines.train_loop import initial_model
+from pipelines.train_loop import initial_model, load_vlm
 from pipelines.train_config import TINY_LLAVA, TrainConfig, load_train_config
 from pipelines.config_io import from_mapping
 
@@ -61,7 +61,7 @@ def test_train_resumes_after_worker_death_and_registers(ray_local, s3_env, tiny_
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = from_mapping(TrainConfig, {
         "name": "tiny-ft",
-        "model": {"path": TINY_LLAVA},
+        "model": {"path": TINY_LLAVA, "dtype": "float32"},  # compared with float32 models below
         "autoselect": {"budget": 16, "temperature_steps": 6},
         "data": {"train": stats["data"], "batch_size": 2},
         "optim": {"steps": 6, "lr": 1e-3, "checkpoint_every": 2, "fail_at_step": 3},
@@ -90,7 +90,7 @@ def test_train_resumes_after_worker_death_and_registers(ray_local, s3_env, tiny_
         assert client.get_metric_history(summary["run_id"], name), name
     version = client.get_model_version("tiny-scorer", summary["version"])
     assert version.tags["budget"] == "16" and version.tags["vision_width"] == "32"
-    assert version.tags["vlm_dtype"] == "float32"  # what the workers ran; the suite pins `auto` (conftest)
+    assert version.tags["vlm_dtype"] == "float32"  # what the workers ran, recorded from their weights' metadata
 
     registered_dir = registry.download_autoselect(f"models:/tiny-scorer/{summary['version']}", tmp_path / "dl")
     from ray.train import Checkpoint
@@ -166,7 +166,7 @@ def test_native_resolution_backbone_trains_through_the_pipeline(ray_local, tmp_p
     with DeepSpeed on 2 workers -> a registered scorer that loads back onto the backbone."""
     from PIL import Image
 
-    from pipelines.backbone import load_vlm_and_processor
+    from pipelines.backbone import load_processor
 
     rng = np.random.default_rng(0)
     corpus = tmp_path / "corpus"
@@ -186,7 +186,7 @@ def test_native_resolution_backbone_trains_through_the_pipeline(ray_local, tmp_p
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = from_mapping(TrainConfig, {
         "name": "tiny-qwen",
-        "model": {"path": model},
+        "model": {"path": model, "dtype": "float32"},
         "autoselect": {"budget": 0.5, "temperature_steps": 3},
         "data": {"train": stats["data"], "batch_size": 2},
         "optim": {"steps": 3, "lr": 1e-3, "checkpoint_every": 3},
@@ -202,8 +202,8 @@ def test_native_resolution_backbone_trains_through_the_pipeline(ray_local, tmp_p
     version = MlflowClient().get_model_version("tiny-qwen-scorer", summary["version"])
     assert version.tags["vision_width"] == "128"  # a merge unit: 4 patches x 32
     directory = registry.download_autoselect(f"models:/tiny-qwen-scorer/{summary['version']}", tmp_path / "dl")
-    vlm, processor = load_vlm_and_processor(model, device=torch.device("cpu"))
-    loaded = AutoSelectModel.from_pretrained(directory, vlm).eval()
+    processor = load_processor(model)
+    loaded = AutoSelectModel.from_pretrained(directory, load_vlm(config, torch.device("cpu"))).eval()  # the config's dtype
     step0 = initial_model(config, torch.device("cpu")).eval()  # the seeded weights training started from
     inputs = processor(images=[Image.open(corpus / "images" / "1.png")], text=["<|vision_start|><|image_pad|><|vision_end|>"], return_tensors="pt")
     image_inputs = {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]}
