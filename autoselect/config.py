@@ -64,6 +64,12 @@ class AutoSelectConfig:
     # token's gradient is then the first-order value of letting it back in *given the kept set*, so
     # a redundant token earns nothing; the noise gate and denoiser are not used.
     straight_through: bool = False
+    # Beyond the paper, for a cheap step: 0 sends the LLM all N (gated) tokens in training. c > 0
+    # sends only the scorer's hard top-K plus round(c * K) others drawn at random from the rest,
+    # each still gated by its retention weight, so the LLM's cost follows K (1 + c), not N. The
+    # tokens left out still get gradient through the soft top-K's sum-to-K threshold; the drawn
+    # ones give the scorer first-hand evidence about tokens outside its current choice.
+    train_candidates: float = 0.0
     # Beyond the paper: inference keeps the top K of ``logits + inference_noise * g`` where g is
     # one fixed Gumbel vector per token position (drawn from `inference_seed`), i.e. a seeded
     # sample of the scorer's selection policy rather than its mode; 0 is the paper's hard top-K.
@@ -93,7 +99,7 @@ class AutoSelectConfig:
             raise ValueError("temperature_start and temperature_end must be > 0")
         if self.straight_through and not self.gate_attention:
             raise ValueError("straight_through needs gate_attention=True (it drops tokens by throttling attention)")
-        for name in ("score_noise", "inference_noise"):
+        for name in ("score_noise", "inference_noise", "train_candidates"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.scorer_width is not None and self.scorer_width < 1:

@@ -23,7 +23,7 @@ from autoselect.denoiser import Denoiser
 from autoselect.gate import straight_through_topk, throttled_attention_mask, vp_noise_gate
 from autoselect.pruned import PrunedVLM, Selection
 from autoselect.scorer import Scorer
-from autoselect.selection import mass_budget, pad_tokens, seeded_ranking, topk_indices
+from autoselect.selection import candidate_indices, gather_tokens, mass_budget, pad_tokens, seeded_ranking, topk_indices
 from autoselect.soft_topk import soft_topk
 
 CONFIG_NAME = "config.json"
@@ -248,11 +248,14 @@ class AutoSelectModel(PrunedVLM):
             # gone. Uncorrected, it learned to rewrite kept tokens into a form only training sees.
             correction = (1.0 - alpha).unsqueeze(-1) * (self.denoiser(gated) - gated)
             restored = (gated + correction).to(padded.dtype)  # back to the frozen projector's dtype
-        real_alpha = alpha if valid is None else alpha[valid]  # without padding
-        if ragged:
-            restored = [r[:n] for r, n in zip(restored, counts)]
-        everything = [torch.arange(n, device=padded.device) for n in counts]
-        selection = Selection(indices=everything, num_tokens=counts) if ragged else Selection(torch.stack(everything), counts[0])
+        sent = self.sent_tokens(scores, k, counts, valid)
+        real_alpha = torch.cat([a[i] for a, i in zip(alpha, sent)])  # of the tokens the LLM sees, in order
+        if ragged or len({len(i) for i in sent}) > 1:
+            selection = Selection(indices=sent, num_tokens=counts)
+            restored = [r[i] for r, i in zip(restored, sent)]
+        else:
+            selection = Selection(torch.stack(sent), counts[0])
+            restored = gather_tokens(restored, selection.indices) if self.config.train_candidates else restored
         inputs = self.language_inputs(dict(text), image_inputs, selection, self.project(restored), for_generation=False)
         if self.config.gate_attention:
             if "token_type_ids" in inputs:
@@ -262,6 +265,14 @@ class AutoSelectModel(PrunedVLM):
                 inputs["input_ids"], inputs.get("attention_mask"), self.adapter.image_token_id, real_alpha.flatten(), dtype
             )
         return inputs
+
+    def sent_tokens(self, scores: torch.Tensor, k: torch.Tensor, counts: list[int], valid: torch.Tensor | None) -> list[torch.Tensor]:
+        """The tokens of each image the LLM sees in training: all N, or with ``train_candidates``
+        the hard top-K of ``scores`` plus a random draw of the rest."""
+        if not self.config.train_candidates:
+            return [torch.arange(n, device=scores.device) for n in counts]
+        extra = (k.double() * self.config.train_candidates).round().long()
+        return candidate_indices(scores, k, extra, valid)
 
     def forward(self, budget: int | float | None = None, **inputs: Any):
         """Train mode: soft, gated path (needs ``labels`` for a loss). Eval mode: hard top-K."""

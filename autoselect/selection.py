@@ -48,3 +48,21 @@ def seeded_ranking(scores: torch.Tensor, noise: float, seed: int) -> torch.Tenso
     uniform = torch.rand(scores.shape[-1], generator=generator, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
     gumbel = -torch.log(-torch.log(uniform))
     return scores.double() + noise * gumbel.to(scores.device)
+
+
+def candidate_indices(scores: torch.Tensor, k: torch.Tensor, extra: torch.Tensor, valid: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Per row of ``scores [B, N]``: its top ``k[b]`` plus ``extra[b]`` other real tokens drawn
+    uniformly (``torch.rand``, so the caller's seed decides), sorted ascending. A training step
+    that sends the LLM only these costs O(K + extra) LLM tokens instead of O(N)."""
+    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid
+    rows = []
+    for row, kept, more, real in zip(scores.detach().float(), k.tolist(), extra.tolist(), valid):
+        n = int(real.sum())
+        if kept + more >= n:
+            rows.append(torch.arange(n, device=scores.device))
+            continue
+        top = torch.zeros_like(real)
+        top[torch.sort(row.masked_fill(~real, -torch.inf), descending=True, stable=True).indices[:kept]] = True
+        priority = torch.where(top, 2.0, torch.rand(row.shape, device=row.device)).masked_fill(~real, -1.0)
+        rows.append(priority.topk(kept + more).indices.sort().values)
+    return rows

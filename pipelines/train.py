@@ -35,6 +35,7 @@ from autoselect.model import WEIGHTS_NAME
 from pipelines import registry, storage
 from pipelines.train_config import TrainConfig, load_train_config
 from pipelines.train_loop import AUTOSELECT_DIR, train_loop_per_worker
+from pipelines.train_progress import TrainingProgress
 
 
 def flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
@@ -86,7 +87,8 @@ def train(config: TrainConfig, config_path: str | None = None) -> dict[str, Any]
             run_config=run_config(config, f"{config.name}-{run_id[:8]}"),
             datasets={"train": dataset},
         )
-        result = trainer.fit()
+        with TrainingProgress(tracking_uri, run_id, config.optim.steps):
+            result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError("training finished without a checkpoint")
         autoselect_config = config.autoselect_config()

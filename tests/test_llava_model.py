@@ -451,3 +451,55 @@ def test_registered_pyfunc_ranks_as_the_model_selects(tiny, batch, tmp_path):
     ranked = torch.from_numpy(pyfunc.predict(None, {"visual_tokens": tokens.numpy()}))
     assert torch.equal(topk_indices(ranked, 16), model.last_selection.indices)
     assert not torch.equal(topk_indices(model.scorer(tokens), 16), model.last_selection.indices)  # the noise matters
+
+
+def test_train_candidates_send_the_llm_top_k_plus_a_draw_and_every_logit_still_learns(tiny, batch):
+    """``train_candidates=1``: the LLM sees 2K tokens per image (the scorer's top K and K drawn at
+    random), the loss is finite, and every scorer logit gets gradient, including those of the
+    tokens not sent (through the soft top-K's threshold). With room for every token the step is
+    the full one, draw for draw."""
+    vlm, _ = tiny
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -4:] = batch["input_ids"][:, -4:]
+    logits_seen = []
+
+    def keep_logits(_module, _inputs, out):
+        out.retain_grad()
+        logits_seen.append(out)
+
+    torch.manual_seed(0)
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, train_candidates=1.0, temperature_start=0.5)).train()
+    handle = model.scorer.register_forward_hook(keep_logits)
+    seen, hook = language_model_inputs(vlm)
+    loss = model(**batch, labels=labels).loss
+    loss.backward()
+    handle.remove(), hook.remove()
+    assert seen[0]["inputs_embeds"].shape[1] == batch["input_ids"].shape[1] - (N - 32)
+    (scores,) = logits_seen
+    assert torch.isfinite(loss) and torch.isfinite(scores.grad).all() and (scores.grad != 0).all()
+
+    losses = []
+    for candidates in (0.0, N / 16):  # 16 + 64 >= N: everything is sent
+        torch.manual_seed(0)
+        model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, train_candidates=candidates)).train()
+        with torch.no_grad():
+            losses.append(float(model(**batch, labels=labels).loss))
+    assert losses[0] == losses[1]
+    with pytest.raises(ValueError, match="train_candidates"):
+        AutoSelectConfig(train_candidates=-1.0)
+
+
+def test_candidate_indices_keep_the_top_k_and_draw_the_rest_uniformly():
+    from autoselect.selection import candidate_indices
+
+    scores = torch.arange(10.0).repeat(2, 1)
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[1, 8:] = False  # a shorter image: its top 3 are 5, 6, 7
+    torch.manual_seed(0)
+    drawn = [candidate_indices(scores, torch.tensor([3, 3]), torch.tensor([2, 2]), valid) for _ in range(400)]
+    for row, top in ((0, {7, 8, 9}), (1, {5, 6, 7})):
+        assert all(len(d[row]) == 5 and top <= set(d[row].tolist()) and d[row].tolist() == sorted(d[row].tolist()) for d in drawn)
+        others = torch.cat([d[row] for d in drawn])
+        counts = torch.bincount(others, minlength=10)[: 10 - len(top) - 2 * row]
+        assert counts.min() > 0.5 * counts.float().mean()  # every other real token gets drawn
+    assert not any(set(d[1].tolist()) & {8, 9} for d in drawn)  # never a padded slot

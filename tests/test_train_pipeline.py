@@ -52,7 +52,7 @@ def s3_env(moto_s3):
         yield moto_s3
 
 
-def test_train_resumes_after_worker_death_and_registers(ray_local, s3_env, tiny_llava_dir, tmp_path):
+def test_train_resumes_after_worker_death_and_registers(ray_local, s3_env, tiny_llava_dir, tmp_path, capsys):
     upload_marker_corpus(s3_env.client, "corpus", 24)
     stats = preprocess.run(preprocess.PreprocessConfig(
         input=[f"s3://{BUCKET}/corpus/corpus.json"], output=f"s3://{BUCKET}/pre", model=str(tiny_llava_dir)))
@@ -71,6 +71,9 @@ def test_train_resumes_after_worker_death_and_registers(ray_local, s3_env, tiny_
                    "artifact_location": (tmp_path / "artifacts").as_uri(), "log_system_metrics": False},
     })
     summary = train(config)
+    printed = capsys.readouterr().out
+    assert "train step 6/6 (100 %): loss " in printed  # progress on the driver, read back from MLflow
+    assert "train step 3/6" in printed.split("train step 6/6")[0]  # and not only at the end
 
     assert summary["metrics"]["step"] == 6
     assert summary["metrics"]["resumed_from_step"] == 2  # the checkpoint taken before the kill
@@ -208,3 +211,19 @@ def test_native_resolution_backbone_trains_through_the_pipeline(ray_local, tmp_p
     inputs = processor(images=[Image.open(corpus / "images" / "1.png")], text=["<|vision_start|><|image_pad|><|vision_end|>"], return_tensors="pt")
     image_inputs = {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]}
     assert not torch.equal(loaded.score(**image_inputs)[0], step0.score(**image_inputs)[0])  # it was trained
+
+
+def test_progress_lines_show_rate_and_eta_from_the_tracked_loss(tmp_path):
+    from pipelines.train_progress import TrainingProgress, progress_line
+
+    assert progress_line(40, 80, 1.2345, 12.3) == "train step 40/80 (50 %): loss 1.234, 12.3 s/step, ETA 8m12s"
+    assert progress_line(1, 80, 2.0, None) == "train step 1/80 (1 %): loss 2.000"
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run() as run:
+        for step, stamp in ((5, 1_000_000), (10, 1_010_000)):
+            mlflow.log_metric("loss", 1.0 / step, step=step, timestamp=stamp)
+    lines: list[str] = []
+    progress = TrainingProgress(mlflow.get_tracking_uri(), run.info.run_id, 20, emit=lines.append)
+    progress.poll()
+    progress.poll()  # nothing new: nothing printed twice
+    assert lines == ["train step 5/20 (25 %): loss 0.200", "train step 10/20 (50 %): loss 0.100, 2.0 s/step, ETA 0m20s"]
