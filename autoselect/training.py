@@ -31,6 +31,34 @@ def cosine_schedule(total_steps: int, warmup_steps: int = 0) -> Callable[[int], 
     return factor
 
 
+def hold_schedule(total_steps: int, warmup_steps: int = 0, decay_fraction: float = 0.2) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up, hold at the peak, cosine decay to 0 over the last
+    ``decay_fraction`` of ``total_steps``: the near-hard, low-temperature phase of a run whose
+    temperature anneals early trains at a useful rate instead of at a cosine's tail."""
+    decay_steps = max(1, round(total_steps * decay_fraction))
+    start = max(warmup_steps, total_steps - decay_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, max(0, step - start) / max(1, total_steps - start))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def lr_schedule(name: str, total_steps: int, warmup_steps: int = 0, decay_fraction: float = 0.2) -> Callable[[int], float]:
+    """``"cosine"`` (warm-up then cosine over the run) or ``"hold"`` (warm-up, hold, decay at the end)."""
+    if name == "cosine":
+        return cosine_schedule(total_steps, warmup_steps)
+    if name == "hold":
+        return hold_schedule(total_steps, warmup_steps, decay_fraction)
+    raise ValueError(f"unknown LR schedule {name!r}; choose from {LR_SCHEDULES}")
+
+
+LR_SCHEDULES = ("cosine", "hold")
+
+
 def compute_loss(
     model: AutoSelectModel, batch: dict[str, Any], step: int, forward: Callable[..., Any] | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:

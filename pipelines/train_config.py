@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from autoselect import AutoSelectConfig
+from autoselect.training import LR_SCHEDULES
 from pipelines.config_io import from_mapping, set_dotted
 
 TINY_LLAVA = "autoselect-testing/tiny-llava"  # built from configs in-process, no files needed
@@ -52,6 +53,8 @@ class OptimSection:
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    schedule: str = "cosine"  # or "hold": warm up, hold the peak, decay over the last decay_fraction of the steps
+    decay_fraction: float = 0.2
     grad_clip: float = 1.0
     checkpoint_every: int = 50
     log_every: int = 1
@@ -64,6 +67,10 @@ class OptimSection:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.schedule not in LR_SCHEDULES:
+            raise ValueError(f"schedule must be one of {LR_SCHEDULES}, got {self.schedule!r}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from autoselect import AutoSelectModel
 from autoselect.data import collate
-from autoselect.training import compute_loss, cosine_schedule
+from autoselect.training import compute_loss, lr_schedule
 from pipelines.config_io import from_mapping
 from pipelines.shards import example_from_row
 from pipelines import backbone
@@ -112,7 +112,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=deepspeed_config(config),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
-            optimizer, cosine_schedule(config.optim.steps, config.optim.warmup_steps)
+            optimizer, lr_schedule(config.optim.schedule, config.optim.steps, config.optim.warmup_steps, config.optim.decay_fraction)
         ),
     )
 

@@ -87,3 +87,17 @@ def test_score_noise_anneals_to_zero_with_the_temperature():
     assert AutoSelectConfig().noise_scale(0) == 0  # off by default (paper form)
     constant = AutoSelectConfig(score_noise=1.5, score_noise_anneal=False, temperature_steps=100)
     assert constant.noise_scale(0) == constant.noise_scale(50) == constant.noise_scale(1000) == 1.5
+
+
+def test_hold_schedule_warms_up_holds_and_decays_only_in_the_last_fifth():
+    from autoselect.training import lr_schedule
+
+    factor = lr_schedule("hold", 100, warmup_steps=5, decay_fraction=0.2)
+    assert [factor(s) for s in range(5)] == [0.2, 0.4, 0.6, 0.8, 1.0]
+    assert all(factor(s) == 1.0 for s in range(5, 81))  # the peak held through step 80
+    decay = [factor(s) for s in range(80, 101)]
+    assert all(a > b for a, b in zip(decay[1:], decay[2:])) and decay[-1] == 0.0
+    cosine = lr_schedule("cosine", 100, warmup_steps=5)
+    assert cosine(50) < 0.6  # the cosine is already halfway down where "hold" is at its peak
+    with pytest.raises(ValueError, match="unknown LR schedule"):
+        lr_schedule("linear", 100)
