@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from autoselect.backbones import get_adapter  # noqa: E402
 from autoselect.pruners import build_pruner  # noqa: E402
-from pipelines.backbone import load_autoselect, load_vlm_and_processor  # noqa: E402
+from mlops.backbone import load_autoselect, load_vlm_and_processor  # noqa: E402
 from pipelines.evaluation.methods import PreLLM  # noqa: E402
 from pipelines.evaluation.report import paired_difference  # noqa: E402
 from pipelines.evaluation.runner import evaluate_task  # noqa: E402

@@ -1,7 +1,7 @@
 """bf16 vs float32 matmul speed on this CPU, at the frozen mini-LLaVA's shapes, in one run.
 
 Why: `model.dtype: auto` runs the frozen VLM in bf16 only where the CPU has native bf16
-(`pipelines.backbone.cpu_has_native_bf16`). This measures what that choice is worth here:
+(`mlops.backbone.cpu_has_native_bf16`). This measures what that choice is worth here:
 the ratio bf16 time / float32 time for the SmolLM2-135M MLP and attention projections over one
 training row (256 visual + ~40 text tokens), interleaved, medians after a warm-up.
 
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.backbone import cpu_has_native_bf16, resolve_dtype  # noqa: E402
+from mlops.backbone import cpu_has_native_bf16, resolve_dtype  # noqa: E402
 
 # (rows, inner, outer): SmolLM2-135M (hidden 576, MLP 1536) over 296 tokens
 SHAPES = {"mlp_up": (296, 576, 1536), "mlp_down": (296, 1536, 576), "attn_qkv": (296, 576, 960)}

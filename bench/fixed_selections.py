@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from autoselect.pruned import PrunedVLM, Selection  # noqa: E402
 from autoselect.selection import topk_indices  # noqa: E402
-from pipelines.backbone import load_vlm_and_processor  # noqa: E402
+from mlops.backbone import load_vlm_and_processor  # noqa: E402
 from train_inference_gap import add_heldout_arguments, heldout_batches, mean_loss, report  # noqa: E402
 
 Rule = Callable[[torch.Tensor, dict[str, Any], torch.Generator], torch.Tensor]

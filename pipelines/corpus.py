@@ -25,7 +25,7 @@ from typing import Any, Iterator, Mapping
 import pyarrow.fs as pafs
 import ray.data
 
-from pipelines import storage
+from mlops import storage
 from pipelines.samples import BAD_RECORD, MISSING_IMAGE, Rejected, chat_messages
 
 FORMATS = ("llava", "parquet", "webdataset")

@@ -113,7 +113,7 @@ def train_step(args, model: Path, data: str, data_key: str) -> tuple[str, str]:
     """``(version, run_id)``: a registered version trained with these exact settings, or a new one."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.backbone import default_device, resolve_dtype
+    from mlops.backbone import default_device, resolve_dtype
     from pipelines.train import train
     from pipelines.train_config import load_train_config
 
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     from autoselect.convert.aligned import build_aligned_mini_llava
     from pipelines.corpora import DEFAULT_OUT, export_corpora
 
-    from pipelines.train_config import resolve_tracking_uri
+    from mlops.tracking import resolve_tracking_uri
 
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)

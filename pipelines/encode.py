@@ -14,8 +14,9 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from autoselect.data import encode_example
-from pipelines import shards, storage
-from pipelines.backbone import load_processor
+from mlops import storage
+from mlops.backbone import load_processor
+from pipelines import shards
 from pipelines.samples import (
     ENCODE_ERROR, MISSING_IMAGE, TOO_LONG, Rejected, chat_messages, check_messages, decode_image,
 )

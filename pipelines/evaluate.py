@@ -33,6 +33,7 @@ import torch
 from autoselect.backbones import get_adapter
 from autoselect.config import POSITION_POLICIES, resolve_budget, validate_budget
 from autoselect.pruners import available_pruners
+from mlops.backbone import TINY_LLAVA
 from pipelines.corpora import DEFAULT_OUT
 from pipelines.evaluation.methods import AUTOSELECT, baseline_settings, build_methods
 from pipelines.evaluation.oracle import ORACLE
@@ -42,7 +43,7 @@ from pipelines.evaluation.runner import evaluate, to_device
 from pipelines.evaluation.scoring import SCORING, probe_prompt, prompt_inputs, task_context
 from pipelines.evaluation.tasks import TASKS, Example, load_tasks
 from pipelines.evaluation.tasks.base import EVAL_SPLITS
-from pipelines.train_config import DTYPES, TINY_LLAVA
+from pipelines.train_config import DTYPES
 
 DEFAULT_BUDGETS = ["1/9", "2/9", "1/3"]  # 64 / 128 / 192 of LLaVA-1.5's 576 tokens; 28 / 57 / 85 of 256
 
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     torch.manual_seed(args.seed)
 
-    from pipelines.backbone import default_device, load_autoselect, load_vlm_and_processor
+    from mlops.backbone import default_device, load_autoselect, load_vlm_and_processor
 
     device = default_device()
     print(f"loading {args.model} on {device}")

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from autoselect.data import encode_example
 from autoselect.placeholders import IGNORE_INDEX
-from pipelines.backbone import load_autoselect, load_vlm_and_processor
+from mlops.backbone import load_autoselect, load_vlm_and_processor
 from pipelines.evaluate import parse_budget
 
 

@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as `python pipelines/preprocess.py`: make `
 import yaml
 from ray.data import ActorPoolStrategy
 
-from pipelines import storage
+from mlops import storage
 from pipelines.corpus import FORMATS, RecordSpec, infer_format, read_corpus
 from pipelines.encode import Encoder
 from pipelines.samples import REASONS

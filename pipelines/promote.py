@@ -28,7 +28,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipelines.train_config import MlflowSection, resolve_tracking_uri
+from mlops.tracking import MlflowSection, resolve_tracking_uri
 
 OPERATORS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq,

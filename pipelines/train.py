@@ -32,7 +32,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from safetensors import safe_open
 
 from autoselect.model import WEIGHTS_NAME
-from pipelines import registry, storage
+from mlops import registry, storage
 from pipelines.train_config import TrainConfig, load_train_config
 from pipelines.train_loop import AUTOSELECT_DIR, train_loop_per_worker
 from pipelines.train_progress import TrainingProgress

@@ -6,7 +6,6 @@ Validation runs on the driver before Ray starts any worker.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,9 +14,10 @@ import yaml
 
 from autoselect import AutoSelectConfig
 from autoselect.training import LR_SCHEDULES
+from mlops.backbone import TINY_LLAVA
+from mlops.tracking import MlflowSection, resolve_tracking_uri
 from pipelines.config_io import from_mapping, set_dotted
 
-TINY_LLAVA = "autoselect-testing/tiny-llava"  # built from configs in-process, no files needed
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -97,15 +97,6 @@ class DeepSpeedSection:
 
 
 @dataclass
-class MlflowSection:
-    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db
-    experiment: str = "autoselect"
-    registered_model: str = "autoselect-scorer"
-    artifact_location: str | None = None  # default: outputs/mlartifacts (or the server's)
-    log_system_metrics: bool = True
-
-
-@dataclass
 class TrainConfig:
     name: str
     model: ModelSection = field(default_factory=ModelSection)
@@ -127,20 +118,6 @@ class TrainConfig:
 
     def tracking_uri(self) -> str:
         return resolve_tracking_uri(self.mlflow.tracking_uri)
-
-
-def resolve_tracking_uri(explicit: str | None = None) -> str:
-    """``explicit``, else ``$MLFLOW_TRACKING_URI``, else the local sqlite store ``outputs/mlflow.db``.
-
-    Shared by training, promotion and serving so all three find the same registry by default.
-    """
-    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        return f"sqlite:///{Path('outputs/mlflow.db').resolve()}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        # relative to this process's folder: pin it, since Ray workers and replicas run elsewhere
-        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
-    return uri
 
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:

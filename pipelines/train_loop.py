@@ -25,9 +25,9 @@ import torch.distributed as dist
 from autoselect import AutoSelectModel
 from autoselect.data import collate
 from autoselect.training import compute_loss, lr_schedule
+from mlops import backbone
 from pipelines.config_io import from_mapping
 from pipelines.shards import example_from_row
-from pipelines import backbone
 from pipelines.train_config import TrainConfig
 
 CHECKPOINT_TAG = "state"

@@ -25,8 +25,8 @@ from pydantic import BaseModel
 from ray import serve
 from ray.serve import Application
 
-from pipelines.registry import resolve_version
-from pipelines.train_config import resolve_tracking_uri
+from mlops.registry import resolve_version
+from mlops.tracking import resolve_tracking_uri
 from serve.config import LiveConfig, ServeArgs
 from serve.engine import Completion, Job, Prepared, Scorer, load_backbone, load_scorer, prepare, run_batch
 from serve.errors import APIError, install_error_handlers

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
-from pipelines.train_config import TINY_LLAVA, MlflowSection
+from mlops.backbone import TINY_LLAVA
+from mlops.tracking import MlflowSection
 
 DEFAULT_SCORER_URI = f"models:/{MlflowSection().registered_model}@champion"
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import tempfile
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -23,8 +21,8 @@ from transformers.generation.streamers import BaseStreamer
 from autoselect import AutoSelectModel
 from autoselect.config import resolve_budget, validate_budget
 from autoselect.data import collate
-from pipelines import registry
-from pipelines.backbone import load_vlm_and_processor
+from mlops import registry
+from mlops.backbone import load_registered, load_vlm_and_processor
 from serve.config import ServeArgs
 from serve.errors import APIError
 from serve.images import ImageLoader
@@ -70,7 +68,7 @@ class Backbone:
 
 
 def load_backbone(path: str, dtype: str = "auto") -> Backbone:
-    """The shared loader (`pipelines.backbone`), so serving sees exactly the VLM the scorer was trained on."""
+    """The shared loader (`mlops.backbone`), so serving sees exactly the VLM the scorer was trained on."""
     vlm, processor = load_vlm_and_processor(path, dtype)
     processor.tokenizer.padding_side = "left"
     return Backbone(vlm=vlm, processor=processor, path=path)
@@ -98,14 +96,10 @@ def alias_of(uri: str) -> str | None:
 
 
 def load_scorer(uri: str, vlm: torch.nn.Module, version=None) -> Scorer:
-    """Resolve ``uri`` (alias) to a version once, then load exactly that version onto ``vlm``."""
+    """Resolve ``uri`` (alias) to a version once, then load exactly that version onto ``vlm`` with
+    the shared loader (`mlops.backbone.load_registered`, which refuses non-finite weights)."""
     version = version or registry.resolve_version(uri)
-    workdir = tempfile.mkdtemp(prefix="autoselect-scorer-")
-    try:
-        directory = registry.download_autoselect(f"models:/{version.name}/{version.version}", workdir)
-        model = AutoSelectModel.from_pretrained(directory, vlm).eval()
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)  # weights are copied into the model
+    model = load_registered(version, vlm, uri)
     return Scorer(model, uri, version.name, str(version.version), alias_of(uri), version.run_id)
 
 

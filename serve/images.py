@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 from PIL import Image, UnidentifiedImageError
 
-from pipelines import storage
+from mlops import storage
 from serve.config import ImagePolicy
 from serve.errors import APIError
 

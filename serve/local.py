@@ -1,7 +1,7 @@
 """A throwaway registry entry to try, test and benchmark the app without training a scorer.
 
 Attaches AutoSelect to the backbone, perturbs the (untrained) scorer so different seeds rank
-tokens differently, and registers it with `pipelines.registry.log_and_register` in a run that
+tokens differently, and registers it with `mlops.registry.log_and_register` in a run that
 carries the given metrics, exactly as training and evaluation would.
 """
 
@@ -15,8 +15,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from autoselect import AutoSelectConfig, AutoSelectModel
-from pipelines import registry
-from pipelines.train_config import TINY_LLAVA
+from mlops import registry
+from mlops.backbone import TINY_LLAVA
 
 
 def register_scorer(

@@ -168,7 +168,7 @@ def test_save_and_load_round_trip(backbone, tmp_path):
 @pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3", "llava_next"])
 def test_saved_backbone_folder_loads_with_its_processor(name, tmp_path):
     """What pipelines load: a saved folder, through the shared loader (Qwen-VL without torchvision)."""
-    from pipelines.backbone import load_vlm_and_processor
+    from mlops.backbone import load_vlm_and_processor
 
     vlm, processor = TINY_BACKBONES[name](seed=0)
     vlm.save_pretrained(tmp_path)
@@ -229,7 +229,7 @@ def test_pickled_weights_are_refused(tmp_path):
     """The shared loader reads safetensors only: a folder with just a pickled .bin is refused."""
     from safetensors.torch import load_file
 
-    from pipelines.backbone import load_vlm
+    from mlops.backbone import load_vlm
 
     vlm, processor = TINY_BACKBONES["llava"](seed=0)
     vlm.save_pretrained(tmp_path)
@@ -267,7 +267,7 @@ def test_gate_attention_trains_on_the_inference_sequence_or_refuses_by_name(back
 def test_auto_dtype_is_bf16_only_where_the_cpu_has_native_bf16(tmp_path, monkeypatch):
     """bf16 on a CPU without bf16 instructions is emulated (a matmul ~30x slower than float32 on an
     AVX2-only EPYC), so `auto` picks it only on GPUs and CPUs that list avx512_bf16 or amx_bf16."""
-    from pipelines import backbone
+    from mlops import backbone
 
     monkeypatch.delenv(backbone.CPU_BF16_ENV, raising=False)  # the suite pins it (conftest); detect here
     avx2, amx = tmp_path / "avx2", tmp_path / "amx"
@@ -287,7 +287,7 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_has_native_bf16(tmp_path, monkeyp
 def test_cpu_bf16_override_pins_what_auto_assumes(tmp_path, monkeypatch):
     """AUTOSELECT_CPU_BF16 decides `auto` on CPU whatever /proc/cpuinfo says (both ways), and a
     value other than 0/1 is refused by name rather than read as either."""
-    from pipelines import backbone
+    from mlops import backbone
 
     amx = tmp_path / "amx"
     amx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16 amx_bf16\n")

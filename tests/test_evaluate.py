@@ -288,7 +288,7 @@ def test_scorer_from_the_mlflow_registry(taught, tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipelines import registry
+    from mlops import registry
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     registry.setup_tracking(tracking, "evaluate-test", artifact_location=(tmp_path / "artifacts").as_uri())

@@ -437,7 +437,7 @@ def test_registered_pyfunc_ranks_as_the_model_selects(tiny, batch, tmp_path):
     from types import SimpleNamespace
 
     from autoselect.selection import topk_indices
-    from pipelines.registry import ARTIFACT_KEY, AutoSelectScorerModel
+    from mlops.registry import ARTIFACT_KEY, AutoSelectScorerModel
 
     vlm, _ = tiny
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from autoselect.data import collate, encode_example
 from autoselect.placeholders import IGNORE_INDEX
-from pipelines import storage
+from mlops import storage
 from pipelines.corpus import RecordSpec, sample_from_record
 from pipelines.preprocess import PreprocessConfig, main, parse_config, run
 from pipelines.samples import CORRUPT_IMAGE, Rejected, decode_image

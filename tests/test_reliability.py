@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import requests
 
-from pipelines import storage
+from mlops import storage
 
 BUCKET = "reliability"
 

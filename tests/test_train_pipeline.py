@@ -17,10 +17,12 @@ from mlflow.tracking import MlflowClient
 from autoselect import AutoSelectConfig, AutoSelectModel
 from autoselect.testing import build_tiny_llava
 from autoselect.testing.synthetic import COLOURS, QUESTION, marker_image
-from pipelines import preprocess, registry
+from mlops import registry
+from mlops.backbone import TINY_LLAVA
+from pipelines import preprocess
 from pipelines.train import train
 from pipelines.train_loop import initial_model, load_vlm
-from pipelines.train_config import TINY_LLAVA, TrainConfig, load_train_config
+from pipelines.train_config import TrainConfig, load_train_config
 from pipelines.config_io import from_mapping
 
 BUCKET = "autoselect-test"
@@ -101,7 +103,7 @@ def test_train_resumes_after_worker_death_and_registers(ray_local, s3_env, tiny_
     pixel_values = torch.randn(2, 3, 32, 32)
     vlm_a, _ = build_tiny_llava(seed=0)
     vlm_b, _ = build_tiny_llava(seed=0)
-    from pipelines import storage
+    from mlops import storage
 
     fs, path = storage.resolve(f"s3://{summary['checkpoint']}")
     with Checkpoint(path, filesystem=fs).as_directory() as directory:
@@ -169,7 +171,7 @@ def test_native_resolution_backbone_trains_through_the_pipeline(ray_local, tmp_p
     with DeepSpeed on 2 workers -> a registered scorer that loads back onto the backbone."""
     from PIL import Image
 
-    from pipelines.backbone import load_processor
+    from mlops.backbone import load_processor
 
     rng = np.random.default_rng(0)
     corpus = tmp_path / "corpus"

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 TINY_PREFIX = "autoselect-testing/tiny-"
+TINY_LLAVA = TINY_PREFIX + "llava"  # built from configs in-process, no files needed
 
 
 def default_device() -> torch.device:
@@ -106,19 +107,14 @@ def load_autoselect(source: str, vlm: torch.nn.Module, tracking_uri: str | None 
         model = AutoSelectModel.from_pretrained(source, vlm)
         return _finite(model, source).eval(), {"path": str(source), "trained_budget": model.config.budget,
                                                "trained_vlm_dtype": model.trained_vlm_dtype}
-    import tempfile
-
     import mlflow
 
-    from pipelines import registry
-    from pipelines.train_config import resolve_tracking_uri
+    from mlops import registry
+    from mlops.tracking import resolve_tracking_uri
 
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
     version = registry.resolve_version(source)
-    with tempfile.TemporaryDirectory(prefix="autoselect-scorer-") as workdir:  # weights are copied into the model
-        directory = registry.download_autoselect(f"models:/{version.name}/{version.version}", workdir)
-        model = AutoSelectModel.from_pretrained(directory, vlm)
-    _finite(model, source)
+    model = load_registered(version, vlm, source)
     info = {
         "uri": source,
         "registered_model": version.name,
@@ -127,7 +123,22 @@ def load_autoselect(source: str, vlm: torch.nn.Module, tracking_uri: str | None 
         "trained_budget": model.config.budget,
         "trained_vlm_dtype": model.trained_vlm_dtype,
     }
-    return model.eval(), info
+    return model, info
+
+
+def load_registered(version, vlm: torch.nn.Module, source: str | None = None):
+    """The AutoSelectModel (eval mode) of exactly this registered ``ModelVersion``, on the current
+    tracking URI. The one registry loader: evaluation and every Serve replica refuse the same
+    diverged scorers."""
+    import tempfile
+
+    from autoselect import AutoSelectModel
+    from mlops import registry
+
+    with tempfile.TemporaryDirectory(prefix="autoselect-scorer-", ignore_cleanup_errors=True) as workdir:  # weights are copied in
+        directory = registry.download_autoselect(f"models:/{version.name}/{version.version}", workdir)
+        model = AutoSelectModel.from_pretrained(directory, vlm)
+    return _finite(model, source or f"models:/{version.name}/{version.version}").eval()
 
 
 def _finite(model, source: str):
