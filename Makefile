@@ -56,10 +56,10 @@ test: $(STAMP) $(LMMS_STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP) | $(DATA_STAMP)
-	$(BIN)/python pipelines/demo.py $(DEMO_ARGS)
+	$(BIN)/python examples/demo.py $(DEMO_ARGS)
 
 tiny-demo: $(STAMP)
-	$(BIN)/python pipelines/tiny_demo.py $(DEMO_ARGS)
+	$(BIN)/python examples/tiny_demo.py $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/prefill.py $(BENCH_ARGS)

@@ -13,7 +13,7 @@ real-weight VLM, with every product part running for real on this machine.
 Re-running reuses what is cached (backbone, corpora, shards, a trained version with the same
 settings). Everything stays on 127.0.0.1 and under outputs/ and .cache/.
 
-    python pipelines/demo.py [--train-steps 80] [--eval-limit 40] [--fresh]
+    python examples/demo.py [--train-steps 80] [--eval-limit 40] [--fresh]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python pipelines/demo.py`
+if __package__ in (None, ""):  # run as `python examples/demo.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 STEPS = 8

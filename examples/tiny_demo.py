@@ -4,7 +4,7 @@ Runs on the tiny from-config LLaVA and the synthetic marker task (the answer sit
 patches): teach the tiny VLM the task, freeze it, attach AutoSelect, train the scorer with the
 VLM's next-token loss only, then compare pruned inference at K = N/4 before and after training,
 save the scorer, reload it and generate with a budget. No Ray, MLflow or Serve: the main job
-with all of them is `make demo` (pipelines/demo.py).
+with all of them is `make demo` (examples/demo.py).
 """
 
 from __future__ import annotations
