@@ -1,0 +1,140 @@
+"""The import layers (README, Layout): each floor imports only the floors below it.
+
+    examples/                    4  uses pipelines and serve together
+    pipelines/  serve/  bench/   3  never import each other (pipelines <-> serve)
+    mlops/                       2  shared by training, evaluation and serving
+    autoselect/                  1  torch + transformers only
+
+Checked on the source with `ast` (imports inside functions too), so a violation fails here, with
+its file:line, before it ever ships.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+FLOORS = ("autoselect", "mlops", "pipelines", "serve", "examples")
+FORBIDDEN = {  # top-level package -> top-level names it must not import
+    "autoselect": {"ray", "mlflow", "boto3", "fastapi", "deepspeed", "mlops", "pipelines", "serve", "examples"},
+    "mlops": {"pipelines", "serve", "examples"},
+    "pipelines": {"serve", "examples"},
+    "serve": {"pipelines", "examples"},
+    "examples": set(),
+}
+
+
+def imported_modules(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
+    """``(line, absolute module name)`` for every import in ``path``: ``import``, ``from``
+    (relative ones resolved), and ``importlib.import_module`` / ``__import__`` of a literal."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = list(path.relative_to(root).parent.parts)  # what `from .` means in this file
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                if node.module:
+                    found.append((node.lineno, ".".join(base + [node.module])))
+                else:
+                    found += [(node.lineno, ".".join(base + [alias.name])) for alias in node.names]
+            else:
+                found.append((node.lineno, node.module))
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+            if name in ("import_module", "__import__"):
+                found.append((node.lineno, node.args[0].value))
+    return found
+
+
+def layer_violations(root: Path = ROOT) -> list[str]:
+    problems = []
+    for floor in FLOORS:
+        for path in sorted((root / floor).rglob("*.py")):
+            for line, module in imported_modules(path, root):
+                top = module.split(".")[0]
+                if top in FORBIDDEN[floor]:
+                    problems.append(f"{path.relative_to(root)}:{line}: {floor}/ imports {module}")
+    return problems
+
+
+def test_each_floor_imports_only_the_floors_below():
+    problems = layer_violations()
+    assert not problems, "import layers broken (see README, Layout):\n  " + "\n  ".join(problems)
+
+
+def test_the_layer_check_sees_every_import_form(tmp_path):
+    """A checker that misses a form would pass silently: plant each form and expect each caught."""
+    (tmp_path / "serve" / "sub").mkdir(parents=True)
+    (tmp_path / "serve" / "sub" / "bad.py").write_text(
+        "import pipelines.train\n"
+        "from pipelines import registry\n"
+        "def f():\n    from pipelines.train_config import TrainConfig\n"
+        "import importlib\nimportlib.import_module('pipelines.promote')\n"
+        "from . import fine\nfrom mlops import backbone\n"
+    )
+    for floor in FLOORS:
+        (tmp_path / floor).mkdir(exist_ok=True)
+    lines = [problem.split(":")[1] for problem in layer_violations(tmp_path)]
+    assert lines == ["1", "2", "4", "6"]
+
+
+# ---- the one scorer loader ---------------------------------------------------------------
+class _Version:
+    """What `mlops.registry.resolve_version` returns, as far as the loaders read it."""
+
+    name, version, run_id = "tiny-scorer", "3", "run-1"
+
+
+@pytest.fixture()
+def registered(tmp_path, monkeypatch):
+    """A tiny VLM, and a 'registry' whose download returns a saved scorer that ``spoil`` can break."""
+    from autoselect import AutoSelectConfig, AutoSelectModel
+    from autoselect.testing import build_tiny_llava
+    from mlops import registry
+
+    vlm = build_tiny_llava(seed=0)[0]
+    folder = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16)).save_pretrained(tmp_path / "scorer")
+    monkeypatch.setattr(registry, "download_autoselect", lambda uri, dst=None: Path(folder))
+
+    def spoil() -> str:
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(folder / "model.safetensors")
+        name = next(k for k in weights if k.startswith("scorer."))
+        weights[name] = torch.full_like(weights[name], float("inf"))
+        save_file(weights, folder / "model.safetensors")
+        return name
+
+    return vlm, spoil
+
+
+def test_serve_loads_scorers_with_the_shared_loader():
+    from mlops import backbone
+    from serve import engine
+
+    assert engine.load_registered is backbone.load_registered
+    assert "from_pretrained" not in inspect.getsource(engine), "serve/engine.py loads weights itself again"
+
+
+def test_the_shared_loader_refuses_a_diverged_registered_scorer(registered):
+    from mlops.backbone import load_registered
+    from serve.engine import load_scorer
+
+    vlm, spoil = registered
+    scorer = load_scorer("models:/tiny-scorer@champion", vlm, _Version())
+    assert (scorer.version, scorer.alias, scorer.run_id) == ("3", "champion", "run-1") and not scorer.model.training
+    name = spoil()
+    with pytest.raises(ValueError, match=f"models:/tiny-scorer/3 has non-finite weights in {name}"):
+        load_registered(_Version(), vlm)
+    with pytest.raises(ValueError, match=f"models:/tiny-scorer@champion has non-finite weights in {name}"):
+        load_scorer("models:/tiny-scorer@champion", vlm, _Version())
