@@ -1,4 +1,4 @@
 """Ray entry points (preprocess, train, evaluate, promote) and the small helpers they share.
 
-Everything Ray-, S3- or MLflow-related lives here, never in ``autoselect/``.
+Built on ``mlops/`` (loaders, MLflow, storage), which ``serve/`` shares; never imports ``serve/``.
 """
