@@ -135,7 +135,8 @@ def load_registered(version, vlm: torch.nn.Module, source: str | None = None):
     from autoselect import AutoSelectModel
     from mlops import registry
 
-    with tempfile.TemporaryDirectory(prefix="autoselect-scorer-", ignore_cleanup_errors=True) as workdir:  # weights are copied in
+    # the weights are copied into the model, so the download can go
+    with tempfile.TemporaryDirectory(prefix="autoselect-scorer-", ignore_cleanup_errors=True) as workdir:
         directory = registry.download_autoselect(f"models:/{version.name}/{version.version}", workdir)
         model = AutoSelectModel.from_pretrained(directory, vlm)
     return _finite(model, source or f"models:/{version.name}/{version.version}").eval()

@@ -3,7 +3,7 @@
 MLflow's transformers flavour does not support transformers 5, and the frozen VLM is not ours
 to ship, so the registered model is a small custom pyfunc that holds only the AutoSelect folder
 (``config.json`` + ``model.safetensors``). ``predict`` scores visual tokens; serving and
-evaluation load the folder onto their VLM with ``AutoSelectModel.from_pretrained``.
+evaluation load the folder onto their VLM with ``mlops.backbone.load_registered``.
 """
 
 from __future__ import annotations
