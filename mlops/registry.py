@@ -1,4 +1,5 @@
-"""MLflow glue: tracking set-up, the scorer as a pyfunc model, registration with tags.
+"""MLflow glue: tracking set-up, the scorer as a pyfunc model, registration with tags, and the
+evaluation written back to the version it scored (``tag_target`` + ``tag_evaluation``).
 
 MLflow's transformers flavour does not support transformers 5, and the frozen VLM is not ours
 to ship, so the registered model is a small custom pyfunc that holds only the AutoSelect folder
@@ -8,11 +9,14 @@ evaluation load the folder onto their VLM with ``mlops.backbone.load_registered`
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
@@ -99,3 +103,97 @@ def resolve_version(model_uri: str, client: MlflowClient | None = None):
     if len(resolved) != 2:
         raise ValueError(f"{model_uri} names a logged model, not a registered model version")
     return client.get_model_version(*resolved)
+
+
+# --- the evaluation as version tags (pipelines/evaluate.py --tag-version; the demo goes through it)
+
+EVALUATION_TAG_PREFIXES = ("retention", "paired_vs_", "eval_")  # tags an evaluation owns and replaces
+_VERSION_URI = re.compile(r"^models:/([^/@]+)(?:/(\d+)|@([^/@]+))$")
+
+
+class TagVersionError(ValueError):
+    """``--tag-version`` refused, before anything is evaluated."""
+
+
+class NotAVersionURI(TagVersionError):
+    """The URI is not ``models:/NAME/VERSION`` (or ``models:/NAME@ALIAS``)."""
+
+
+class VersionNotFound(TagVersionError):
+    """The registry has no such model, version or alias."""
+
+
+class NoScorerToTag(TagVersionError):
+    """No AutoSelect scorer is evaluated, so there is no result to tag."""
+
+
+class ScorerVersionMismatch(TagVersionError):
+    """The version to tag is not the registered version that was evaluated."""
+
+
+class UnverifiedScorerWarning(UserWarning):
+    """A scorer folder is evaluated: nothing shows it holds the version being tagged."""
+
+
+def _version_by_uri(uri: str, client: MlflowClient):
+    """The ``ModelVersion`` behind ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` (an alias is
+    resolved now, once); ``latest`` and logged-model URIs are refused."""
+    match = _VERSION_URI.match(uri)
+    if not match:
+        raise NotAVersionURI(f"{uri!r} is not models:/NAME/VERSION (a version number) or models:/NAME@ALIAS")
+    name, number, alias = match.groups()
+    try:
+        if alias:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, number)
+    except MlflowException as exc:
+        raise VersionNotFound(f"{uri}: {exc.message}") from None
+
+
+def check_evaluated(target, evaluated_name: str, evaluated_version: str) -> None:
+    """Refuse to tag ``target`` (a ``ModelVersion``) with the results of another registered version."""
+    if (evaluated_name, str(evaluated_version)) != (target.name, str(target.version)):
+        raise ScorerVersionMismatch(
+            f"the evaluated scorer is {evaluated_name} v{evaluated_version}, not {target.name} v{target.version}: "
+            "tag the version you evaluate")
+
+
+def tag_target(uri: str, scorer: str | None, client: MlflowClient | None = None):
+    """The ``ModelVersion`` that ``uri`` names, checked before an evaluation of ``scorer`` (the
+    ``--autoselect`` source, None when AutoSelect is not evaluated) is allowed to tag it: the URI is
+    ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` (resolved now), the version exists, and a
+    registry ``scorer`` is that same version. A scorer folder cannot be checked: allowed, with an
+    ``UnverifiedScorerWarning``. Refusals raise a ``TagVersionError`` subclass."""
+    if not scorer:
+        raise NoScorerToTag("--tag-version needs an AutoSelect result to tag: pass --autoselect "
+                            "(and keep autoselect in --pruners)")
+    client = client or MlflowClient()
+    target = _version_by_uri(uri, client)
+    if scorer.startswith("models:/"):
+        try:
+            evaluated = resolve_version(scorer, client)
+        except ValueError as exc:
+            raise NotAVersionURI(f"--autoselect {exc}") from None
+        except MlflowException as exc:
+            raise VersionNotFound(f"--autoselect {scorer}: {exc.message}") from None
+        check_evaluated(target, evaluated.name, evaluated.version)
+    else:
+        warnings.warn(f"--autoselect {scorer} is a folder: nothing checks that it holds {target.name} "
+                      f"v{target.version}; tagging that version with its results anyway", UnverifiedScorerWarning, stacklevel=2)
+    return target
+
+
+def tag_evaluation(target, tags: dict[str, str], client: MlflowClient | None = None) -> dict[str, str]:
+    """Write an evaluation's ``tags`` to ``target`` (a ``ModelVersion``), first deleting the tags a
+    previous evaluation left (every key starting with ``EVALUATION_TAG_PREFIXES``), so a gate never
+    reads a number from another split, budget or task. Returns the tags written."""
+    foreign = sorted(k for k in tags if not k.startswith(EVALUATION_TAG_PREFIXES))
+    if foreign:
+        raise ValueError(f"evaluation tags must start with {EVALUATION_TAG_PREFIXES}, got {foreign}")
+    client = client or MlflowClient()
+    for key in client.get_model_version(target.name, target.version).tags:
+        if key.startswith(EVALUATION_TAG_PREFIXES) and key not in tags:
+            client.delete_model_version_tag(target.name, target.version, key)
+    for key, value in tags.items():
+        client.set_model_version_tag(target.name, target.version, key, value)
+    return dict(tags)
