@@ -186,6 +186,75 @@ def selection_check(tasks: Sequence[Task], scores, methods: Sequence[Method]) ->
     return out
 
 
+PAIRED_RIVALS = ("random", "uniform")  # the paired differences a version is tagged with
+
+
+def version_tags(report: dict[str, Any]) -> dict[str, str]:
+    """AutoSelect's results as registry version tags for ``promote --require`` (written by
+    ``evaluate.py --tag-version``), numbers as fractions (retention 1.0 = as good as all tokens):
+
+    - ``retention.TASK.kK``, ``retention_avg.kK``: retention per task, and its average, at K tokens;
+    - ``retention_margin_vs_random.kK``, ``retention_margin_vs_best_baseline.kK``: the average minus
+      random's, minus the best baseline's (the oracle is no baseline);
+    - ``retention_avg``, ``retention_margin_vs_random``, ``retention_margin_vs_best_baseline``: those
+      averaged over the budgets (the demo's gate names; at one budget, that budget's values);
+    - ``paired_vs_random.TASK.kK`` (and ``uniform``, ``.stderr``): accuracy difference on the same
+      examples, accuracy tasks only;
+    - ``eval_split``, ``eval_n`` (the fewest examples of any task), ``eval_n.TASK``, ``eval_dtype``,
+      ``eval_position_policy``, ``eval_model``, ``eval_scorer``, ``eval_tasks``, ``eval_budgets``, ``eval_seed``.
+
+    An undefined value (retention over a full-token accuracy of 0) is left out, so a gate on it fails."""
+    results = report["results"]
+    if AUTOSELECT not in results:
+        raise ValueError("the report has no AutoSelect results to tag")
+    if any(name.endswith("]") for name in results):
+        raise ValueError("the report ran two position policies; tag one (--position-policy repack|original)")
+    baselines = [name for name in results if name not in (AUTOSELECT, FULL, ORACLE)]
+    numbers: dict[str, float | None] = {}
+    overall: dict[str, list[float]] = {}
+    for budget in report["budgets"]:
+        label, k = budget["budget"], f"k{budget['k']}"
+        row = results[AUTOSELECT].get(label)
+        if row is None:
+            continue
+        numbers.update({f"retention.{task}.{k}": _percent(cell["retention"]) for task, cell in row["tasks"].items()})
+        ours = row["average_retention"]
+        theirs = {name: results[name][label]["average_retention"] for name in baselines if label in results[name]}
+        defined = [v for v in theirs.values() if v is not None]
+        for name, value in (("retention_avg", ours),
+                            ("retention_margin_vs_random", _minus(ours, theirs.get("random"))),
+                            ("retention_margin_vs_best_baseline", _minus(ours, max(defined) if defined else None))):
+            numbers[f"{name}.{k}"] = _percent(value)
+            if value is not None:
+                overall.setdefault(name, []).append(value)
+        for rival in PAIRED_RIVALS:
+            for task, cell in report["paired"].get(label, {}).get(rival, {}).items():
+                if cell is not None and report["tasks"][task]["higher_is_better"]:
+                    numbers[f"paired_vs_{rival}.{task}.{k}"] = cell["difference"]
+                    numbers[f"paired_vs_{rival}.{task}.{k}.stderr"] = cell["stderr"]
+    numbers.update({name: _percent(_mean(values)) for name, values in overall.items()})
+    tags = {key: f"{value:.4f}" for key, value in numbers.items() if value is not None and math.isfinite(value)}
+    counts = {task: int(info["n"]) for task, info in report["tasks"].items()}
+    scorer = report.get("autoselect") or {}
+    tags.update({
+        "eval_split": str(report.get("split")), "eval_n": str(min(counts.values(), default=0)),
+        **{f"eval_n.{task}": str(n) for task, n in counts.items()},
+        "eval_dtype": str(report.get("dtype")), "eval_position_policy": str(report.get("position_policy")),
+        "eval_model": str(report.get("model")), "eval_scorer": str(scorer.get("uri") or scorer.get("path")),
+        "eval_tasks": ",".join(counts), "eval_budgets": ",".join(str(b["k"]) for b in report["budgets"]),
+        "eval_seed": str(report.get("seed")),
+    })
+    return tags
+
+
+def _percent(value: float | None) -> float | None:
+    return None if value is None else value / 100
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
 def _cell(entry: dict[str, Any] | None) -> str:
     if entry is None:
         return "—"
