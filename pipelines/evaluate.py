@@ -14,6 +14,14 @@ Tasks whose data is absent (e.g. the packaged corpora were not exported) are rep
 skipped, with the reason.
 
 Outputs in --out: report.json, report.md, retention_vs_budget.png, kept_patches.png.
+
+--tag-version models:/NAME/VERSION (or models:/NAME@ALIAS, resolved to its version before the run)
+also writes AutoSelect's results to that registered version as tags, the fractions
+`pipelines/promote.py --require` gates on (retention_avg, retention_margin_vs_random, per task and
+budget retention.TASK.kK, ...; see pipelines/evaluation/report.py: version_tags) and where they came
+from (eval_split, eval_n, eval_dtype, eval_position_policy, ...). It is refused before anything is
+evaluated when the version does not exist, when --autoselect is not given, or when --autoselect is a
+different registered version (a scorer folder is tagged with a warning).
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from pipelines.corpora import DEFAULT_OUT
 from pipelines.evaluation.methods import AUTOSELECT, baseline_settings, build_methods
 from pipelines.evaluation.oracle import ORACLE
 from pipelines.evaluation.plots import kept_patches_plot, processed_image, retention_plot
-from pipelines.evaluation.report import Budget, build_report, markdown
+from pipelines.evaluation.report import Budget, build_report, markdown, version_tags
 from pipelines.evaluation.runner import evaluate, to_device
 from pipelines.evaluation.scoring import SCORING, probe_prompt, prompt_inputs, task_context
 from pipelines.evaluation.tasks import TASKS, Example, load_tasks
@@ -89,8 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--fastv-layer", type=int, default=None, help="FastV's cut layer L (default: 2, or the LLM's depth - 1 if smaller)")
     add("--overlay", type=names, default=None, help="methods for kept_patches.png (default: autoselect and the first two baselines)")
     add("--dtype", choices=DTYPES, default="auto", help="model dtype (auto: bfloat16 on GPU and on CPUs with native bf16, else float32)")
-    add("--tracking-uri", default=None, help="MLflow tracking URI for models:/ (default: $MLFLOW_TRACKING_URI, else outputs/mlflow.db)")
+    add("--tracking-uri", default=None, help="MLflow tracking URI for models:/ and --tag-version (default: $MLFLOW_TRACKING_URI, else outputs/mlflow.db)")
     add("--out", type=Path, default=Path("outputs/eval"), help="output folder (default: %(default)s)")
+    add("--tag-version", metavar="models:/NAME/VERSION", default=None,
+        help="write AutoSelect's results to this registered version as tags that `promote --require` gates on "
+        "(fractions: retention_avg, retention_margin_vs_random, retention.TASK.kK, ...; plus eval_split, eval_n, "
+        "eval_dtype, eval_position_policy); models:/NAME@ALIAS is resolved to its version first. Refused before "
+        "evaluating if the version does not exist, --autoselect is missing, or --autoselect is another version")
     return parser
 
 
@@ -170,10 +183,33 @@ def write_outputs(args, report: dict, tasks, make_methods, budgets: list[Budget]
     return outputs
 
 
+def tag_target(args: argparse.Namespace):
+    """The registered version ``--tag-version`` names, checked (``mlops.registry.tag_target``)
+    before anything loads; a ``TagVersionError`` when it cannot take this run's results."""
+    import mlflow
+
+    from mlops import registry
+    from mlops.tracking import resolve_tracking_uri
+
+    if args.position_policy == "both":
+        raise registry.TagVersionError("--tag-version tags one position policy; --position-policy both runs two")
+    mlflow.set_tracking_uri(resolve_tracking_uri(args.tracking_uri))
+    return registry.tag_target(args.tag_version, args.autoselect if AUTOSELECT in args.pruners else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     given_budgets = check_args(parser, args)
+    target = None
+    if args.tag_version:
+        from mlops.registry import TagVersionError
+
+        try:
+            target = tag_target(args)
+        except TagVersionError as exc:
+            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 2
     started = time.time()
     torch.manual_seed(args.seed)
 
@@ -195,7 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     if AUTOSELECT in args.pruners:
         try:
             autoselect, autoselect_info = load_autoselect(args.autoselect, vlm, args.tracking_uri)
-        except (ValueError, FileNotFoundError) as exc:
+            if target is not None and "version" in autoselect_info:  # an alias may have moved since the check
+                from mlops.registry import check_evaluated
+
+                check_evaluated(target, autoselect_info["registered_model"], autoselect_info["version"])
+        except (ValueError, FileNotFoundError) as exc:  # ScorerVersionMismatch is a ValueError
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(f"AutoSelect scorer from {args.autoselect} (trained at budget {autoselect.config.budget})")
@@ -233,6 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(report))
     for what, path in outputs.items():
         print(f"{what:>15}: {path}")
+    if target is not None and not tasks:
+        print(f"no task ran: {target.name} v{target.version} not tagged", file=sys.stderr)
+    elif target is not None:
+        from mlops.registry import tag_evaluation
+
+        written = tag_evaluation(target, version_tags(report))
+        print(f"tagged {target.name} v{target.version} with {len(written)} evaluation tags "
+              f"(retention_avg={written.get('retention_avg', 'undefined')}, {args.split} split)")
     return 0 if tasks else 1
 
 
