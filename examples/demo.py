@@ -5,8 +5,9 @@ real-weight VLM, with every product part running for real on this machine.
   2. corpora     Fashion-MNIST and Open Clip Art (Debian packages) exported with fixed held-out splits
   3. preprocess  Ray Data: the training subset -> parquet shards (+ quarantine counts)
   4. train       Ray Train + DeepSpeed ZeRO-2 on 2 local workers, MLflow (sqlite) run + registered version
-  5. evaluate    AutoSelect vs random / uniform / DivPrune / VisionZip / FastV at N/9 on held-out data
-  6. promote     the version gets its evaluation as tags; the `champion` alias moves if it beats random
+  5. evaluate    AutoSelect vs random / uniform / DivPrune / VisionZip / FastV at N/9 on held-out data,
+                 written to the version as tags (`pipelines/evaluate.py --tag-version`)
+  6. promote     the `champion` alias moves if those tags show it beats random
   7. serve       Ray Serve (OpenAI API) with the promoted scorer, one real request with a packaged photo
   8. summary     where the report, plots and MLflow UI are
 
@@ -143,11 +144,13 @@ def train_step(args, model: Path, data: str, data_key: str) -> tuple[str, str]:
 
 
 def evaluate_step(args, model: Path, version: str) -> dict:
+    """Evaluate the version and tag it with the results (``evaluate.py --tag-version``)."""
     from pipelines import evaluate
 
     out = args.out / "eval"
+    uri = f"models:/{REGISTERED_MODEL}/{version}"
     code = evaluate.main([
-        "--model", str(model), "--autoselect", f"models:/{REGISTERED_MODEL}/{version}", "--budgets", str(args.budget),
+        "--model", str(model), "--autoselect", uri, "--tag-version", uri, "--budgets", str(args.budget),
         "--pruners", PRUNERS, "--tasks", TASKS, "--limit", str(args.eval_limit), "--out", str(out),
         "--tracking-uri", args.tracking_uri,
     ])
@@ -157,22 +160,18 @@ def evaluate_step(args, model: Path, version: str) -> dict:
 
 
 def promote_step(args, version: str, report: dict) -> tuple[bool, dict]:
-    """Tag the version with its evaluation (fractions) and move `champion` if it beats random."""
+    """Move `champion` to the version if the tags its evaluation wrote show it beats random."""
     from mlflow.tracking import MlflowClient
 
     from pipelines import promote
 
     budget = str(args.budget)
     retention = {name: rows[budget]["average_retention"] for name, rows in report["results"].items() if budget in rows}
-    ours = retention["autoselect"]
-    tags = {"retention_avg": ours / 100, "retention_margin_vs_random": (ours - retention["random"]) / 100,
-            "retention_margin_vs_best_baseline": (ours - max(v for k, v in retention.items() if k != "autoselect")) / 100}
-    client = MlflowClient(args.tracking_uri)
-    for name, value in tags.items():
-        client.set_model_version_tag(REGISTERED_MODEL, version, name, f"{value:.4f}")
     code = promote.main(["--model", REGISTERED_MODEL, "--version", version, "--alias", "champion",
                          "--require", "retention_margin_vs_random>=0", "--tracking-uri", args.tracking_uri])
-    return code == 0, {"retention_pct": retention, **tags}
+    tags = MlflowClient(args.tracking_uri).get_model_version(REGISTERED_MODEL, version).tags
+    gates = ("retention_avg", "retention_margin_vs_random", "retention_margin_vs_best_baseline")
+    return code == 0, {"retention_pct": retention, **{name: float(tags[name]) for name in gates if name in tags}}
 
 
 def serve_step(args, model: Path, scorer_uri: str) -> dict:
