@@ -4,8 +4,8 @@
     python -m pipelines.promote --model autoselect-scorer --version latest --alias challenger
     python -m pipelines.promote --model autoselect-scorer --list
 
-Metric values come from the version's tags (an evaluation job may tag the version it scored)
-and then from the metrics of the run that logged it. Aliases only: MLflow stages are deprecated.
+Metric values come from the version's tags (`pipelines/evaluate.py --tag-version` writes its
+results there) and then from the metrics of the run that logged it. Aliases only: MLflow stages are deprecated.
 Exit status: 0 promoted (or would be, with --dry-run), 1 a gate failed or a metric is missing,
 2 bad arguments or an unknown model/version.
 """
