@@ -108,7 +108,7 @@ def resolve_version(model_uri: str, client: MlflowClient | None = None):
 # --- the evaluation as version tags (pipelines/evaluate.py --tag-version; the demo goes through it)
 
 EVALUATION_TAG_PREFIXES = ("retention", "paired_vs_", "eval_")  # tags an evaluation owns and replaces
-_VERSION_URI = re.compile(r"^models:/([^/@]+)(?:/(\d+)|@([^/@]+))$")
+_VERSION_URI = re.compile(r"^models:/[^/@]+(/\d+|/latest|@[^/@]+)$")  # a version, latest, or an alias
 
 
 class TagVersionError(ValueError):
@@ -116,7 +116,7 @@ class TagVersionError(ValueError):
 
 
 class NotAVersionURI(TagVersionError):
-    """The URI is not ``models:/NAME/VERSION`` (or ``models:/NAME@ALIAS``)."""
+    """The URI is not ``models:/NAME/VERSION`` (or ``models:/NAME/latest``, ``models:/NAME@ALIAS``)."""
 
 
 class VersionNotFound(TagVersionError):
@@ -136,16 +136,13 @@ class UnverifiedScorerWarning(UserWarning):
 
 
 def _version_by_uri(uri: str, client: MlflowClient):
-    """The ``ModelVersion`` behind ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` (an alias is
-    resolved now, once); ``latest`` and logged-model URIs are refused."""
-    match = _VERSION_URI.match(uri)
-    if not match:
-        raise NotAVersionURI(f"{uri!r} is not models:/NAME/VERSION (a version number) or models:/NAME@ALIAS")
-    name, number, alias = match.groups()
+    """The ``ModelVersion`` behind ``models:/NAME/VERSION``, ``models:/NAME/latest`` or
+    ``models:/NAME@ALIAS`` (resolved now, once); any other URI is refused."""
+    if not _VERSION_URI.match(uri):
+        raise NotAVersionURI(f"{uri!r} is not models:/NAME/VERSION (a version number), models:/NAME/latest "
+                             "or models:/NAME@ALIAS")
     try:
-        if alias:
-            return client.get_model_version_by_alias(name, alias)
-        return client.get_model_version(name, number)
+        return resolve_version(uri, client)
     except MlflowException as exc:
         raise VersionNotFound(f"{uri}: {exc.message}") from None
 
@@ -161,8 +158,8 @@ def check_evaluated(target, evaluated_name: str, evaluated_version: str) -> None
 def tag_target(uri: str, scorer: str | None, client: MlflowClient | None = None):
     """The ``ModelVersion`` that ``uri`` names, checked before an evaluation of ``scorer`` (the
     ``--autoselect`` source, None when AutoSelect is not evaluated) is allowed to tag it: the URI is
-    ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` (resolved now), the version exists, and a
-    registry ``scorer`` is that same version. A scorer folder cannot be checked: allowed, with an
+    ``models:/NAME/VERSION``, or ``models:/NAME/latest`` or ``models:/NAME@ALIAS`` resolved now to
+    a version, that version exists, and a registry ``scorer`` is that same version. A scorer folder cannot be checked: allowed, with an
     ``UnverifiedScorerWarning``. Refusals raise a ``TagVersionError`` subclass."""
     if not scorer:
         raise NoScorerToTag("--tag-version needs an AutoSelect result to tag: pass --autoselect "
@@ -171,11 +168,9 @@ def tag_target(uri: str, scorer: str | None, client: MlflowClient | None = None)
     target = _version_by_uri(uri, client)
     if scorer.startswith("models:/"):
         try:
-            evaluated = resolve_version(scorer, client)
-        except ValueError as exc:
-            raise NotAVersionURI(f"--autoselect {exc}") from None
-        except MlflowException as exc:
-            raise VersionNotFound(f"--autoselect {scorer}: {exc.message}") from None
+            evaluated = _version_by_uri(scorer, client)
+        except TagVersionError as exc:
+            raise type(exc)(f"--autoselect {exc}") from None
         check_evaluated(target, evaluated.name, evaluated.version)
     else:
         warnings.warn(f"--autoselect {scorer} is a folder: nothing checks that it holds {target.name} "

@@ -15,7 +15,7 @@ skipped, with the reason.
 
 Outputs in --out: report.json, report.md, retention_vs_budget.png, kept_patches.png.
 
---tag-version models:/NAME/VERSION (or models:/NAME@ALIAS, resolved to its version before the run)
+--tag-version models:/NAME/VERSION (models:/NAME@ALIAS or /latest: resolved to a version before the run)
 also writes AutoSelect's results to that registered version as tags, the fractions
 `pipelines/promote.py --require` gates on (retention_avg, retention_margin_vs_random, per task and
 budget retention.TASK.kK, ...; see pipelines/evaluation/report.py: version_tags) and where they came
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tag-version", metavar="models:/NAME/VERSION", default=None,
         help="write AutoSelect's results to this registered version as tags that `promote --require` gates on "
         "(fractions: retention_avg, retention_margin_vs_random, retention.TASK.kK, ...; plus eval_split, eval_n, "
-        "eval_dtype, eval_position_policy); models:/NAME@ALIAS is resolved to its version first. Refused before "
+        "eval_dtype, eval_position_policy); models:/NAME@ALIAS or models:/NAME/latest is resolved to a version first. Refused before "
         "evaluating if the version does not exist, --autoselect is missing, or --autoselect is another version")
     return parser
 

@@ -105,7 +105,7 @@ def test_tagging_again_replaces_the_previous_evaluations_tags(store):
 
 @pytest.mark.parametrize("autoselect, tag, error", [
     ("models:/tiny-scorer/1", "models:/tiny-scorer", "NotAVersionURI"),
-    ("models:/tiny-scorer/1", "models:/tiny-scorer/latest", "NotAVersionURI"),
+    ("models:/tiny-scorer/1", "models:/tiny-scorer/1/2", "NotAVersionURI"),
     ("models:/tiny-scorer/1", "runs:/0123/scorer", "NotAVersionURI"),
     ("models:/tiny-scorer/1", "models:/tiny-scorer/99", "VersionNotFound"),
     ("models:/tiny-scorer/1", "models:/no-such-model/1", "VersionNotFound"),
@@ -127,6 +127,7 @@ def test_the_registry_check_resolves_aliases_and_warns_on_a_folder(store):
     assert str(registry.tag_target(f"models:/{MODEL}@evaluated", f"models:/{MODEL}/{first}", client).version) == first
     with pytest.raises(registry.ScorerVersionMismatch, match=f"not {MODEL} v{second}"):
         registry.tag_target(f"models:/{MODEL}/{second}", f"models:/{MODEL}@evaluated", client)
+    assert str(registry.tag_target(f"models:/{MODEL}/latest", f"models:/{MODEL}/{second}", client).version) == second
     with pytest.raises(registry.NoScorerToTag):
         registry.tag_target(f"models:/{MODEL}/{first}", None, client)
     with pytest.raises(registry.VersionNotFound):
