@@ -159,8 +159,9 @@ def tag_target(uri: str, scorer: str | None, client: MlflowClient | None = None)
     """The ``ModelVersion`` that ``uri`` names, checked before an evaluation of ``scorer`` (the
     ``--autoselect`` source, None when AutoSelect is not evaluated) is allowed to tag it: the URI is
     ``models:/NAME/VERSION``, or ``models:/NAME/latest`` or ``models:/NAME@ALIAS`` resolved now to
-    a version, that version exists, and a registry ``scorer`` is that same version. A scorer folder cannot be checked: allowed, with an
-    ``UnverifiedScorerWarning``. Refusals raise a ``TagVersionError`` subclass."""
+    a version, that version exists, and a registry ``scorer`` is that same version. A scorer folder
+    cannot be checked: allowed, with an ``UnverifiedScorerWarning``. Refusals raise a
+    ``TagVersionError`` subclass."""
     if not scorer:
         raise NoScorerToTag("--tag-version needs an AutoSelect result to tag: pass --autoselect "
                             "(and keep autoselect in --pruners)")
