@@ -29,9 +29,12 @@ from autoselect.placeholders import prune_placeholders
 
 IMAGE_TOKEN_ID = 32000
 FULL_7B_LAYERS = 32
+VISUAL_TOKENS = 576  # (336 / 14)^2, CLS dropped
 
 
 def build_model(lm_layers: int, vision_layers: int, device: str, dtype: torch.dtype) -> LlavaForConditionalGeneration:
+    """LLaVA-1.5-7B geometry with random weights, built directly on ``device`` in ``dtype`` (a 32-layer
+    7B never passes through host memory in float32). Shared with ``bench/gpu_check.py``."""
     vision = CLIPVisionConfig(
         hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
         num_attention_heads=16, image_size=336, patch_size=14,
@@ -46,10 +49,13 @@ def build_model(lm_layers: int, vision_layers: int, device: str, dtype: torch.dt
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    return LlavaForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+    return model.eval()
 
 
-def median_ms(fn: Callable[[], object], device: str) -> float:
+def elapsed_ms(fn: Callable[[], object], device: str) -> float:
+    """One call's wall time, synchronised on CUDA."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -57,6 +63,68 @@ def median_ms(fn: Callable[[], object], device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return (time.perf_counter() - start) * 1e3
+
+
+def median_times(cases: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, float]:
+    """Median ms per case: one warm-up call each, then ``repeats`` rounds, interleaved so drift hits
+    every case alike."""
+    with torch.inference_mode():
+        for fn in cases.values():
+            fn()
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        for _ in range(repeats):
+            for name, fn in cases.items():
+                times[name].append(elapsed_ms(fn, device))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def prefill_cases(model: AutoSelectModel, budgets: list[int], text_tokens: int, device: str,
+                  dtype: torch.dtype) -> dict[str, Callable[[], object]]:
+    """``full`` (all 576 visual tokens), ``pruned_K`` per budget (the scorer's top K, placeholders cut
+    to K) and ``scorer`` (scorer + top-K + gather for the smallest K), each one LLM prefill with
+    ``logits_to_keep=1``; the vision tower runs once, outside the timed calls."""
+    vlm = model.vlm
+    n = VISUAL_TOKENS
+    before = text_tokens // 10
+    ids = torch.cat([
+        torch.randint(0, 32000, (1, before)),
+        torch.full((1, n), IMAGE_TOKEN_ID),
+        torch.randint(0, 32000, (1, text_tokens - before)),
+    ], dim=1).to(device)
+    pixel_values = torch.randn(1, 3, 336, 336, device=device, dtype=dtype)
+
+    with torch.inference_mode():
+        tokens = model.visual_tokens(pixel_values=pixel_values)
+        assert tokens.shape[1] == n, tokens.shape
+
+        def prefill(kept: torch.Tensor, input_ids: torch.Tensor) -> None:
+            projected = model.adapter.project(kept)
+            vlm(input_ids=input_ids, mm_encoder_outputs=model.adapter.encoder_outputs(projected), logits_to_keep=1)
+
+        def select(k: int) -> torch.Tensor:
+            return gather_tokens(tokens, topk_indices(model.scorer(tokens), k))
+
+        cases: dict[str, Callable[[], object]] = {"full": lambda: prefill(tokens, ids)}
+        for k in budgets:
+            pruned_ids = prune_placeholders(ids, topk_indices(model.scorer(tokens), k), IMAGE_TOKEN_ID, n).input_ids
+            cases[f"pruned_{k}"] = lambda kept=select(k), pruned_ids=pruned_ids: prefill(kept, pruned_ids)
+        cases["scorer"] = lambda: select(min(budgets))
+    return cases
+
+
+def budget_rows(med: dict[str, float], budgets: list[int], text_tokens: int) -> dict[str, dict[str, float]]:
+    """Per K: measured ms, full/K speedup, the token-count limit (N + text) / (K + text) and the share reached."""
+    rows = {}
+    for k in budgets:
+        limit = (VISUAL_TOKENS + text_tokens) / (k + text_tokens)
+        speedup = med["full"] / med[f"pruned_{k}"]
+        rows[str(k)] = {
+            "prefill_ms_measured": round(med[f"pruned_{k}"], 2),
+            "prefill_speedup": round(speedup, 3),
+            "compute_limit": round(limit, 3),
+            "fraction_of_limit": round(speedup / limit, 3),
+        }
+    return rows
 
 
 def main() -> None:
@@ -82,43 +150,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     vlm = build_model(args.lm_layers, args.vision_layers, args.device, dtype)
     model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=args.budgets[0])).eval()
-    n = 576
-    before = args.text_tokens // 10
-    ids = torch.cat([
-        torch.randint(0, 32000, (1, before)),
-        torch.full((1, n), IMAGE_TOKEN_ID),
-        torch.randint(0, 32000, (1, args.text_tokens - before)),
-    ], dim=1).to(args.device)
-    pixel_values = torch.randn(1, 3, 336, 336, device=args.device, dtype=dtype)
-
-    with torch.inference_mode():
-        tokens = model.visual_tokens(pixel_values=pixel_values)
-        assert tokens.shape[1] == n, tokens.shape
-
-        def prefill(kept: torch.Tensor, input_ids: torch.Tensor) -> None:
-            projected = model.adapter.project(kept)
-            vlm(input_ids=input_ids, mm_encoder_outputs=model.adapter.encoder_outputs(projected), logits_to_keep=1)
-
-        def select(k: int) -> torch.Tensor:
-            return gather_tokens(tokens, topk_indices(model.scorer(tokens), k))
-
-        pruned_ids = {}
-        for k in args.budgets:
-            keep = topk_indices(model.scorer(tokens), k)
-            pruned_ids[k] = prune_placeholders(ids, keep, IMAGE_TOKEN_ID, n).input_ids
-        cases: dict[str, Callable[[], object]] = {"full": lambda: prefill(tokens, ids)}
-        for k in args.budgets:
-            kept = select(k)
-            cases[f"pruned_{k}"] = lambda kept=kept, k=k: prefill(kept, pruned_ids[k])
-        cases["scorer"] = lambda: select(min(args.budgets))
-
-        for fn in cases.values():  # warm-up
-            fn()
-        times: dict[str, list[float]] = {name: [] for name in cases}
-        for _ in range(args.repeats):  # interleaved so drift hits every case alike
-            for name, fn in cases.items():
-                times[name].append(median_ms(fn, args.device))
-    med = {name: statistics.median(values) for name, values in times.items()}
+    n = VISUAL_TOKENS
+    med = median_times(prefill_cases(model, args.budgets, args.text_tokens, args.device, dtype), args.repeats, args.device)
 
     full_ms = med["full"]
     full_7b_ms = full_ms * FULL_7B_LAYERS / args.lm_layers
@@ -130,17 +163,8 @@ def main() -> None:
         "full_prefill_ms_7b_extrapolated": round(full_7b_ms, 1),
         "scorer_ms": round(med["scorer"], 3),
         "scorer_fraction_of_full_prefill": round(med["scorer"] / full_7b_ms, 5),
-        "budgets": {},
+        "budgets": budget_rows(med, args.budgets, args.text_tokens),
     }
-    for k in args.budgets:
-        limit = (n + args.text_tokens) / (k + args.text_tokens)
-        speedup = full_ms / med[f"pruned_{k}"]
-        result["budgets"][str(k)] = {
-            "prefill_ms_measured": round(med[f"pruned_{k}"], 2),
-            "prefill_speedup": round(speedup, 3),
-            "compute_limit": round(limit, 3),
-            "fraction_of_limit": round(speedup / limit, 3),
-        }
     result["prefill_speedup"] = {k: v["prefill_speedup"] for k, v in result["budgets"].items()}
     text = json.dumps(result, indent=2)
     print(text)
@@ -185,13 +209,7 @@ def backbone_sweep(args) -> None:
                 lengths[label] = int(kwargs["input_ids"].shape[1])
                 kept[label] = sum(len(i) for i in model.last_selection.per_image())
                 cases[label] = lambda kwargs=kwargs: vlm(**kwargs, logits_to_keep=1, use_cache=False)
-            for fn in cases.values():
-                fn()
-            times = {label: [] for label in cases}
-            for _ in range(args.repeats):
-                for label, fn in cases.items():
-                    times[label].append(median_ms(fn, args.device))
-        med = {label: statistics.median(v) for label, v in times.items()}
+        med = median_times(cases, args.repeats, args.device)
         results[name] = {
             "geometry": shape.note, "visual_tokens": kept["full"], "sequence_full": lengths["full"],
             "full_prefill_ms": round(med["full"], 1),

@@ -1,0 +1,70 @@
+"""bench/gpu_check.sh and bench/gpu_check.py, the check prepared for a lent GPU, smoke-run on the CPU:
+the 576-token / width-1024 geometry with one 7B-shaped LM layer and a 2-layer vision tower."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow  # ~40 s on one thread: the 7B-shaped layer dominates
+
+
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_wrapper_runs_every_part_on_cpu_and_writes_the_report(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--device", "cpu", "--lm-layers", "1", "--vision-layers", "2",
+         "--repeats", "1", "--threads", "1"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["ok"] is True
+    env_seen = report["environment"]
+    assert env_seen["torch"] == torch.__version__ and env_seen["transformers"] and env_seen["dtype"] == "float32"
+    assert env_seen["device"] == "cpu" and env_seen["device_name"]
+
+    prefill = report["parts"]["prefill"]
+    assert prefill["status"] == "ok" and prefill["geometry"]["visual_tokens"] == 576
+    assert prefill["geometry"]["lm_layers"] == 1 and prefill["full_prefill_ms"] > 0
+    assert set(prefill["prefill_speedup"]) == {"192", "128", "64"}
+    assert all(ratio > 0 for ratio in prefill["prefill_speedup"].values())
+    assert prefill["scorer_ms"] > 0 and prefill["paper"]["speedup_k64"] == 2.85
+
+    training = report["parts"]["training"]
+    assert training["status"] == "ok" and training["steps"] == 5
+    assert training["losses_finite"] and all(math.isfinite(x) for x in training["losses"])
+    assert training["scorer_moved"] is True and training["vlm_unchanged"] is True
+
+    assert report["parts"]["deepspeed"]["status"] == "skipped"
+    assert report["skipped"] == [{"part": "deepspeed", "reason": report["parts"]["deepspeed"]["reason"]}]
+    assert "| 64 |" in done.stdout and "scorer + top-K + gather" in done.stdout
+
+
+def test_cuda_asked_for_without_cuda_fails_loudly(tmp_path, monkeypatch, capsys):
+    gpu_check = load_gpu_check()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "gpu_check.json"
+    with pytest.raises(SystemExit) as stopped:
+        gpu_check.main(["--device", "cuda", "--out", str(out)])
+    assert stopped.value.code == 2
+    message = capsys.readouterr().err
+    assert "--device cuda was asked for" in message and "sees no CUDA device" in message
+    report = json.loads(out.read_text())
+    assert report["ok"] is False and "sees no CUDA device" in report["error"] and report["parts"] == {}
