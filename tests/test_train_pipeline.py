@@ -159,6 +159,29 @@ def test_config_errors_are_named(tmp_path):
     assert load_train_config(good, ["deepspeed.zero_stage=3"]).deepspeed.zero_stage == 3
 
 
+def test_config_autoselect_option_groups_nest_in_yaml_and_set(tmp_path):
+    """``autoselect:`` maps onto AutoSelectConfig: its option groups are nested mappings (and
+    ``--set`` paths); unknown nested keys, old flat names and broken dependencies fail by name."""
+    from autoselect import InferenceOptions, OptionDependencyError, TrainingOptions
+    from pipelines.config_io import UnknownKeys
+
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\nautoselect: {budget: 8, training: {gate_attention: true}}\n")
+    config = load_train_config(path, ["autoselect.training.straight_through=true", "autoselect.inference.noise=1.0"])
+    assert config.autoselect.training == TrainingOptions(gate_attention=True, straight_through=True)
+    assert config.autoselect.inference == InferenceOptions(noise=1.0)
+    assert config.autoselect_config() == config.autoselect and config.autoselect_config() is not config.autoselect
+    assert from_mapping(TrainConfig, json.loads(json.dumps(config.to_dict()))) == config  # what the workers rebuild
+    with pytest.raises(UnknownKeys, match=r"autoselect.training: unknown key\(s\) \['gate_atention'\]"):
+        load_train_config(path, ["autoselect.training.gate_atention=true"])
+    with pytest.raises(UnknownKeys, match="gate_attention is now training.gate_attention"):
+        load_train_config(path, ["autoselect.gate_attention=true"])
+    with pytest.raises(OptionDependencyError, match="autoselect.training: training.straight_through needs"):
+        load_train_config(path, ["autoselect.training.straight_through=true", "autoselect.training.gate_attention=false"])
+    with pytest.raises(ValueError, match="autoselect.inference.noise: expected float"):
+        load_train_config(path, ["autoselect.inference.noise=lots"])
+
+
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parent.parent.glob("pipelines/configs/*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load_and_validate(path):
     config = load_train_config(path)
