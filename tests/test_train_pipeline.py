@@ -182,6 +182,24 @@ def test_config_autoselect_option_groups_nest_in_yaml_and_set(tmp_path):
         load_train_config(path, ["autoselect.inference.noise=lots"])
 
 
+def test_config_k28_sampled_recipe_is_the_committed_scorers_config():
+    """``pipelines/configs/mini-llava-k28-sampled.yaml`` is the recipe of
+    ``artifacts/mini-llava/scorer-k28-sampled`` (its README's historical ``--set`` flags)."""
+    root = Path(__file__).resolve().parent.parent
+    config = load_train_config(root / "pipelines" / "configs" / "mini-llava-k28-sampled.yaml")
+    saved = AutoSelectConfig.load(root / "artifacts" / "mini-llava" / "scorer-k28-sampled" / "config.json")
+    assert config.autoselect == AutoSelectConfig(**{**vars(saved), "vision_width": None, "backbone": None})
+    historical = [  # the README's command, with today's option paths
+        "model.dtype=float32", "data.train=outputs/results/preprocessed/data", "optim.steps=100",
+        "optim.checkpoint_every=50", "optim.log_every=5", "optim.lr=1.0e-3", "autoselect.temperature_steps=75",
+        "autoselect.training.gate_attention=true", "autoselect.training.score_noise=1.0",
+        "autoselect.training.score_noise_anneal=false", "autoselect.inference.noise=1.0",
+        "autoselect.position_policy=original", "mlflow.registered_model=autoselect-mini-llava-results",
+        "name=results-mini-llava-k28-sampled",
+    ]
+    assert config == load_train_config(root / "pipelines" / "configs" / "mini-llava.yaml", historical)
+
+
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parent.parent.glob("pipelines/configs/*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load_and_validate(path):
     config = load_train_config(path)
