@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sampled", required=True, help="the budget-sampled scorer (folder or models:/name/version)")
     parser.add_argument("--per-budget", type=per_budget, nargs="+", required=True, help="K=SCORER for each budget")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="inference seeds (scorers with inference_noise)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="inference seeds (scorers with inference.noise)")
     parser.add_argument("--model", default=".cache/backbones/mini-llava-aligned")
     parser.add_argument("--task", default="fmnist_vqa")
     parser.add_argument("--corpora", type=Path, default=Path(".cache/corpora"))
