@@ -37,10 +37,6 @@ class LegacyConfigError(ConfigError):
     or an old flat key given next to the nested key it became."""
 
 
-def _default_budgets() -> list[int | float]:
-    return []
-
-
 @dataclass(frozen=True)
 class TrainingOptions:
     """Beyond the paper: how the training forward runs. All off by default (the paper's form);
@@ -48,7 +44,7 @@ class TrainingOptions:
 
     # Budget-sampled training: each training batch draws its budget from this list (one scorer
     # that serves all of them); empty: train at `budget`, which stays the inference default.
-    budgets: list[int | float] = field(default_factory=_default_budgets)
+    budgets: list[int | float] = field(default_factory=list)
     # Noise gate: standardise with per-channel batch statistics so the VP property holds for
     # features that are not unit-variance (the paper assumes "normalized visual tokens").
     gate_standardize: bool = True
