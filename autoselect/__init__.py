@@ -5,7 +5,17 @@ VLM's own next-token loss; at inference only the scorer and a hard, order-preser
 """
 
 from autoselect.backbones import get_adapter, register_backbone, supported_model_types
-from autoselect.config import AutoSelectConfig, ScoreMass, resolve_budget
+from autoselect.config import (
+    AutoSelectConfig,
+    ConfigError,
+    InferenceOptions,
+    LegacyConfigError,
+    OptionDependencyError,
+    ScoreMass,
+    TrainingOptions,
+    UnknownConfigKey,
+    resolve_budget,
+)
 from autoselect.gate import vp_noise_gate
 from autoselect.model import AutoSelectModel
 from autoselect.pruned import PrunedVLM, Selection
@@ -15,9 +25,15 @@ from autoselect.soft_topk import soft_topk
 __all__ = [
     "AutoSelectConfig",
     "AutoSelectModel",
+    "ConfigError",
+    "InferenceOptions",
+    "LegacyConfigError",
+    "OptionDependencyError",
     "PrunedVLM",
     "ScoreMass",
     "Selection",
+    "TrainingOptions",
+    "UnknownConfigKey",
     "gather_tokens",
     "get_adapter",
     "register_backbone",

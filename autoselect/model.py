@@ -2,12 +2,14 @@
 
 Train mode:  visual tokens -> scorer -> soft top-K (sum = K) -> VP noise gate -> denoiser
              -> frozen projector -> frozen LLM; the loss is the VLM's own next-token loss.
+             (With ``training.straight_through``: no gate and no denoiser, see `TrainingOptions`.)
 Eval mode:   visual tokens -> scorer -> hard top-K (order kept) -> frozen projector on the K kept
              tokens -> frozen LLM (the shared `PrunedVLM` path).
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 from typing import Any
@@ -61,21 +63,25 @@ def vlm_dtype_name(vlm: nn.Module) -> str:
     return str(next(vlm.parameters()).dtype).removeprefix("torch.")
 
 class AutoSelectModel(PrunedVLM):
-    """Wraps one VLM instance; only ``scorer`` and ``denoiser`` have trainable parameters."""
+    """Wraps one VLM instance; only ``scorer`` and ``denoiser`` have trainable parameters.
+
+    ``denoiser`` is None when the training form uses none (``training.straight_through``)."""
 
     def __init__(self, vlm: nn.Module, config: AutoSelectConfig, adapter: BackboneAdapter) -> None:
         super().__init__(vlm, config.budget, adapter, config.position_policy)
         self.config = config
         self.scorer = build_scorer(config, adapter.vision_width)
-        self.denoiser = Denoiser(adapter.vision_width, config.denoiser_layers, config.denoiser_mlp_ratio, config.dropout)
+        self.denoiser = (Denoiser(adapter.vision_width, config.denoiser_layers, config.denoiser_mlp_ratio, config.dropout)
+                         if config.training.uses_denoiser else None)
         self.training_step = 0
-        self.has_trained_denoiser = True  # False after loading an inference-only save
+        # False after loading an inference-only save of a form that trains a denoiser: it can
+        # prune, not train (a straight-through scorer needs none, so it always can).
+        self.can_train = True
         self.trained_vlm_dtype: str | None = None  # the frozen VLM's dtype when the loaded scorer was trained
         # float32 whatever the VLM's dtype: bf16 logits are so coarse that most tokens tie (and the
         # soft top-K then spreads the budget evenly over them), and bf16 weights lose small updates.
         device = next(vlm.parameters()).device
-        self.scorer.to(device=device, dtype=torch.float32)
-        self.denoiser.to(device=device, dtype=torch.float32)
+        self.trainable_modules().to(device=device, dtype=torch.float32)
 
     # The config is the single source of truth for the budget and position policy.
     @property
@@ -89,8 +95,9 @@ class AutoSelectModel(PrunedVLM):
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def attach(cls, vlm: nn.Module, config: AutoSelectConfig | None = None) -> "AutoSelectModel":
-        """Freeze ``vlm`` and attach a fresh scorer and denoiser sized for its vision tokens."""
-        config = config or AutoSelectConfig()
+        """Freeze ``vlm`` and attach a fresh scorer (and denoiser) sized for its vision tokens.
+        ``config`` is copied, never changed: the model's own copy records the VLM's width and class."""
+        config = copy.deepcopy(config) if config is not None else AutoSelectConfig()
         adapter = get_adapter(vlm)
         config.vision_width = adapter.vision_width
         config.backbone = type(vlm).__name__
@@ -122,23 +129,35 @@ class AutoSelectModel(PrunedVLM):
             warnings.warn(f"the AutoSelect scorer in {directory} was trained over a {model.trained_vlm_dtype} VLM "
                           f"and now runs over a {running} one: its scores may differ from those it was "
                           "validated with", stacklevel=2)
-        if inference_only:  # the scorer alone: what inference runs (see save_pretrained)
+        if model.denoiser is None:  # older straight-through saves hold a denoiser it never used
+            state = {k: v for k, v in state.items() if not k.startswith("denoiser.")}
+        if inference_only and model.denoiser is not None:  # the scorer alone: what inference runs (see save_pretrained)
             model.scorer.load_state_dict({k.removeprefix("scorer."): v for k, v in state.items()}, strict=True)
-            model.has_trained_denoiser = False
+            model.can_train = False
         else:
             model.trainable_modules().load_state_dict(state, strict=True)
         return model
 
+    @property
+    def has_trained_denoiser(self) -> bool:
+        """A denoiser that training built or a full save restored (never one of a straight-through
+        form, which has none, nor the fresh one of an inference-only load, which has none either)."""
+        return self.denoiser is not None and self.can_train
+
     def trainable_modules(self) -> nn.ModuleDict:
-        return nn.ModuleDict({"scorer": self.scorer, "denoiser": self.denoiser})
+        """The scorer, and the denoiser where the training form has one."""
+        modules = {"scorer": self.scorer} if self.denoiser is None else {"scorer": self.scorer, "denoiser": self.denoiser}
+        return nn.ModuleDict(modules)
 
     def save_pretrained(self, directory: str | Path, inference_only: bool = False) -> Path:
         """Write ``config.json`` and ``model.safetensors`` holding only scorer + denoiser (never the
         VLM). ``inference_only``: the scorer alone, all that inference runs (the denoiser is
-        train-only; ~30 % of the weights on the mini-LLaVA); such a save cannot resume training."""
+        train-only; ~30 % of the weights on the mini-LLaVA); such a save cannot resume training.
+        A straight-through model has no denoiser: its saves hold the scorer alone and can resume."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        inference_only = inference_only or not self.has_trained_denoiser  # never save a fresh denoiser as trained
+        # never save a fresh denoiser as trained; a form without one loses nothing, so it can resume
+        inference_only = (inference_only or not self.can_train) and self.denoiser is not None
         self.config.save(directory / CONFIG_NAME)
         modules = nn.ModuleDict({"scorer": self.scorer}) if inference_only else self.trainable_modules()
         state = {k: v.detach().contiguous().cpu() for k, v in modules.state_dict().items()}
@@ -151,8 +170,7 @@ class AutoSelectModel(PrunedVLM):
     def train(self, mode: bool = True) -> "AutoSelectModel":
         """Scorer/denoiser follow ``mode``; the frozen VLM always stays in eval mode."""
         self.training = mode
-        self.scorer.train(mode)
-        self.denoiser.train(mode)
+        self.trainable_modules().train(mode)
         self.vlm.eval()
         return self
 
@@ -187,8 +205,8 @@ class AutoSelectModel(PrunedVLM):
         return Selection(indices=topk_indices(self.ranking(scores), k), num_tokens=tokens.shape[1], scores=scores)
 
     def ranking(self, scores: torch.Tensor) -> torch.Tensor:
-        """What inference takes the top K of: the logits, or with ``inference_noise`` a seeded sample."""
-        return seeded_ranking(scores, self.config.inference_noise, self.config.inference_seed)
+        """What inference takes the top K of: the logits, or with ``inference.noise`` a seeded sample."""
+        return seeded_ranking(scores, self.config.inference.noise, self.config.inference.seed)
 
     def select(self, budget=None, **image_inputs: Any):
         """As `PrunedVLM.select`; a `ScoreMass` budget picks K per image from the scores."""
@@ -207,15 +225,15 @@ class AutoSelectModel(PrunedVLM):
         return selection, selection.kept_tokens(per_image)
 
     def training_budget(self, budget: int | float | None) -> int | float | None:
-        """The budget of a training batch: the caller's, else one drawn from ``train_budgets``."""
-        if budget is not None or not self.config.train_budgets:
+        """The budget of a training batch: the caller's, else one drawn from ``training.budgets``."""
+        if budget is not None or not self.config.training.budgets:
             return budget
-        choices = self.config.train_budgets
+        choices = self.config.training.budgets
         self._last_budget = choices[int(torch.randint(len(choices), ()))]
         return self._last_budget
 
     def training_scores(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Scorer logits ``[B, N]`` plus the annealed Gumbel noise of ``score_noise`` (training only)."""
+        """Scorer logits ``[B, N]`` plus the annealed Gumbel noise of ``training.score_noise``."""
         scores = self.scorer(tokens, valid)
         noise = self.config.noise_scale(self.training_step)
         if noise > 0:
@@ -229,7 +247,7 @@ class AutoSelectModel(PrunedVLM):
 
     def _train_inputs(self, image_inputs: dict[str, Any], text: dict[str, Any], budget) -> dict[str, Any]:
         """All N tokens of every image, gated by their retention weights and restored by the denoiser
-        (or, with ``straight_through``, clean and throttled to the hard top-K)."""
+        (or, with ``training.straight_through``, clean and throttled to the hard top-K)."""
         tokens = self.visual_tokens(**image_inputs)
         ragged = isinstance(tokens, list)
         counts = [len(t) for t in tokens] if ragged else [tokens.shape[1]] * tokens.shape[0]
@@ -238,11 +256,12 @@ class AutoSelectModel(PrunedVLM):
         scores = self.training_scores(padded, valid)
         alpha = soft_topk(scores, k, temperature=self.temperature, valid=valid)
         self._last_alpha = (alpha if valid is None else alpha[valid]).detach()  # the soft weights, for the stats
-        if self.config.straight_through:
+        form = self.config.training
+        if form.straight_through:
             alpha = straight_through_topk(alpha, scores, k, valid)
             restored = padded
         else:
-            gated = vp_noise_gate(padded.float(), alpha, standardize=self.config.gate_standardize, valid=valid)
+            gated = vp_noise_gate(padded.float(), alpha, standardize=form.gate_standardize, valid=valid)
             # The denoiser corrects a token in proportion to the noise it holds (1 - alpha): a kept
             # token (alpha = 1) reaches the projector exactly as at inference, where the denoiser is
             # gone. Uncorrected, it learned to rewrite kept tokens into a form only training sees.
@@ -255,11 +274,11 @@ class AutoSelectModel(PrunedVLM):
             restored = [r[i] for r, i in zip(restored, sent)]
         else:
             selection = Selection(torch.stack(sent), counts[0])
-            restored = gather_tokens(restored, selection.indices) if self.config.train_candidates else restored
+            restored = gather_tokens(restored, selection.indices) if form.candidates else restored
         inputs = self.language_inputs(dict(text), image_inputs, selection, self.project(restored), for_generation=False)
-        if self.config.gate_attention:
+        if form.gate_attention:
             if "token_type_ids" in inputs:
-                raise ValueError(f"gate_attention needs a causal LLM mask; {self.config.backbone} attends within images bidirectionally")
+                raise ValueError(f"training.gate_attention needs a causal LLM mask; {self.config.backbone} attends within images bidirectionally")
             dtype = next(self.vlm.parameters()).dtype
             inputs["attention_mask"] = throttled_attention_mask(
                 inputs["input_ids"], inputs.get("attention_mask"), self.adapter.image_token_id, real_alpha.flatten(), dtype
@@ -267,18 +286,18 @@ class AutoSelectModel(PrunedVLM):
         return inputs
 
     def sent_tokens(self, scores: torch.Tensor, k: torch.Tensor, counts: list[int], valid: torch.Tensor | None) -> list[torch.Tensor]:
-        """The tokens of each image the LLM sees in training: all N, or with ``train_candidates``
+        """The tokens of each image the LLM sees in training: all N, or with ``training.candidates``
         the hard top-K of ``scores`` plus a random draw of the rest."""
-        if not self.config.train_candidates:
+        if not self.config.training.candidates:
             return [torch.arange(n, device=scores.device) for n in counts]
-        extra = (k.double() * self.config.train_candidates).round().long()
+        extra = (k.double() * self.config.training.candidates).round().long()
         return candidate_indices(scores, k, extra, valid)
 
     def forward(self, budget: int | float | None = None, **inputs: Any):
         """Train mode: soft, gated path (needs ``labels`` for a loss). Eval mode: hard top-K."""
         if not self.training:
             return super().forward(budget=budget, **inputs)
-        if not self.has_trained_denoiser:
+        if not self.can_train:
             raise ValueError("this scorer was saved with inference_only=True (no denoiser): it can prune, "
                              "not train; load a full save_pretrained folder to continue training")
         image_inputs, text = self.split_inputs(dict(inputs))
@@ -295,6 +314,6 @@ class AutoSelectModel(PrunedVLM):
         a = alpha.float().clamp(1e-6, 1 - 1e-6)
         entropy = -(a * a.log() + (1 - a) * (1 - a).log()).mean()
         stats = {"alpha_mean": float(alpha.float().mean()), "alpha_entropy": float(entropy), "temperature": self.temperature}
-        if self.config.train_budgets:
+        if self.config.training.budgets:
             stats["budget"] = float(getattr(self, "_last_budget", self.config.budget))
         return stats

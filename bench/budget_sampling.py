@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from autoselect import AutoSelectConfig, AutoSelectModel, ScoreMass  # noqa: E402
+from autoselect import AutoSelectConfig, AutoSelectModel, ScoreMass, TrainingOptions  # noqa: E402
 from autoselect.testing import build_tiny_llava  # noqa: E402
 from autoselect.testing.synthetic import answer_accuracy, marker_batches, teach_vlm_markers  # noqa: E402
 from autoselect.training import train  # noqa: E402
@@ -77,7 +77,7 @@ def main() -> None:
     for k in args.budgets:
         per_budget = trained(AutoSelectConfig(budget=k, **schedule))
         rows[str(k)] = {"per_budget": evaluate(per_budget, held_out, k)}
-    sampled = trained(AutoSelectConfig(budget=args.budgets[-1], train_budgets=list(args.budgets), **schedule))
+    sampled = trained(AutoSelectConfig(budget=args.budgets[-1], training=TrainingOptions(budgets=list(args.budgets)), **schedule))
     for k in args.budgets:
         rows[str(k)]["sampled"] = evaluate(sampled, held_out, k)
         rows[str(k)]["gap_points"] = round(rows[str(k)]["per_budget"]["accuracy"] - rows[str(k)]["sampled"]["accuracy"], 2)

@@ -4,8 +4,8 @@ mini-LLaVA (held-out Fashion-MNIST questions by default), in one run.
 At every budget the sampled scorer, the scorer trained at that budget and the random baseline
 score the same held-out examples: accuracy and the true answer's NLL per token, each with its
 standard error, and the paired difference sampled - per-budget (same examples). With
-``--seeds`` a scorer that samples at inference (``inference_noise``) is measured under each
-``inference_seed`` and the seeds are averaged, so no lucky seed decides the comparison.
+``--seeds`` a scorer that samples at inference (``inference.noise``) is measured under each
+``inference.seed`` and the seeds are averaged, so no lucky seed decides the comparison.
 
     python bench/budget_sampling_mini_llava.py --tracking-uri sqlite:///outputs/mlflow.db \
         --sampled models:/autoselect-mini-llava-results/2 \
@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sampled", required=True, help="the budget-sampled scorer (folder or models:/name/version)")
     parser.add_argument("--per-budget", type=per_budget, nargs="+", required=True, help="K=SCORER for each budget")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="inference seeds (scorers with inference_noise)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="inference seeds (scorers with inference.noise)")
     parser.add_argument("--model", default=".cache/backbones/mini-llava-aligned")
     parser.add_argument("--task", default="fmnist_vqa")
     parser.add_argument("--corpora", type=Path, default=Path(".cache/corpora"))
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         values: dict[str, dict[str, list[list[float]]]] = {"sampled": {"correct": [], "nll": []}, "per_budget": {"correct": [], "nll": []}}
         for seed in args.seeds:
             for name, model in (("sampled", sampled), ("per_budget", own)):
-                model.config.inference_seed = seed
+                if model.config.inference.noise:  # a top-K scorer uses no seed
+                    model.config.inference = replace(model.config.inference, seed=seed)
                 got = run([PreLLM(name, str(k), k, model)])[f"{name}@{k}"]
                 values[name]["correct"].append(got["per_example"])
                 values[name]["nll"].append(got["per_example_answer_nll"])
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         rows[str(k)]["within_tolerance"] = rows[str(k)]["sampled_minus_per_budget"]["accuracy_points"] >= -args.tolerance
 
     result = {"model": args.model, "task": args.task, "examples": len(task.examples), "seeds": args.seeds,
-              "sampled_scorer": sampled_info, "train_budgets": list(sampled.config.train_budgets), "dtype": args.dtype,
+              "sampled_scorer": sampled_info, "train_budgets": list(sampled.config.training.budgets), "dtype": args.dtype,
               "tolerance_points": args.tolerance, "budgets": rows, "seconds": round(time.time() - started, 1)}
     print(json.dumps(result, indent=2))
     print("\n| K | per-budget acc | sampled acc | sampled - per-budget (points) | per-budget NLL | sampled NLL | random acc | random NLL |")

@@ -5,7 +5,7 @@ NLL of the frozen VLM under: all tokens; the hard top-K inference path (the scor
 the training path (soft top-K + VP noise gate + denoiser) at the final temperature and at a
 near-zero one; the training path with all N tokens kept (what the denoiser does to clean tokens).
 A large gap between "train path, tau -> 0" and "inference, hard top-K" means the scorer is trained
-on a sequence the LLM never sees at inference (see `AutoSelectConfig.gate_attention`).
+on a sequence the LLM never sees at inference (see `AutoSelectConfig.training.gate_attention`).
 
     python bench/train_inference_gap.py --model .cache/backbones/mini-llava-aligned \
         --autoselect models:/autoselect-mini-llava-results/1 [--limit 40]
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     rows = measure(model, batches, budget, args.seed)
-    result = {"model": args.model, "autoselect": info, "gate_attention": model.config.gate_attention, "task": args.task,
+    result = {"model": args.model, "autoselect": info, "gate_attention": model.config.training.gate_attention, "task": args.task,
               "examples": len(examples), "budget": budget, "dtype": args.dtype, "answer_nll": rows,
               "seconds": round(time.time() - started, 1)}
     report(result, f"path (K = {budget})", args.out)

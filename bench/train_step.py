@@ -2,7 +2,7 @@
 
 One optimiser step (forward, backward, AdamW) over a batch of scenes caption records (the
 recipe's training target), for the paper form (all N gated tokens reach the LLM), the
-straight-through form, and each with ``train_candidates`` (the LLM sees the top K plus c*K
+straight-through form, and each with ``training.candidates`` (the LLM sees the top K plus c*K
 drawn tokens). Median of ``--repeats`` steps after a warm-up, forms interleaved; the ratio to the
 paper form is what to read (absolute numbers depend on the CPU: the JSON says whether it has
 native bf16).
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from autoselect import AutoSelectConfig, AutoSelectModel
+from autoselect import AutoSelectConfig, AutoSelectModel, TrainingOptions
 from autoselect.convert.aligned import build_aligned_mini_llava
 from autoselect.data import collate, encode_example
 from mlops.backbone import cpu_has_native_bf16
@@ -30,9 +30,9 @@ from pipelines.corpora import DEFAULT_OUT, export_corpora, load_records, open_im
 
 FORMS = {
     "paper": {},
-    "paper+candidates": {"train_candidates": 1.0},
+    "paper+candidates": {"candidates": 1.0},
     "straight_through": {"gate_attention": True, "straight_through": True},
-    "straight_through+candidates": {"gate_attention": True, "straight_through": True, "train_candidates": 1.0},
+    "straight_through+candidates": {"gate_attention": True, "straight_through": True, "candidates": 1.0},
 }
 
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     models, optimizers = {}, {}
     for form in forms:
         torch.manual_seed(0)
-        models[form] = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=args.budget, temperature_start=0.5, **FORMS[form])).train()
+        models[form] = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=args.budget, temperature_start=0.5, training=TrainingOptions(**FORMS[form]))).train()
         optimizers[form] = torch.optim.AdamW([p for p in models[form].parameters() if p.requires_grad], lr=1e-4)
     seconds: dict[str, list[float]] = {form: [] for form in forms}
     for repeat in range(args.repeats + 1):  # the first round warms up
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "forms": {form: {"seconds_per_step": round(statistics.median(s), 3),
                          "examples_per_s": round(args.batch_size / statistics.median(s), 3),
                          f"speedup_vs_{forms[0]}": round(base / statistics.median(s), 2),
-                         "config": FORMS[form]} for form, s in seconds.items()},
+                         "config": {"training": FORMS[form]}} for form, s in seconds.items()},
     }
     print(json.dumps(result, indent=2))
     print(f"\n| form (K={args.budget}, batch {args.batch_size}, {args.dtype}) | s / step | examples / s | x {forms[0]} |")

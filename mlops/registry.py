@@ -27,7 +27,7 @@ MODEL_NAME_IN_RUN = "scorer"
 
 class AutoSelectScorerModel(mlflow.pyfunc.PythonModel):
     """Scores visual tokens ``[images, N, vision_width]`` -> ``[images, N]`` whose top K is what
-    AutoSelect keeps: the logits, plus the seeded Gumbel vector of a scorer with ``inference_noise``."""
+    AutoSelect keeps: the logits, plus the seeded Gumbel vector of a scorer with ``inference.noise``."""
 
     def load_context(self, context) -> None:
         from autoselect.model import load_scorer
@@ -46,7 +46,7 @@ class AutoSelectScorerModel(mlflow.pyfunc.PythonModel):
             )
         with torch.no_grad():
             scores = self.scorer(torch.from_numpy(tokens))
-            return seeded_ranking(scores, self.config.inference_noise, self.config.inference_seed).float().numpy()
+            return seeded_ranking(scores, self.config.inference.noise, self.config.inference.seed).float().numpy()
 
 
 def setup_tracking(tracking_uri: str, experiment: str, artifact_location: str | None = None) -> str:

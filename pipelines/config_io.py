@@ -16,6 +16,10 @@ import yaml
 T = TypeVar("T")
 
 
+class UnknownKeys(ValueError):
+    """Keys that no field of the (nested) section has; the message names their full path."""
+
+
 def _check_scalar(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -46,14 +50,19 @@ def _check_scalar(value: Any, hint: Any, where: str) -> Any:
 
 
 def from_mapping(cls: type[T], data: Any, where: str = "config") -> T:
-    """Build dataclass ``cls`` from ``data``; nested dataclass fields take nested mappings."""
+    """Build dataclass ``cls`` from ``data``; nested dataclass fields take nested mappings.
+
+    A class may map its former key names to their new dotted paths in ``RENAMED_KEYS``; such a
+    key is still unknown, and the error says where it moved."""
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
+        renamed = getattr(cls, "RENAMED_KEYS", {})
+        moved = "".join(f"; {key} is now {renamed[key]}" for key in unknown if key in renamed)
+        raise UnknownKeys(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}{moved}")
     values = {name: _check_scalar(value, hints[name], f"{where}.{name}") for name, value in data.items()}
     missing = [
         name for name, f in fields.items()
@@ -63,8 +72,12 @@ def from_mapping(cls: type[T], data: Any, where: str = "config") -> T:
         raise ValueError(f"{where}: missing required key(s) {missing}")
     try:
         return cls(**values)
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from exc
+    except ValueError as exc:  # the same (named) error, with the section's path
+        try:
+            located = type(exc)(f"{where}: {exc}")
+        except TypeError:
+            located = ValueError(f"{where}: {exc}")
+        raise located from exc
 
 
 def set_dotted(data: dict[str, Any], dotted: str, raw: str) -> None:

@@ -1,11 +1,13 @@
 """The training job's configuration: one YAML per backbone under ``pipelines/configs/``.
 
-Every section is a dataclass; ``autoselect`` holds `AutoSelectConfig` fields verbatim.
-Validation runs on the driver before Ray starts any worker.
+Every section is a dataclass; ``autoselect`` is an `AutoSelectConfig`, its option groups nested
+mappings (``autoselect: {training: {gate_attention: true}}``, ``--set
+autoselect.training.gate_attention=true``). Validation runs on the driver before Ray starts any worker.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,18 +102,16 @@ class DeepSpeedSection:
 class TrainConfig:
     name: str
     model: ModelSection = field(default_factory=ModelSection)
-    autoselect: dict[str, Any] = field(default_factory=dict)
+    autoselect: AutoSelectConfig = field(default_factory=AutoSelectConfig)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     ray: RaySection = field(default_factory=RaySection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     mlflow: MlflowSection = field(default_factory=MlflowSection)
 
-    def __post_init__(self) -> None:
-        self.autoselect_config()  # unknown or bad method keys fail here, on the driver
-
     def autoselect_config(self) -> AutoSelectConfig:
-        return AutoSelectConfig.from_dict(dict(self.autoselect))
+        """A copy of the method's config (checked when this config was built, on the driver)."""
+        return copy.deepcopy(self.autoselect)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

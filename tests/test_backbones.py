@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from autoselect import AutoSelectConfig, AutoSelectModel
+from autoselect import AutoSelectConfig, AutoSelectModel, TrainingOptions
 from autoselect.backbones import get_adapter
 from autoselect.pruners import build_pruner
 from autoselect.testing.contract import check_generate_contract
@@ -250,7 +250,7 @@ def test_gate_attention_trains_on_the_inference_sequence_or_refuses_by_name(back
     batch = make_batch(processor)
     labels = torch.full_like(batch["input_ids"], -100)
     labels[:, -3:] = batch["input_ids"][:, -3:]  # answer-like: text far from the image
-    config = AutoSelectConfig(budget=0.5, gate_attention=True, position_policy="original",
+    config = AutoSelectConfig(budget=0.5, training=TrainingOptions(gate_attention=True), position_policy="original",
                               temperature_start=1e-6, temperature_end=1e-6)
     model = AutoSelectModel.attach(vlm, config)
     with torch.no_grad():

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from autoselect import AutoSelectConfig, AutoSelectModel
+from autoselect import AutoSelectConfig, AutoSelectModel, InferenceOptions, OptionDependencyError, TrainingOptions
+from autoselect.denoiser import Denoiser
 from autoselect.testing import build_tiny_llava
 from autoselect.testing.contract import check_generate_contract
 
@@ -52,10 +53,54 @@ def test_attach_freezes_vlm_and_only_scorer_denoiser_train(tiny):
     assert model.config.vision_width == 32 and model.config.backbone == "LlavaForConditionalGeneration"
 
 
+def test_attach_leaves_the_callers_config_unchanged(tiny):
+    import copy
+
+    vlm, _ = tiny
+    config = AutoSelectConfig(budget=16, training=TrainingOptions(budgets=[4, 16]))
+    before = copy.deepcopy(config)
+    model = AutoSelectModel.attach(vlm, config)
+    assert config == before and config.vision_width is None and config.backbone is None
+    assert model.config is not config and model.config.training.budgets is not config.training.budgets
+    assert (model.config.vision_width, model.config.backbone) == (32, "LlavaForConditionalGeneration")
+    AutoSelectModel.attach(build_tiny_llava(seed=0)[0], config)  # the same config serves another VLM
+    assert config == before
+
+
+def test_straight_through_builds_and_saves_no_denoiser_and_resumes_from_its_saves(tiny, batch, tmp_path):
+    """The straight-through form never runs the denoiser: none is built, trained or saved, any save
+    of it (inference-only too) can resume training, and an older save that still holds the unused
+    denoiser loads without it."""
+    vlm, _ = tiny
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -4:] = batch["input_ids"][:, -4:]
+    config = AutoSelectConfig(budget=16, training=TrainingOptions(gate_attention=True, straight_through=True))
+    model = AutoSelectModel.attach(vlm, config)
+    assert model.denoiser is None and not model.has_trained_denoiser and model.can_train
+    assert all(n.startswith("scorer.") for n, p in model.named_parameters() if p.requires_grad)
+    model.train()(**batch, labels=labels).loss.backward()
+    for inference_only in (False, True):
+        folder = model.save_pretrained(tmp_path / f"st-{inference_only}", inference_only=inference_only)
+        with safetensors.safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+            assert all(k.startswith("scorer.") for k in handle.keys())
+            assert handle.metadata()["inference_only"] == "false"  # nothing a resumed run needs is left out
+        loaded = AutoSelectModel.from_pretrained(folder, build_tiny_llava(seed=0)[0])
+        assert loaded.denoiser is None and loaded.can_train
+        assert torch.isfinite(loaded.train()(**batch, labels=labels).loss)
+    # a save from before: the same scorer plus the denoiser the form never used
+    state = safetensors.torch.load_file(str(tmp_path / "st-False" / "model.safetensors"))
+    old_denoiser = Denoiser(32, 1, 4.0).state_dict()
+    safetensors.torch.save_file({**state, **{f"denoiser.{k}": v for k, v in old_denoiser.items()}},
+                                str(tmp_path / "st-False" / "model.safetensors"), metadata={"inference_only": "false"})
+    loaded = AutoSelectModel.from_pretrained(tmp_path / "st-False", build_tiny_llava(seed=0)[0])
+    assert loaded.denoiser is None
+    assert all(torch.equal(loaded.scorer.state_dict()[k], v) for k, v in model.scorer.state_dict().items())
+
+
 @pytest.mark.parametrize("gate_attention", [False, True])
 def test_training_step_reaches_every_logit_and_no_vlm_parameter(tiny, batch, gate_attention):
     vlm, _ = tiny
-    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, gate_attention=gate_attention))
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, training=TrainingOptions(gate_attention=gate_attention)))
     logits_seen = []
 
     def keep_logits(_module, _inputs, out):
@@ -302,7 +347,7 @@ def test_score_mass_budget_keeps_the_fewest_tokens_reaching_the_share(tiny, batc
 
 def test_train_budgets_draw_a_budget_per_batch(tiny, batch):
     vlm, _ = tiny
-    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, train_budgets=[4, 16, 0.5])).train()
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, training=TrainingOptions(budgets=[4, 16, 0.5]))).train()
     labels = batch["input_ids"].masked_fill(batch["input_ids"] == vlm.config.image_token_id, -100)
     torch.manual_seed(0)
     drawn = set()
@@ -311,7 +356,7 @@ def test_train_budgets_draw_a_budget_per_batch(tiny, batch):
         drawn.add(model.retention_stats()["budget"])
         assert abs(float(model._last_alpha.sum(-1).mean()) - model.resolve_budget(N, model._last_budget)) < 1e-3
     assert drawn == {4.0, 16.0, 0.5}
-    assert AutoSelectConfig.from_json_string(model.config.to_json_string()).train_budgets == [4, 16, 0.5]
+    assert AutoSelectConfig.from_json_string(model.config.to_json_string()).training.budgets == [4, 16, 0.5]
 
 
 def test_gate_attention_at_low_temperature_trains_on_the_inference_sequence(tiny, batch):
@@ -326,7 +371,7 @@ def test_gate_attention_at_low_temperature_trains_on_the_inference_sequence(tiny
     labels[:, -4:] = batch["input_ids"][:, -4:]
     losses = {}
     for throttle in (True, False):
-        config = AutoSelectConfig(budget=16, gate_attention=throttle, position_policy="original",
+        config = AutoSelectConfig(budget=16, training=TrainingOptions(gate_attention=throttle), position_policy="original",
                                   temperature_start=1e-6, temperature_end=1e-6)
         torch.manual_seed(0)
         model = AutoSelectModel.attach(vlm, config)
@@ -350,7 +395,7 @@ def test_score_noise_turns_tied_logits_into_a_hard_random_choice(tiny, batch):
     k = torch.tensor([16, 16])
     weights = {}
     for noise in (0.0, 1.0):
-        config = AutoSelectConfig(budget=16, score_noise=noise, temperature_start=1e-3, temperature_end=1e-3)
+        config = AutoSelectConfig(budget=16, training=TrainingOptions(score_noise=noise), temperature_start=1e-3, temperature_end=1e-3)
         model = AutoSelectModel.attach(vlm, config).train()
         torch.nn.init.zeros_(model.scorer.head.weight)  # every logit ties
         with torch.no_grad():
@@ -361,7 +406,7 @@ def test_score_noise_turns_tied_logits_into_a_hard_random_choice(tiny, batch):
     assert (undecided <= 2).all(), undecided  # at most the pair straddling the threshold is soft
     assert torch.allclose(hard.sum(-1), k.to(hard.dtype))
     with pytest.raises(ValueError, match="score_noise"):
-        AutoSelectConfig(score_noise=-1.0)
+        TrainingOptions(score_noise=-1.0)
 
 
 def test_straight_through_trains_on_the_hard_pruned_sequence_with_gradient_for_every_logit(tiny, batch):
@@ -371,7 +416,7 @@ def test_straight_through_trains_on_the_hard_pruned_sequence_with_gradient_for_e
     vlm, _ = tiny
     labels = torch.full_like(batch["input_ids"], -100)
     labels[:, -4:] = batch["input_ids"][:, -4:]  # answer-like labels, as above
-    config = AutoSelectConfig(budget=16, gate_attention=True, straight_through=True, position_policy="original",
+    config = AutoSelectConfig(budget=16, training=TrainingOptions(gate_attention=True, straight_through=True), position_policy="original",
                               temperature_start=1.0, temperature_end=1.0)
     torch.manual_seed(0)
     model = AutoSelectModel.attach(vlm, config)
@@ -393,12 +438,12 @@ def test_straight_through_trains_on_the_hard_pruned_sequence_with_gradient_for_e
     with torch.no_grad():
         inferred = float(model(**batch, labels=labels).loss)
     assert float(trained.detach()) == pytest.approx(inferred, abs=1e-4)
-    with pytest.raises(ValueError, match="straight_through needs gate_attention"):
-        AutoSelectConfig(straight_through=True)
+    with pytest.raises(OptionDependencyError, match="straight_through needs training.gate_attention"):
+        TrainingOptions(straight_through=True)
 
 
 def test_inference_noise_keeps_a_seeded_sample_the_same_alone_or_in_a_batch(tiny, batch, tmp_path):
-    """``inference_noise`` ranks by logits + a fixed per-position Gumbel vector: exactly K sorted
+    """``inference.noise`` ranks by logits + a fixed per-position Gumbel vector: exactly K sorted
     tokens, the same on every call and for an image alone or in a batch, another set than the
     plain top-K, and another one again under another seed; 0 is the paper's top-K."""
     vlm, processor = tiny
@@ -407,7 +452,7 @@ def test_inference_noise_keeps_a_seeded_sample_the_same_alone_or_in_a_batch(tiny
     with torch.no_grad():
         model(**batch)
         plain = model.last_selection.indices.clone()
-        model.config.inference_noise = 1.0
+        model.config.inference = InferenceOptions(noise=1.0)
         model(**batch)
         sampled = model.last_selection.indices.clone()
         model(**batch)
@@ -415,7 +460,7 @@ def test_inference_noise_keeps_a_seeded_sample_the_same_alone_or_in_a_batch(tiny
         alone = processor(images=images(2)[1:], text=PROMPTS[1:], return_tensors="pt")
         model(**alone)
         assert torch.equal(model.last_selection.indices[0], sampled[1])  # batch-invariant
-        model.config.inference_seed = 1
+        model.config.inference = InferenceOptions(noise=1.0, seed=1)
         model(**batch)
         other_seed = model.last_selection.indices.clone()
     assert sampled.shape == (2, 16) and torch.all(sampled[:, 1:] > sampled[:, :-1])
@@ -423,13 +468,15 @@ def test_inference_noise_keeps_a_seeded_sample_the_same_alone_or_in_a_batch(tiny
     scores = torch.randn(2, N)
     shift = model.ranking(scores) - scores.double()
     assert torch.allclose(shift[0], shift[1]) and shift.std() > 0.5  # one Gumbel vector per position
-    model.config.inference_noise = 0.0
+    model.config.inference = InferenceOptions(noise=0.0)
     assert torch.equal(model.ranking(scores), scores)
-    model.config.inference_noise, model.config.inference_seed = 1.0, 0
+    model.config.inference = InferenceOptions(noise=1.0, seed=0)
     model.save_pretrained(tmp_path / "s")
-    assert AutoSelectModel.from_pretrained(tmp_path / "s", vlm).config.inference_noise == 1.0
-    with pytest.raises(ValueError, match="inference_noise"):
-        AutoSelectConfig(inference_noise=-0.5)
+    assert AutoSelectModel.from_pretrained(tmp_path / "s", vlm).config.inference == InferenceOptions(noise=1.0, seed=0)
+    with pytest.raises(ValueError, match="inference.noise"):
+        InferenceOptions(noise=-0.5)
+    with pytest.raises(OptionDependencyError, match="inference.seed=1 needs inference.noise"):
+        InferenceOptions(seed=1)
 
 
 def test_registered_pyfunc_ranks_as_the_model_selects(tiny, batch, tmp_path):
@@ -441,7 +488,7 @@ def test_registered_pyfunc_ranks_as_the_model_selects(tiny, batch, tmp_path):
 
     vlm, _ = tiny
     torch.manual_seed(0)
-    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, inference_noise=1.0, inference_seed=3)).eval()
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, inference=InferenceOptions(noise=1.0, seed=3))).eval()
     model.save_pretrained(tmp_path / "s")
     pyfunc = AutoSelectScorerModel()
     pyfunc.load_context(SimpleNamespace(artifacts={ARTIFACT_KEY: str(tmp_path / "s")}))
@@ -454,7 +501,7 @@ def test_registered_pyfunc_ranks_as_the_model_selects(tiny, batch, tmp_path):
 
 
 def test_train_candidates_send_the_llm_top_k_plus_a_draw_and_every_logit_still_learns(tiny, batch):
-    """``train_candidates=1``: the LLM sees 2K tokens per image (the scorer's top K and K drawn at
+    """``training.candidates=1``: the LLM sees 2K tokens per image (the scorer's top K and K drawn at
     random), the loss is finite, and every scorer logit gets gradient, including those of the
     tokens not sent (through the soft top-K's threshold). With room for every token the step is
     the full one, draw for draw."""
@@ -468,7 +515,7 @@ def test_train_candidates_send_the_llm_top_k_plus_a_draw_and_every_logit_still_l
         logits_seen.append(out)
 
     torch.manual_seed(0)
-    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, train_candidates=1.0, temperature_start=0.5)).train()
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, training=TrainingOptions(candidates=1.0), temperature_start=0.5)).train()
     handle = model.scorer.register_forward_hook(keep_logits)
     seen, hook = language_model_inputs(vlm)
     loss = model(**batch, labels=labels).loss
@@ -481,12 +528,12 @@ def test_train_candidates_send_the_llm_top_k_plus_a_draw_and_every_logit_still_l
     losses = []
     for candidates in (0.0, N / 16):  # 16 + 64 >= N: everything is sent
         torch.manual_seed(0)
-        model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, train_candidates=candidates)).train()
+        model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, training=TrainingOptions(candidates=candidates))).train()
         with torch.no_grad():
             losses.append(float(model(**batch, labels=labels).loss))
     assert losses[0] == losses[1]
-    with pytest.raises(ValueError, match="train_candidates"):
-        AutoSelectConfig(train_candidates=-1.0)
+    with pytest.raises(ValueError, match="training.candidates"):
+        TrainingOptions(candidates=-1.0)
 
 
 def test_candidate_indices_keep_the_top_k_and_draw_the_rest_uniformly():

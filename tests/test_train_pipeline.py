@@ -159,6 +159,47 @@ def test_config_errors_are_named(tmp_path):
     assert load_train_config(good, ["deepspeed.zero_stage=3"]).deepspeed.zero_stage == 3
 
 
+def test_config_autoselect_option_groups_nest_in_yaml_and_set(tmp_path):
+    """``autoselect:`` maps onto AutoSelectConfig: its option groups are nested mappings (and
+    ``--set`` paths); unknown nested keys, old flat names and broken dependencies fail by name."""
+    from autoselect import InferenceOptions, OptionDependencyError, TrainingOptions
+    from pipelines.config_io import UnknownKeys
+
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\nautoselect: {budget: 8, training: {gate_attention: true}}\n")
+    config = load_train_config(path, ["autoselect.training.straight_through=true", "autoselect.inference.noise=1.0"])
+    assert config.autoselect.training == TrainingOptions(gate_attention=True, straight_through=True)
+    assert config.autoselect.inference == InferenceOptions(noise=1.0)
+    assert config.autoselect_config() == config.autoselect and config.autoselect_config() is not config.autoselect
+    assert from_mapping(TrainConfig, json.loads(json.dumps(config.to_dict()))) == config  # what the workers rebuild
+    with pytest.raises(UnknownKeys, match=r"autoselect.training: unknown key\(s\) \['gate_atention'\]"):
+        load_train_config(path, ["autoselect.training.gate_atention=true"])
+    with pytest.raises(UnknownKeys, match="gate_attention is now training.gate_attention"):
+        load_train_config(path, ["autoselect.gate_attention=true"])
+    with pytest.raises(OptionDependencyError, match="autoselect.training: training.straight_through needs"):
+        load_train_config(path, ["autoselect.training.straight_through=true", "autoselect.training.gate_attention=false"])
+    with pytest.raises(ValueError, match="autoselect.inference.noise: expected float"):
+        load_train_config(path, ["autoselect.inference.noise=lots"])
+
+
+def test_config_k28_sampled_recipe_is_the_committed_scorers_config():
+    """``pipelines/configs/mini-llava-k28-sampled.yaml`` is the recipe of
+    ``artifacts/mini-llava/scorer-k28-sampled`` (its README's historical ``--set`` flags)."""
+    root = Path(__file__).resolve().parent.parent
+    config = load_train_config(root / "pipelines" / "configs" / "mini-llava-k28-sampled.yaml")
+    saved = AutoSelectConfig.load(root / "artifacts" / "mini-llava" / "scorer-k28-sampled" / "config.json")
+    assert config.autoselect == AutoSelectConfig(**{**vars(saved), "vision_width": None, "backbone": None})
+    historical = [  # the README's command, with today's option paths
+        "model.dtype=float32", "data.train=outputs/results/preprocessed/data", "optim.steps=100",
+        "optim.checkpoint_every=50", "optim.log_every=5", "optim.lr=1.0e-3", "autoselect.temperature_steps=75",
+        "autoselect.training.gate_attention=true", "autoselect.training.score_noise=1.0",
+        "autoselect.training.score_noise_anneal=false", "autoselect.inference.noise=1.0",
+        "autoselect.position_policy=original", "mlflow.registered_model=autoselect-mini-llava-results",
+        "name=results-mini-llava-k28-sampled",
+    ]
+    assert config == load_train_config(root / "pipelines" / "configs" / "mini-llava.yaml", historical)
+
+
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parent.parent.glob("pipelines/configs/*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load_and_validate(path):
     config = load_train_config(path)
