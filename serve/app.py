@@ -137,7 +137,7 @@ class AutoSelectServer:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def generate_batch(self, jobs: list[Job]) -> list[Completion | APIError]:
-        """Concurrent requests share forward passes (grouped by scorer, budget and sampling)."""
+        """Concurrent requests share forward passes (grouped by scorer, resolved K and sampling)."""
         return await asyncio.to_thread(run_batch, jobs, self.backbone, asyncio.get_running_loop())
 
     # ---- helpers ------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ class Backbone:
     processor: Any
     path: str
     # request threads encode while the generation thread decodes: fast tokenizers are not safe
-    # to share across threads ("Already borrowed"), so every use of the processor takes this lock
+    # to share across threads ("Already borrowed"), so every use of the processor takes this lock,
+    # only for that one call (never across ``generate``; streaming decodes a few tokens at a time)
     lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
 
     @property
@@ -124,9 +125,10 @@ class Prepared:
 
     @property
     def group_key(self) -> tuple:
-        """Requests that can share one ``generate`` call."""
+        """Requests that can share one ``generate`` call: what it depends on is the scorer, the
+        resolved K (0: no image), not how it was asked for (0.25 and 16 of N=64 share), and sampling."""
         sampling = (self.temperature, self.top_p) if self.temperature > 0 else (0.0, 1.0)
-        return id(self.scorer), type(self.budget), self.budget, self.images > 0, sampling
+        return id(self.scorer), self.kept_per_image, sampling
 
 
 def _hf_messages(messages: list[Message]) -> tuple[list[dict], list[str]]:
@@ -229,11 +231,33 @@ class Completion:
     completion_tokens: int
     prepared: Prepared
     batch_size: int  # requests that shared this forward pass
-    kept_per_image: int  # K as the model actually selected it (not just as requested)
+    kept_per_image: int  # this request's K as the model actually selected it (not just as requested)
 
     @property
     def prompt_tokens(self) -> int:
         return self.prepared.pruned_length(self.kept_per_image)
+
+
+@dataclass
+class IncrementalDecoder:
+    """Streamed text that decodes only a short window per token, not the whole answer so far.
+
+    The text-generation-inference scheme: ``tokens[prefix:read]`` is the window whose text was
+    already sent; the text that the new tokens add to it is the next piece, held back while it
+    ends in U+FFFD (half of a multi-byte character) unless ``final``.
+    """
+
+    decode: Callable[[list[int]], str]
+    prefix: int = 0
+    read: int = 0
+
+    def step(self, tokens: list[int], final: bool = False) -> str:
+        before = self.decode(tokens[self.prefix:self.read]) if self.read > self.prefix else ""
+        after = self.decode(tokens[self.prefix:])
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return ""
+        self.prefix, self.read = self.read, len(tokens)
+        return after[len(before):]
 
 
 @dataclass
@@ -246,7 +270,10 @@ class _Row:
     emit: Callable[[str], None] | None
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    sent: str = ""
+    streamed: IncrementalDecoder | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.streamed = IncrementalDecoder(self.decode) if self.emit is not None else None
 
     def add(self, token: int) -> None:
         if self.finish_reason:
@@ -260,14 +287,8 @@ class _Row:
         self._flush(final=False)
 
     def _flush(self, final: bool) -> None:
-        if self.emit is None:
-            return
-        text = self.text()
-        if text.endswith("\ufffd") and not final:  # half of a multi-byte character: wait for the rest
-            return
-        if len(text) > len(self.sent):
-            self.emit(text[len(self.sent):])
-            self.sent = text
+        if self.streamed is not None and (piece := self.streamed.step(self.tokens, final)):
+            self.emit(piece)
 
     def text(self) -> str:
         return self.decode(self.tokens)
@@ -294,8 +315,20 @@ class _BatchStreamer(BaseStreamer):
         pass
 
 
+def _kept_per_request(jobs: list[Job], selection) -> list[int]:
+    """Each request's own K, read off the model's selection (one entry per image, in batch order),
+    so usage counts that request's pruned prompt, not the batch's largest K."""
+    kept = [len(indices) for indices in selection.per_image()] if selection is not None else []
+    per_request, start = [], 0
+    for job in jobs:
+        own = kept[start:start + job.prepared.images]
+        start += len(own)
+        per_request.append(own[0] if own else 0)  # an int K keeps exactly K of each image
+    return per_request
+
+
 def generate_group(jobs: list[Job], backbone: Backbone, loop: asyncio.AbstractEventLoop) -> list[Completion]:
-    """One left-padded ``generate`` for requests sharing scorer, budget and sampling settings."""
+    """One left-padded ``generate`` for requests sharing scorer, resolved K and sampling settings."""
     first = jobs[0].prepared
     pad = first.scorer.model.adapter.pad_token_id
     batch = collate([job.prepared.example for job in jobs], pad, padding_side="left")
@@ -307,13 +340,12 @@ def generate_group(jobs: list[Job], backbone: Backbone, loop: asyncio.AbstractEv
         if first.temperature > 0 else {"do_sample": False}
     model = first.scorer.model
     model.last_selection = None  # this thread is the model's only user (one batch at a time)
-    model.generate(
-        budget=first.budget, **batch, **sampling, max_new_tokens=max(r.max_tokens for r in rows),
+    model.generate(  # the resolved K, so requests of other N in the group keep K each, as prepared
+        budget=first.kept_per_image or None, **batch, **sampling, max_new_tokens=max(r.max_tokens for r in rows),
         pad_token_id=pad, streamer=_BatchStreamer(rows),
     )
-    kept = model.last_selection.budget if first.images else 0
     completions = []
-    for job, row in zip(jobs, rows):
+    for job, row, kept in zip(jobs, rows, _kept_per_request(jobs, model.last_selection)):
         row.finish()
         completions.append(Completion(row.text(), row.finish_reason, len(row.tokens), job.prepared, len(jobs), kept))
     return completions
