@@ -1,4 +1,4 @@
-"""The Ray Serve deployment: FastAPI ingress, per-budget batching, alias reloads without downtime.
+"""The Ray Serve deployment: FastAPI ingress, batching by resolved K, alias reloads without downtime.
 
     serve run serve/config.yaml               # local; see the YAML for args and autoscaling
     serve deploy serve/config.yaml            # a running cluster (RAY_ADDRESS / --address)
