@@ -340,8 +340,11 @@ def generate_group(jobs: list[Job], backbone: Backbone, loop: asyncio.AbstractEv
         if first.temperature > 0 else {"do_sample": False}
     model = first.scorer.model
     model.last_selection = None  # this thread is the model's only user (one batch at a time)
-    model.generate(  # the resolved K, so requests of other N in the group keep K each, as prepared
-        budget=first.kept_per_image or None, **batch, **sampling, max_new_tokens=max(r.max_tokens for r in rows),
+    # One requested budget: pass it as asked (the adapter resolves a ratio against each image's
+    # own N). Budgets that only resolve to the same K (0.25 and 16 of N=64): pass that K.
+    budget = first.budget if len({job.prepared.budget for job in jobs}) == 1 else first.kept_per_image
+    model.generate(
+        budget=budget, **batch, **sampling, max_new_tokens=max(r.max_tokens for r in rows),
         pad_token_id=pad, streamer=_BatchStreamer(rows),
     )
     completions = []

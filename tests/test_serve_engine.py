@@ -136,7 +136,10 @@ def run_ragged(next_model, monkeypatch):
 
 def test_each_request_keeps_its_own_k_when_n_differs(next_model, monkeypatch):
     results, calls = run_ragged(next_model, monkeypatch)
-    assert [(r.kept_per_image, r.batch_size) for r in results] == [(44, 2), (26, 1), (44, 2)]
+    # Usage reports what the model kept. The group of two asked in two ways (0.5 of 88, 44): it gets
+    # the resolved K. The lone 0.5 goes as asked and the adapter resolves it against the image's 48
+    # patch tokens (24), not Serve's placeholder count of 52 (which would say 26; item 2).
+    assert [(r.kept_per_image, r.batch_size) for r in results] == [(44, 2), (24, 1), (44, 2)]
     assert [len(rows) for rows in calls] == [2, 1]
 
 
