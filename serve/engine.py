@@ -20,7 +20,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from autoselect import AutoSelectModel
 from autoselect.config import resolve_budget, validate_budget
-from autoselect.data import collate
+from autoselect.data import TOKEN_KEYS, collate
 from mlops import registry
 from mlops.backbone import load_registered, load_vlm_and_processor
 from serve.config import ServeArgs
@@ -185,7 +185,9 @@ def prepare(request: ChatCompletionRequest, scorer: Scorer, backbone: Backbone, 
     except ValueError as exc:  # e.g. a literal image placeholder typed into the text
         raise APIError(f"could not encode the prompt: {exc}", param="messages", code="invalid_value") from None
     input_ids = encoded["input_ids"][0]
-    example = {"input_ids": input_ids, **{k: v for k, v in encoded.items() if k not in ("input_ids", "attention_mask")}}
+    # per-token tensors lose their batch axis like input_ids (collate pads them per row)
+    example = {"input_ids": input_ids, **{k: v[0] if k in TOKEN_KEYS else v for k, v in encoded.items()
+                                          if k not in ("input_ids", "attention_mask")}}
 
     n = k = 0
     if images:

@@ -209,3 +209,18 @@ def test_generation_does_not_hold_the_processor_lock(scorer, backbone, monkeypat
     assert not isinstance(result, Exception), result
     assert seen["locked"] is False and seen["done"] is True
     assert seen["prepared"].kept_per_image == 32
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3"])
+def test_every_family_batches_two_requests_through_the_engine(family):
+    """Per-token tensors (Qwen's ``mm_token_type_ids``, Gemma 3's ``token_type_ids``) lose their
+    batch axis in ``prepare`` like ``input_ids``, so ``collate`` can pad them into one batch."""
+    backbone = load_backbone(TINY_PREFIX + family, "float32")
+    model = AutoSelectModel.attach(backbone.vlm, AutoSelectConfig(budget=0.5)).eval()
+    scorer = Scorer(model, f"models:/{family}@test", family, "1", "test", None)
+    jobs = [Job(prepare(request(text=text), scorer, backbone, ImageLoader(ARGS.images), ARGS))
+            for text in ("What is in the image?", "Describe it.")]
+    assert jobs[0].prepared.group_key == jobs[1].prepared.group_key
+    results = run_batch(jobs, backbone, InlineLoop())
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert [r.batch_size for r in results] == [2, 2] and all(r.completion_tokens > 0 for r in results)
