@@ -182,6 +182,17 @@ def test_config_autoselect_option_groups_nest_in_yaml_and_set(tmp_path):
         load_train_config(path, ["autoselect.inference.noise=lots"])
 
 
+def test_config_gradient_checkpointing_switch_reaches_the_workers_model(tmp_path):
+    """``model.gradient_checkpointing`` (off by default) checkpoints the LLM of the model every worker builds."""
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\nautoselect: {budget: 16}\n")
+    assert not initial_model(load_train_config(path), torch.device("cpu")).gradient_checkpointing
+    config = load_train_config(path, ["model.gradient_checkpointing=true"])
+    assert from_mapping(TrainConfig, json.loads(json.dumps(config.to_dict()))) == config  # what the workers rebuild
+    model = initial_model(config, torch.device("cpu"))
+    assert model.gradient_checkpointing and not model.vlm.training
+
+
 def test_config_k28_sampled_recipe_is_the_committed_scorers_config():
     """``pipelines/configs/mini-llava-k28-sampled.yaml`` is the recipe of
     ``artifacts/mini-llava/scorer-k28-sampled`` (its README's historical ``--set`` flags)."""
