@@ -9,9 +9,11 @@ transformers' own switch (``activation_checkpointing_enable``) is not used: its
 (``self.gradient_checkpointing and self.training``), and AutoSelect keeps the frozen VLM in eval
 mode; train mode would switch on whatever dropout the LLM has. Instead, `checkpoint_layers` sets
 a checkpointed ``forward`` on each decoder layer *instance* (no class is patched), always with
-``use_reentrant=False``: the LLM's parameters are frozen and its gradient-carrying inputs come from
-the scorer (the visual embeddings, and with ``training.gate_attention`` the attention mask, a
-keyword argument), which the reentrant form would not differentiate.
+``use_reentrant=False``: the LLM's parameters are frozen, so every gradient through it comes from
+inputs the scorer made (the visual embeddings, and with ``training.gate_attention`` the attention
+mask), and the layers take the mask and positions as keyword arguments, which the reentrant form
+refuses (checked: "Unexpected keyword arguments"); it differentiates positional tensors only.
+(Checked too: with transformers' switch on and the VLM in eval mode no layer is recomputed.)
 """
 
 from __future__ import annotations
