@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from autoselect.backbones import BackboneAdapter, get_adapter
+from autoselect.checkpointing import checkpoint_layers, decoder_layers, is_checkpointed
 from autoselect.config import AutoSelectConfig, ScoreMass
 from autoselect.denoiser import Denoiser
 from autoselect.gate import straight_through_topk, throttled_attention_mask, vp_noise_gate
@@ -173,6 +174,19 @@ class AutoSelectModel(PrunedVLM):
         self.trainable_modules().train(mode)
         self.vlm.eval()
         return self
+
+    def enable_gradient_checkpointing(self, enable: bool = True) -> "AutoSelectModel":
+        """Checkpoint the frozen LLM's decoder layers in training (``enable=False``: stop): each layer
+        keeps only its input and is recomputed in the backward pass, trading about one more LLM
+        forward per step for its activations. The loss and the scorer's gradients are unchanged; the
+        VLM stays in eval mode and no-grad inference is untouched (see `autoselect.checkpointing`)."""
+        checkpoint_layers(self.vlm.get_decoder(), enable)
+        return self
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether the LLM's decoder layers are checkpointed (`enable_gradient_checkpointing`)."""
+        return any(is_checkpointed(layer) for layer in decoder_layers(self.vlm.get_decoder()))
 
     def set_training_step(self, step: int) -> None:
         """Tell the model the optimiser step, which drives the temperature schedule."""

@@ -30,6 +30,10 @@ class ModelSection:
     path: str = TINY_LLAVA
     dtype: str = "auto"  # auto: bfloat16 on GPU and on CPUs with native bf16, else float32
     trust_remote_code: bool = False
+    # checkpoint the frozen LLM's decoder layers: it keeps each layer's input, not its activations,
+    # for one more LLM forward per step (~1.5x the LLM's compute: with frozen weights the backward
+    # costs about one forward); the loss and gradients are the same (docs/pipelines.md)
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

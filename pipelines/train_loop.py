@@ -40,10 +40,12 @@ def load_vlm(config: TrainConfig, device: torch.device) -> torch.nn.Module:
 
 def initial_model(config: TrainConfig, device: torch.device) -> AutoSelectModel:
     """The frozen VLM with the step-0 scorer and denoiser, drawn from ``optim.seed``: the same on
-    every rank, and what a test compares a trained scorer with."""
+    every rank, and what a test compares a trained scorer with. ``model.gradient_checkpointing``
+    checkpoints the LLM's decoder layers (the VLM stays in eval mode)."""
     vlm = load_vlm(config, device)
     torch.manual_seed(config.optim.seed)
-    return AutoSelectModel.attach(vlm, config.autoselect_config())
+    model = AutoSelectModel.attach(vlm, config.autoselect_config())
+    return model.enable_gradient_checkpointing() if config.model.gradient_checkpointing else model
 
 
 def seed_worker(seed: int, rank: int) -> None:

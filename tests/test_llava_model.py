@@ -550,3 +550,66 @@ def test_candidate_indices_keep_the_top_k_and_draw_the_rest_uniformly():
         counts = torch.bincount(others, minlength=10)[: 10 - len(top) - 2 * row]
         assert counts.min() > 0.5 * counts.float().mean()  # every other real token gets drawn
     assert not any(set(d[1].tolist()) & {8, 9} for d in drawn)  # never a padded slot
+
+
+def checkpointed_step(model: AutoSelectModel, batch, labels, seed: int = 0):
+    """(loss, scorer logits' gradient, scorer parameters' gradients, LLM attention calls) of one seeded step."""
+    logits_seen, calls = [], []
+
+    def keep_logits(_module, _inputs, out):
+        out.retain_grad()
+        logits_seen.append(out)
+
+    # a pre-hook on a layer's attention fires inside the layer's forward, so again when it is recomputed
+    # (not a forward hook: the recompute stops once it has rebuilt the tensors the backward needs)
+    hooks = [model.scorer.register_forward_hook(keep_logits)] + [
+        layer.self_attn.register_forward_pre_hook(lambda *_: calls.append(1)) for layer in model.vlm.get_decoder().layers
+    ]
+    model.zero_grad(set_to_none=True)
+    model.train()
+    torch.manual_seed(seed)
+    loss = model(**batch, labels=labels).loss
+    loss.backward()
+    for hook in hooks:
+        hook.remove()
+    (scores,) = logits_seen
+    grads = {n: p.grad.clone() for n, p in model.scorer.named_parameters()}
+    return loss.detach(), scores.grad, grads, len(calls)
+
+
+@pytest.mark.parametrize("gate_attention", [False, True])
+def test_gradient_checkpointing_keeps_the_loss_and_every_logits_gradient(tiny, batch, gate_attention):
+    vlm, _ = tiny
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, training=TrainingOptions(gate_attention=gate_attention)))
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == vlm.config.image_token_id, -100)
+    layers = len(vlm.get_decoder().layers)
+
+    loss, logit_grad, grads, calls = checkpointed_step(model, batch, labels)
+    assert not model.gradient_checkpointing and calls == layers
+
+    assert model.enable_gradient_checkpointing() is model and model.gradient_checkpointing
+    loss_ckpt, logit_grad_ckpt, grads_ckpt, calls_ckpt = checkpointed_step(model, batch, labels)
+    assert calls_ckpt == 2 * layers  # every decoder layer really was recomputed in the backward pass
+    assert not vlm.training and not any(m.training for m in vlm.modules())  # the VLM stayed in eval mode
+    assert torch.allclose(loss_ckpt, loss, rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(logit_grad_ckpt).all() and (logit_grad_ckpt != 0).all()
+    assert torch.allclose(logit_grad_ckpt, logit_grad, rtol=1e-5, atol=1e-8)
+    for name, grad in grads.items():
+        assert torch.allclose(grads_ckpt[name], grad, rtol=1e-5, atol=1e-8), name
+    assert all(p.grad is None for p in vlm.parameters())
+
+    model.enable_gradient_checkpointing(False)
+    assert not model.gradient_checkpointing
+    assert checkpointed_step(model, batch, labels)[3] == layers
+
+
+def test_gradient_checkpointing_leaves_no_grad_inference_and_its_kv_cache_alone(tiny, batch):
+    vlm, _ = tiny
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16)).eval()
+    with torch.no_grad():
+        reference = model.generate(**batch, max_new_tokens=4, do_sample=False)
+        logits = model(**batch).logits
+    model.enable_gradient_checkpointing()
+    with torch.no_grad():
+        assert torch.equal(model.generate(**batch, max_new_tokens=4, do_sample=False), reference)
+        assert torch.equal(model(**batch).logits, logits)

@@ -182,6 +182,17 @@ def test_config_autoselect_option_groups_nest_in_yaml_and_set(tmp_path):
         load_train_config(path, ["autoselect.inference.noise=lots"])
 
 
+def test_config_gradient_checkpointing_switch_reaches_the_workers_model(tmp_path):
+    """``model.gradient_checkpointing`` (off by default) checkpoints the LLM of the model every worker builds."""
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\nautoselect: {budget: 16}\n")
+    assert not initial_model(load_train_config(path), torch.device("cpu")).gradient_checkpointing
+    config = load_train_config(path, ["model.gradient_checkpointing=true"])
+    assert from_mapping(TrainConfig, json.loads(json.dumps(config.to_dict()))) == config  # what the workers rebuild
+    model = initial_model(config, torch.device("cpu"))
+    assert model.gradient_checkpointing and not model.vlm.training
+
+
 def test_config_k28_sampled_recipe_is_the_committed_scorers_config():
     """``pipelines/configs/mini-llava-k28-sampled.yaml`` is the recipe of
     ``artifacts/mini-llava/scorer-k28-sampled`` (its README's historical ``--set`` flags)."""
@@ -270,3 +281,66 @@ def test_progress_lines_show_rate_and_eta_from_the_tracked_loss(tmp_path):
     progress.poll()
     progress.poll()  # nothing new: nothing printed twice
     assert lines == ["train step 5/20 (25 %): loss 0.200", "train step 10/20 (50 %): loss 0.100, 2.0 s/step, ETA 0m20s"]
+
+
+ZERO3_STEPS = r'''
+import os, sys, torch
+import deepspeed
+from autoselect import AutoSelectConfig, AutoSelectModel, TrainingOptions
+from autoselect.testing import build_tiny_llava
+from autoselect.training import compute_loss
+
+def run(stage, checkpointing):
+    vlm, processor = build_tiny_llava(seed=0)
+    from tests.test_llava_model import PROMPTS, images
+    batch = dict(processor(images=images(2), text=PROMPTS, return_tensors="pt", padding=True))
+    batch["labels"] = batch["input_ids"].masked_fill(batch["input_ids"] == vlm.config.image_token_id, -100)
+    torch.manual_seed(0)
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, training=TrainingOptions(gate_attention=True)))
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    calls = []
+    for layer in vlm.get_decoder().layers:
+        layer.self_attn.register_forward_pre_hook(lambda *_: calls.append(1))
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config={"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
+                "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}})
+    losses = []
+    for step in range(2):
+        torch.manual_seed(step)
+        loss, _ = compute_loss(model, batch, step, forward=engine)
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss))
+    with deepspeed.zero.GatheredParameters(list(model.scorer.parameters()), modifier_rank=None):
+        weights = torch.cat([p.detach().flatten().clone() for p in model.scorer.parameters()])
+    return losses, weights, len(calls)
+
+deepspeed.init_distributed(dist_backend="gloo")
+(plain, w_plain, n_plain), (ckpt, w_ckpt, n_ckpt) = run(3, False), run(3, True)
+assert n_plain == 4 and n_ckpt == 8, (n_plain, n_ckpt)  # 2 steps x 2 layers, each recomputed once with checkpointing
+assert torch.allclose(torch.tensor(plain), torch.tensor(ckpt), rtol=1e-6), (plain, ckpt)
+assert torch.allclose(w_plain, w_ckpt, rtol=1e-5, atol=1e-7)
+print("ZERO3-CHECKPOINTING-OK")
+'''
+
+
+def test_config_gradient_checkpointing_trains_under_zero3_with_the_same_steps():
+    """The Qwen2.5-VL config's pairing: DeepSpeed ZeRO-3 partitions the frozen VLM too, and a
+    non-reentrant recompute over partitioned frozen weights failed in older DeepSpeed releases
+    (deepspeedai/DeepSpeed#8148). Two steps with and without checkpointing: same losses, same scorer.
+    In a subprocess (one process, gloo): the test process keeps no torch.distributed group."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+           "LOCAL_RANK": "0", "WORLD_SIZE": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", ZERO3_STEPS], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert "ZERO3-CHECKPOINTING-OK" in result.stdout, result.stdout[-2000:] + result.stderr[-4000:]
