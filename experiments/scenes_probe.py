@@ -23,14 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from autoselect.convert.mini_llava import DEFAULT_CACHE_DIR, build_mini_llava
 from autoselect.pruners.uniform import grid_indices
-from pipelines.align.features import vision_features
+from autoselect.convert.aligned import backbone_identity
+from autoselect.convert.cache import read_manifest as read_build_manifest
+from pipelines.align.features import EncodedRecords, cached_features, cached_rows, features_key, source_key
 from pipelines.corpora import DEFAULT_OUT, load_records
 from pipelines.evaluation.oracle import box_scores
 from pipelines.evaluation.tasks.base import split_of
@@ -46,14 +47,16 @@ def garment_records(corpora: Path, split: str, limit: int | None) -> list[dict]:
 
 
 def features_for(vlm, processor, corpora: Path, images: list[str], cache: Path) -> torch.Tensor:
-    """Rows of an alignment feature cache (``align_projector.py`` caches the train splits) when
-    one holds every image, else computed."""
-    for path in sorted(cache.glob("features-*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            row = {image: i for i, image in enumerate(json.loads(handle.metadata()["images"]))}
-            if all(image in row for image in images):
-                return handle.get_tensor("features")[torch.tensor([row[i] for i in images])]
-    return vision_features(vlm, processor, corpora, images)
+    """Rows of an alignment feature cache of this backbone and corpus export (``align_projector.py``
+    caches the train splits) when one holds every image, else computed and cached."""
+    identity = backbone_identity(build_mini_llava(cache_dir=DEFAULT_CACHE_DIR))
+    inputs = (read_build_manifest(corpora) or {}).get("inputs", {})
+    source = source_key(identity, inputs)
+    rows = cached_rows(cache, source, images)
+    if rows is not None:
+        return rows
+    encoded = EncodedRecords([], [], [], [], list(images))
+    return cached_features(vlm, processor, corpora, encoded, cache, features_key(identity, inputs, images), source=source)[0]
 
 
 def pooled(features: torch.Tensor, records: list[dict], k: int, seed: int) -> dict[str, np.ndarray]:
@@ -79,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random selection's seed (default: %(default)s)")
     parser.add_argument("--feature-cache", type=Path, default=Path(".cache/alignment"), help="reuse cached train features (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     started = time.time()
     model_dir = build_mini_llava(cache_dir=DEFAULT_CACHE_DIR)["mini_llava"].path
     vlm = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -37,7 +37,7 @@ from autoselect.convert.aligned import backbone_identity, load_projector, save_a
 from autoselect.convert.cache import read_manifest as read_build_manifest
 from autoselect.convert.mini_llava import DEFAULT_CACHE_DIR, build_mini_llava
 from pipelines.align.evaluate import balanced_subset, choice_accuracy, greedy_answers
-from pipelines.align.features import cached_features, encode_records, features_key
+from pipelines.align.features import cached_features, encode_records, features_key, source_key
 from pipelines.align.train import TrainConfig, train_projector
 from pipelines.corpora import DEFAULT_OUT, FILES, export_corpora, load_records, read_manifest
 
@@ -145,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     encoded = encode_records(processor, args.corpora, records)
     key = features_key(identity, corpus_inputs, encoded.images)
-    encoded.features, reused = cached_features(vlm, processor, args.corpora, encoded, args.feature_cache, key)
+    encoded.features, reused = cached_features(
+        vlm, processor, args.corpora, encoded, args.feature_cache, key, source=source_key(identity, corpus_inputs)
+    )
     feature_seconds = time.perf_counter() - t0
     tasks = {t: sum(r["task"] == t for r in records) for t in sorted(args.task_weights)}
     print(f"  {len(records)} records {tasks}, {len(encoded.images)} images, features {'reused' if reused else 'computed'} in {feature_seconds:.0f} s")

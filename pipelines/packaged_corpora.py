@@ -51,11 +51,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("--photos-heldout", type=int, default=d.photos_heldout, help="photos kept for held-out captions (default: %(default)s)")
     add("--scenes-train", type=int, default=d.scenes_train, help="train scenes (default: %(default)s)")
     add("--scenes-heldout", type=int, default=d.scenes_heldout, help="held-out scenes, on held-out items and photos (default: %(default)s)")
+    add("--scenes-garment-side", default=",".join(map(str, d.scenes_garment_side)),
+        help="the garment's side in scenes, LOW,HIGH fractions of the image side (default: %(default)s)")
+    add("--scenes-background", choices=("photo", "plain"), default=d.scenes_background,
+        help="scene backgrounds: crops of packaged photos or plain flat colours (default: %(default)s)")
     add("--sources", default=",".join(d.sources), help=f"comma-separated subset of {','.join(SOURCES)} (default: all)")
     add("--fmnist-dir", default=d.fmnist_dir, help="Fashion-MNIST idx files (default: %(default)s)")
     add("--clipart-dir", default=d.clipart_dir, help="folder holding png/ and svg/ (default: %(default)s)")
     add("--force", action="store_true", help="export again even if OUT matches these settings")
     return parser
+
+
+def fractions(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    try:
+        low, high = (float(p) for p in parts)
+    except ValueError:
+        raise SystemExit(f"--scenes-garment-side wants LOW,HIGH fractions such as 0.25,0.5, got {text!r}") from None
+    return low, high
 
 
 def settings_from_args(args: argparse.Namespace) -> ExportSettings:
@@ -72,6 +85,8 @@ def settings_from_args(args: argparse.Namespace) -> ExportSettings:
         photos_heldout=args.photos_heldout,
         scenes_train=args.scenes_train,
         scenes_heldout=args.scenes_heldout,
+        scenes_garment_side=fractions(args.scenes_garment_side),
+        scenes_background=args.scenes_background,
         sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()),
         fmnist_dir=args.fmnist_dir,
         clipart_dir=args.clipart_dir,

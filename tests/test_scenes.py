@@ -48,12 +48,41 @@ def of_task(records: list[dict], task: str = scenes.GARMENT_TASK) -> list[dict]:
 def test_layout_keeps_items_inside_sized_and_apart():
     rng = random.Random(0)
     for size in (224, 50, 336):
-        for _ in range(300):
-            boxes = scenes.layout(rng, rng.randint(1, 3), size)
-            for i, (x0, y0, x1, y1) in enumerate(boxes):
-                assert 0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size and x1 - x0 == y1 - y0
-                assert size / 4 <= x1 - x0 <= size / 2
-                assert not any(scenes.overlaps(boxes[i], other) for other in boxes[i + 1 :])
+        for garment in ((0.25, 0.5), (1 / 3, 2 / 3), (0.5, 0.67)):
+            sides = [scenes.side_range(garment, size)] + [scenes.side_range(scenes.DRAWING_SIDE, size)] * 2
+            for _ in range(100):
+                n = rng.randint(1, 3)
+                boxes = scenes.layout(rng, sides[:n], size)
+                for i, (x0, y0, x1, y1) in enumerate(boxes):
+                    fractions = garment if i == 0 else scenes.DRAWING_SIDE
+                    assert 0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size and x1 - x0 == y1 - y0
+                    assert fractions[0] * size - 1e-6 <= x1 - x0 <= fractions[1] * size  # item order kept
+                    assert not any(scenes.overlaps(boxes[i], other) for other in boxes[i + 1 :])
+
+
+def test_scene_style_refuses_what_cannot_be_drawn():
+    with pytest.raises(ValueError, match="garment side"):
+        ExportSettings(scenes_garment_side=(0.5, 0.9))
+    with pytest.raises(ValueError, match="garment side"):
+        scenes.Style(garment_side=(0.5, 0.25))
+    with pytest.raises(ValueError, match="unknown scene background 'sky'"):
+        ExportSettings(scenes_background="sky")
+
+
+def test_plain_scenes_have_a_flat_background_and_larger_garments(pools, tmp_path):
+    style = scenes.Style(garment_side=(1 / 3, 2 / 3), background="plain")
+    records = scenes.export(tmp_path, {"train": pools["train"]}, SIZE, SMALL.seed, style)["train"]
+    for record in of_task(records):
+        x0, y0, x1, y1 = record["items"][0]["box"]
+        assert SIZE / 3 - 1 <= x1 - x0 <= 2 * SIZE / 3
+        colour = record["background"]["plain"]
+        pixels = np.asarray(Image.open(tmp_path / record["image"]).convert("RGB"))
+        free = np.ones(pixels.shape[:2], bool)
+        for item in record["items"]:
+            a, b, c, d = item["box"]
+            free[b:d, a:c] = False
+        assert free.any() and (pixels[free] == colour).all()  # every pixel outside the items is the flat colour
+    assert all(r["label"].endswith("on a plain background.") for r in of_task(records, scenes.CAPTION_TASK))
 
 
 def test_every_scene_has_one_garment_answered_by_its_class_at_its_box(exported, pools):

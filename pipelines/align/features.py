@@ -63,15 +63,39 @@ def vision_features(vlm, processor, corpus_dir: str | Path, images: Sequence[str
     return torch.cat(chunks)
 
 
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def features_key(identity: dict[str, Any], corpus_inputs: dict[str, Any], images: Sequence[str]) -> str:
-    blob = json.dumps({"backbone": identity, "corpus": corpus_inputs, "images": list(images)}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return _digest({"backbone": identity, "corpus": corpus_inputs, "images": list(images)})
+
+
+def source_key(identity: dict[str, Any], corpus_inputs: dict[str, Any]) -> str:
+    """Backbone + corpus export, stored in each cache file: two exports (e.g. scene variants)
+    share relative image paths, so a path alone does not say which pixels a row encodes."""
+    return _digest({"backbone": identity, "corpus": corpus_inputs})
+
+
+def cached_rows(cache_dir: str | Path, source: str, images: Sequence[str]) -> torch.Tensor | None:
+    """Rows for ``images`` from any cache file of the same ``source`` that holds them all."""
+    for path in sorted(Path(cache_dir).glob("features-*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+            if metadata.get("source") != source:
+                continue
+            row = {image: i for i, image in enumerate(json.loads(metadata["images"]))}
+            if all(image in row for image in images):
+                return handle.get_tensor("features")[torch.tensor([row[i] for i in images])]
+    return None
 
 
 def cached_features(
-    vlm, processor, corpus_dir: str | Path, encoded: EncodedRecords, cache_dir: str | Path, key: str, batch_size: int = 32
+    vlm, processor, corpus_dir: str | Path, encoded: EncodedRecords, cache_dir: str | Path, key: str, batch_size: int = 32,
+    source: str = "",
 ) -> tuple[torch.Tensor, bool]:
-    """``(features, reused)``: read ``<cache_dir>/features-<key>.safetensors`` or compute and write it."""
+    """``(features, reused)``: read ``<cache_dir>/features-<key>.safetensors`` or compute and write
+    it (with ``source``, see ``source_key``, in its metadata)."""
     path = Path(cache_dir) / f"features-{key}.safetensors"
     if path.is_file():
         with safe_open(str(path), framework="pt") as handle:
@@ -80,6 +104,6 @@ def cached_features(
     features = vision_features(vlm, processor, corpus_dir, encoded.images, batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
-    save_file({"features": features.contiguous()}, str(partial), metadata={"images": json.dumps(encoded.images)})
+    save_file({"features": features.contiguous()}, str(partial), metadata={"images": json.dumps(encoded.images), "source": source})
     partial.rename(path)
     return features, False

@@ -50,6 +50,8 @@ class ExportSettings:
     photos_heldout: int = 6
     scenes_train: int = 2000
     scenes_heldout: int = 1200  # halved into val / test by id: >= 300 test scenes per task
+    scenes_garment_side: tuple[float, float] = scenes.Style.garment_side  # of the image side
+    scenes_background: str = scenes.Style.background  # "photo" or "plain"
     sources: tuple[str, ...] = SOURCES
     fmnist_dir: str = str(fashion_mnist.DEFAULT_DIR)
     clipart_dir: str = str(openclipart.DEFAULT_ROOT)
@@ -61,6 +63,10 @@ class ExportSettings:
         for name in ("image_size", "fmnist_train", "fmnist_heldout", "clipart_train", "clipart_heldout", "photos_heldout", "scenes_train", "scenes_heldout"):
             if getattr(self, name) < 0 or (name == "image_size" and self.image_size < 14):
                 raise ValueError(f"{name} must be a non-negative size (image_size >= 14), got {getattr(self, name)}")
+        self.scene_style()  # refuses a bad garment side or background by name
+
+    def scene_style(self) -> scenes.Style:
+        return scenes.Style(tuple(self.scenes_garment_side), self.scenes_background)
 
     def key(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,7 +138,7 @@ def _build(settings: ExportSettings, out_dir: Path) -> None:
         backgrounds, _ = photos.split(settings.photos_heldout, settings.seed)
         counts = {"heldout": settings.scenes_heldout, "train": settings.scenes_train}
         pools, skipped["scenes"] = scenes.pools(Path(settings.fmnist_dir), clips, backgrounds, counts, settings.seed)
-        files["scenes"] = scenes.export(out_dir, pools, settings.image_size, settings.seed)
+        files["scenes"] = scenes.export(out_dir, pools, settings.image_size, settings.seed, settings.scene_style())
         tasks.update(scenes.task_info())
 
     counts = {

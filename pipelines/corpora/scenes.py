@@ -1,9 +1,10 @@
 """Scenes: 1-3 items pasted at random, non-overlapping places on a real photo, so the answer to
 a question sits in one region of the image and which visual tokens are kept decides it.
 
-Each scene is a random crop of a packaged photo (``photos.py``) resized to ``image_size``, with
-exactly one Fashion-MNIST garment and 0-2 Open Clip Art drawings, each a square of side 1/4 to
-1/2 of the image. The garment is pasted as the Fashion-MNIST corpus shows it (the grey item on
+Each scene is a random crop of a packaged photo (``photos.py``) resized to ``image_size`` (or a
+plain flat colour, ``Style.background``), with exactly one Fashion-MNIST garment and 0-2 Open Clip
+Art drawings, each a square of side 1/4 to 1/2 of the image (the garment's range is
+``Style.garment_side``). The garment is pasted as the Fashion-MNIST corpus shows it (the grey item on
 its own black square, upscaled): the pixels the projector was aligned on, with a square that
 stands out from the photo and a box that is exactly where the answer is (an intensity mask would
 let a bright photo swallow a light garment). Drawings are pasted on their white square.
@@ -19,9 +20,11 @@ its ``task`` field (e.g. ``align_projector.py --task-weights scenes_caption=1``)
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from PIL import Image
 
@@ -34,6 +37,8 @@ CAPTION_TASK = "scenes_caption"
 GARMENT_QUESTION = "What kind of clothing item is in the picture? Answer with one word or phrase."
 CAPTION_QUESTION = "Describe the picture in one sentence, saying where each item is."
 MAX_ITEMS = 3
+DRAWING_SIDE = (0.25, 0.5)  # of the image side
+BACKGROUNDS = ("photo", "plain")
 _ROWS = ("top", "middle", "bottom")
 _COLUMNS = ("left", "centre", "right")
 
@@ -53,21 +58,46 @@ def overlaps(a: Box, b: Box) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def layout(rng: random.Random, n_items: int, size: int, tries: int = 1000) -> list[Box]:
-    """``n_items`` non-overlapping squares inside ``size`` x ``size``, sides in [size/4, size/2],
-    largest placed first; rejection sampling (three squares always fit, so it ends quickly)."""
-    low, high = -(-size // 4), size // 2
+@dataclass(frozen=True)
+class Style:
+    """How a scene looks: the garment's side as a fraction of the image side (drawings keep
+    1/4-1/2), and the background: a crop of a packaged ``photo`` or a ``plain`` flat colour."""
+
+    garment_side: tuple[float, float] = (0.25, 0.5)
+    background: str = "photo"
+
+    def __post_init__(self) -> None:
+        low, high = self.garment_side
+        if not 0.1 <= low <= high <= 0.67:
+            raise ValueError(f"garment side must be fractions 0.1 <= low <= high <= 0.67 of the image (two drawings must still fit), got {self.garment_side}")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"unknown scene background {self.background!r}; choose from {', '.join(BACKGROUNDS)}")
+
+
+def side_range(fractions: tuple[float, float], size: int) -> tuple[int, int]:
+    """Whole-pixel sides for a fraction range (the low end rounded up)."""
+    return math.ceil(round(fractions[0] * size, 6)), int(fractions[1] * size)
+
+
+def layout(rng: random.Random, sides: Sequence[tuple[int, int]], size: int, tries: int = 20000) -> list[Box]:
+    """Non-overlapping squares inside ``size`` x ``size``, item i's side drawn from ``sides[i]``
+    (pixels, inclusive), returned in item order; placed largest first by rejection sampling.
+    Items after the first are capped at what fits beside it (a large garment leaves a strip of
+    ``size - side``), so three items at these sizes always fit and it ends quickly."""
     for _ in range(tries):
-        boxes: list[Box] = []
-        for side in sorted((rng.randint(low, high) for _ in range(n_items)), reverse=True):
+        drawn = [rng.randint(low, high) for low, high in sides[:1]]
+        drawn += [rng.randint(low, max(low, min(high, size - drawn[0]))) for low, high in sides[1:]]
+        boxes: dict[int, Box] = {}
+        for i in sorted(range(len(drawn)), key=lambda i: -drawn[i]):
+            side = drawn[i]
             x, y = rng.randint(0, size - side), rng.randint(0, size - side)
             box = (x, y, x + side, y + side)
-            if any(overlaps(box, other) for other in boxes):
+            if any(overlaps(box, other) for other in boxes.values()):
                 break
-            boxes.append(box)
+            boxes[i] = box
         else:
-            return boxes
-    raise RuntimeError(f"could not place {n_items} items in {tries} tries")
+            return [boxes[i] for i in range(len(drawn))]
+    raise RuntimeError(f"could not place {len(sides)} items of sides {list(sides)} in {tries} tries")
 
 
 def background(rng: random.Random, photo: Image.Image, size: int) -> tuple[Image.Image, Box]:
@@ -99,13 +129,13 @@ def item_phrase(item: dict) -> str:
     return "a pair of trousers" if label == "trousers" else f"{'an' if label[0] in 'aeiou' else 'a'} {label}"
 
 
-def caption(items: list[dict], subject: str, size: int) -> str:
+def caption(items: list[dict], subject: str | None, size: int) -> str:
     """Every item in reading order with its place, then the photo: "A sandal at the top left and
     a drawing from the animals category on the right, on a photo of a cup of coffee."."""
     ordered = sorted(items, key=lambda item: (cell(tuple(item["box"]), size)[0], item["box"][0] + item["box"][2]))
     parts = [f"{item_phrase(item)} {where(tuple(item['box']), size)}" for item in ordered]
     listed = parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
-    text = f"{listed}, on a photo of {subject}."
+    text = f"{listed}, on a photo of {subject}." if subject else f"{listed}, on a plain background."
     return text[0].upper() + text[1:]
 
 
@@ -113,14 +143,20 @@ def item_entry(kind: str, label: str, source: str, box: Box, size: int) -> dict:
     return {"kind": kind, "label": label, "source": source, "box": list(box), "box_fraction": [v / size for v in box]}
 
 
-def compose(rng: random.Random, garment: fashion_mnist.Item, pool: Pool, size: int) -> tuple[Image.Image, list[dict], photos.Photo, Box]:
-    """One scene around ``garment``: a background crop, the garment and 0-2 drawings from
-    ``pool``; the image, its items (the garment first), the photo and the crop."""
-    photo, photo_image = pool.backgrounds[rng.randrange(len(pool.backgrounds))]
-    image, crop = background(rng, photo_image, size)
+def compose(
+    rng: random.Random, garment: fashion_mnist.Item, pool: Pool, size: int, style: Style = Style()
+) -> tuple[Image.Image, list[dict], photos.Photo | None, Box | list[int]]:
+    """One scene around ``garment``: a background, the garment and 0-2 drawings from ``pool``;
+    the image, its items (the garment first), the photo (None on a plain background) and the
+    crop box (the flat colour on a plain background)."""
+    if style.background == "photo":
+        photo, photo_image = pool.backgrounds[rng.randrange(len(pool.backgrounds))]
+        image, crop = background(rng, photo_image, size)
+    else:
+        photo, crop = None, [rng.randint(40, 215) for _ in range(3)]
+        image = Image.new("RGB", (size, size), tuple(crop))
     clips = rng.sample(pool.clips, min(rng.randint(0, MAX_ITEMS - 1), len(pool.clips)))
-    boxes = layout(rng, 1 + len(clips), size)
-    rng.shuffle(boxes)  # the garment is not always the largest item
+    boxes = layout(rng, [side_range(style.garment_side, size)] + [side_range(DRAWING_SIDE, size)] * len(clips), size)
     image.paste(gray_to_rgb(garment.pixels, boxes[0][2] - boxes[0][0]), boxes[0][:2])
     items = [item_entry("garment", garment.label, garment.id, boxes[0], size)]
     for (clip, drawing), box in zip(clips, boxes[1:]):
@@ -144,7 +180,7 @@ def pools(
     return out, dict(skipped)
 
 
-def export(out_dir: Path, pool_by_split: dict[str, Pool], image_size: int, seed: int) -> dict[str, list[dict]]:
+def export(out_dir: Path, pool_by_split: dict[str, Pool], image_size: int, seed: int, style: Style = Style()) -> dict[str, list[dict]]:
     """Write one PNG per garment of each split's pool; a garment and a caption record per scene."""
     records: dict[str, list[dict]] = {}
     for split, pool in pool_by_split.items():
@@ -153,12 +189,12 @@ def export(out_dir: Path, pool_by_split: dict[str, Pool], image_size: int, seed:
         rng.shuffle(garments)
         records[split] = []
         for index, garment in enumerate(garments):
-            image, items, photo, crop = compose(rng, garment, pool, image_size)
-            fields = {"items": items, "background": {"photo": photo.name, "crop": list(crop)}}
+            image, items, photo, crop = compose(rng, garment, pool, image_size, style)
+            fields = {"items": items, "background": {"photo": photo.name, "crop": list(crop)} if photo else {"plain": crop}}
             relative = save_png(image, out_dir, f"images/{NAME}/{split}/{index:05d}.png")
             stem = f"{NAME}-{split}-{index:05d}"
             boxes = [items[0]["box_fraction"]]  # where the answer is, for an oracle
-            text = caption(items, photo.subject, image_size)
+            text = caption(items, photo.subject if photo else None, image_size)
             records[split] += [
                 llava_record(f"{stem}-garment", relative, GARMENT_QUESTION, garment.label, task=GARMENT_TASK, label=garment.label, boxes=boxes, **fields),
                 llava_record(f"{stem}-caption", relative, CAPTION_QUESTION, text, task=CAPTION_TASK, label=text, **fields),
