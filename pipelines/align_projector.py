@@ -11,6 +11,12 @@ answer chosen by the LM's log-likelihood of every candidate answer.
 Writes OUT_DIR/projector.safetensors (projector weights, float32) and OUT_DIR/metrics.json (the
 exact command, settings, loss curve, timings, held-out accuracies); --out-model DIR also writes
 a full model folder (LlavaForConditionalGeneration / AutoProcessor .from_pretrained).
+
+--lora-rank R (8 is a good start) also trains a LoRA on the LM's attention, jointly with the
+projector (pipelines/align/lora.py, PEFT; --lora-lr for its own, usually smaller, peak LR): the
+projector alone cannot learn to read a small object in a scene (docs/scenes.md). The adapter is
+written to OUT_DIR/lm_lora.safetensors (with the projector's backbone identity check) and merged
+into the LM weights for scoring and --out-model, which stays a plain LlavaForConditionalGeneration.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ if __package__ in (None, ""):  # run as `python pipelines/align_projector.py`
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from autoselect.convert.aligned import backbone_identity, load_projector, save_aligned_model, save_projector
+from autoselect.convert.aligned import backbone_identity, load_projector, projector_module, save_aligned_model, save_projector
 from autoselect.convert.cache import read_manifest as read_build_manifest
 from autoselect.convert.mini_llava import DEFAULT_CACHE_DIR, build_mini_llava
 from pipelines.align.evaluate import balanced_subset, choice_accuracy, greedy_answers
@@ -76,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--eval-limit", type=int, default=None, help="score at most this many held-out records per task, class-balanced (default: all)")
     add("--init-projector", type=Path, default=None,
         help="continue from this projector.safetensors (e.g. a committed one) instead of a fresh projector")
+    add("--lora-rank", type=int, default=d.lora_rank,
+        help="also train a LoRA of this rank on the LM's attention (q/k/v/o_proj), e.g. 8; 0: projector only (default: %(default)s)")
+    add("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA alpha, the update is scaled by alpha / rank (default: 2 x rank)")
+    add("--lora-lr", type=float, default=d.lora_lr, help="peak learning rate of the LoRA weights (default: --lr)")
+    add("--init-lora", type=Path, default=None,
+        help="continue from this LoRA adapter (lm_lora.safetensors, or the run folder holding it); "
+        "its rank and alpha apply unless --lora-rank / --lora-alpha say otherwise, which is an error")
     add("--eval-initial", action="store_true", help="also score the untrained projector first")
     add("--initial-eval-limit", type=int, default=100, help="records per task for --eval-initial (default: %(default)s)")
     add("--eval-batch-size", type=int, default=16, help="(default: %(default)s)")
@@ -101,7 +114,24 @@ def _made_by(projector: Path) -> dict | None:
     if not metrics.is_file():
         return None
     run = json.loads(metrics.read_text())
-    return {k: run.get(k) for k in ("command", "git_commit", "init_projector")}
+    return {k: run.get(k) for k in ("command", "git_commit", "init_projector", "init_lora")}
+
+
+def lora_settings(args: argparse.Namespace) -> dict:
+    """TrainConfig's LoRA fields: from the flags, or from --init-lora's adapter."""
+    if args.init_lora is None:
+        if args.lora_rank < 0:
+            raise SystemExit(f"--lora-rank must be >= 0, got {args.lora_rank}")
+        if args.lora_rank == 0 and (args.lora_alpha is not None or args.lora_lr is not None):
+            raise SystemExit("--lora-alpha / --lora-lr need --lora-rank R > 0 (or --init-lora)")
+        return {"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_lr": args.lora_lr}
+    from pipelines.align.lora import read_lora
+
+    _, saved = read_lora(args.init_lora)
+    if args.lora_rank not in (0, saved.rank) or args.lora_alpha not in (None, saved.alpha):
+        raise SystemExit(f"--init-lora {args.init_lora} has rank {saved.rank}, alpha {saved.alpha}; "
+                         f"--lora-rank {args.lora_rank} / --lora-alpha {args.lora_alpha} disagree")
+    return {"lora_rank": saved.rank, "lora_alpha": saved.alpha, "lora_lr": args.lora_lr, "lora_targets": saved.targets}
 
 
 def load_vlm(path: Path) -> LlavaForConditionalGeneration:
@@ -126,6 +156,7 @@ def evaluate(vlm, processor, corpora: Path, manifest: dict, limit: int | None, b
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    lora = lora_settings(args)  # before any slow step: a bad combination fails at once
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     started = time.time()
@@ -157,6 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         load_projector(vlm, args.init_projector, identity)
         init = {"path": str(args.init_projector), "sha256": _sha256(args.init_projector), "made_by": _made_by(args.init_projector)}
         print(f"  continuing from {args.init_projector}")
+    init_lora = None
+    if args.init_lora is not None:
+        from pipelines.align.lora import load_lora, lora_file
+
+        init_path = lora_file(args.init_lora)
+        load_lora(vlm, init_path, identity)
+        init_lora = {"path": str(init_path), "sha256": _sha256(init_path), "made_by": _made_by(init_path)}
+        print(f"  continuing the LM's LoRA from {init_path}")
 
     initial = None
     if args.eval_initial:
@@ -166,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, seed=args.seed, compute_dtype=args.compute_dtype, task_weights=args.task_weights,
+        **lora,
     )
-    print(f"[4/6] training the projector: {config.steps} steps x batch {config.batch_size}, {args.threads} thread(s)")
+    what = f"the projector + a rank-{config.lora_rank} LoRA on the LM" if config.lora_rank else "the projector"
+    print(f"[4/6] training {what}: {config.steps} steps x batch {config.batch_size}, {args.threads} thread(s)")
     t0 = time.perf_counter()
     history = train_projector(vlm, encoded, config, processor.tokenizer.pad_token_id)
     train_seconds = time.perf_counter() - t0
@@ -177,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         "git_commit": _git_commit(),
         "train": {**asdict(config), "threads": args.threads, "records_per_task": tasks, "images": len(encoded.images)},
         "init_projector": init,
+        "trainable_parameters": {"projector": sum(p.numel() for p in projector_module(vlm).parameters())},
         "loss": {
             "first10_mean": round(sum(losses[:10]) / len(losses[:10]), 4),
             "last10_mean": round(sum(losses[-10:]) / len(losses[-10:]), 4),
@@ -190,11 +232,27 @@ def main(argv: list[str] | None = None) -> int:
     }
     projector_path = save_projector(vlm, args.out_dir / "projector.safetensors", identity, {"command": command, "steps": config.steps})
     print(f"  loss {run['loss']['first10_mean']:.3f} (first 10) -> {run['loss']['last10_mean']:.3f} (last 10) in {train_seconds:.0f} s; saved {projector_path}")
+    lora_path = None
+    if config.lora_rank:
+        from pipelines.align.lora import ADAPTER_FILE, attached_settings, lora_parameters, save_lora
 
-    print("[5/6] scoring the aligned projector on held-out records (float32, full 256 visual tokens)")
+        settings = attached_settings(vlm)
+        lora_path = save_lora(vlm, args.out_dir / ADAPTER_FILE, identity,
+                              {"command": command, "steps": config.steps, "projector_sha256": _sha256(projector_path)})
+        run["trainable_parameters"]["lora"] = sum(p.numel() for p in lora_parameters(vlm))
+        run["lora"] = {"rank": settings.rank, "alpha": settings.alpha, "targets": list(settings.targets),
+                       "lr": config.lr if config.lora_lr is None else config.lora_lr, "file": str(lora_path),
+                       "sha256": _sha256(lora_path), "init_lora": init_lora, "merged_for_eval_and_out_model": True}
+        print(f"  saved the LM's LoRA ({run['trainable_parameters']['lora']:,} parameters) to {lora_path}")
+
+    print(f"[5/6] scoring the aligned {'projector + merged LoRA' if lora_path else 'projector'} on held-out records (float32, full 256 visual tokens)")
     del vlm
     aligned = load_vlm(model_dir)  # fresh float32 weights: the bf16 training copy is not what users load
     load_projector(aligned, projector_path, identity)
+    if lora_path is not None:
+        from pipelines.align.lora import merge_lora
+
+        merge_lora(aligned, lora_path, identity)  # a plain LlavaForConditionalGeneration again
     t0 = time.perf_counter()
     run["heldout"] = evaluate(aligned, processor, args.corpora, manifest, args.eval_limit, args.eval_batch_size, args.examples, "aligned")
     if initial is not None:
@@ -204,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     (args.out_dir / "metrics.json").write_text(json.dumps(run, indent=2) + "\n")
     print(f"[6/6] wrote {args.out_dir / 'metrics.json'}")
     if args.out_model is not None:
-        save_aligned_model(aligned, processor, args.out_model, {k: run[k] for k in ("command", "backbone", "heldout")})
+        notes = {k: run[k] for k in ("command", "backbone", "heldout")}
+        if lora_path is not None:
+            notes["lora"] = run["lora"]  # merged into the LM weights of this folder
+        save_aligned_model(aligned, processor, args.out_model, notes)
         print(f"  full aligned model in {args.out_model}")
     if corpus_build is not None:
         print(f"  (corpora were exported into {corpus_build.path})")

@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 FLOORS = ("autoselect", "mlops", "pipelines", "serve", "examples")
 FORBIDDEN = {  # top-level package -> top-level names it must not import
-    "autoselect": {"ray", "mlflow", "boto3", "fastapi", "deepspeed", "mlops", "pipelines", "serve", "examples"},
+    "autoselect": {"ray", "mlflow", "boto3", "fastapi", "deepspeed", "peft", "mlops", "pipelines", "serve", "examples"},
     "mlops": {"pipelines", "serve", "examples"},
     "pipelines": {"serve", "examples"},
     "serve": {"pipelines", "examples"},

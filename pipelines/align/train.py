@@ -4,6 +4,9 @@ Frozen parts run in ``compute_dtype`` (bf16 halves a CPU step) while the project
 master weights and AdamW state. Batches are left-padded so every answer ends the sequence; the
 LM head then runs only on the tail that holds answers (``logits_to_keep``) instead of on all
 ~300 positions x 49k vocabulary.
+
+With ``lora_rank > 0`` a LoRA on the LM's attention (``pipelines/align/lora.py``, PEFT) trains
+jointly with the projector, in its own AdamW group (``lora_lr``); the base LM stays frozen.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ class TrainConfig:
     seed: int = 0
     compute_dtype: str = "bfloat16"
     task_weights: dict[str, float] = field(default_factory=dict)  # task -> share of each batch; empty: by count
+    lora_rank: int = 0  # > 0: also train a LoRA of this rank on the LM's attention (8 is a good start); 0: projector only
+    lora_alpha: float | None = None  # LoRA scale alpha / rank; None: 2 x rank (16 for rank 8)
+    lora_lr: float | None = None  # peak LR of the LoRA group (same schedule); None: ``lr``
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # linears of the LM's layers to adapt
 
 
 def task_batches(records: Sequence[dict], weights: dict[str, float], batch_size: int, seed: int) -> Iterator[list[int]]:
@@ -97,6 +104,37 @@ def freeze_all_but_projector(vlm, compute_dtype: torch.dtype) -> list[torch.nn.P
     return list(projector.parameters())
 
 
+def _lora_weights(vlm) -> dict[str, torch.Tensor]:
+    """Float32 copies of an attached LoRA adapter's weights (found without importing PEFT)."""
+    return {n: p.detach().to(torch.float32, copy=True) for n, p in vlm.model.language_model.named_parameters() if "lora_" in n}
+
+
+def _no_lora(attached: dict[str, torch.Tensor]) -> list[torch.nn.Parameter]:
+    if attached:
+        raise ValueError("the language model carries a LoRA adapter but config.lora_rank is 0")
+    return []
+
+
+def _lora_for_training(vlm, config: TrainConfig, attached: dict[str, torch.Tensor]) -> list[torch.nn.Parameter]:
+    """On the frozen VLM, attach a fresh LoRA to the LM (or keep the one already attached, e.g. by
+    ``load_lora`` to continue a run, if its settings match ``config``, with its exact float32
+    weights ``attached``); returns the adapter's float32 trainable parameters."""
+    from pipelines.align.lora import LoraSettings, add_lora, attached_settings, lora_parameters  # PEFT only when asked for
+
+    wanted = LoraSettings(config.lora_rank, config.lora_alpha, config.lora_targets)
+    settings = attached_settings(vlm)
+    if settings is None:
+        return add_lora(vlm, wanted)
+    if settings != wanted:
+        raise ValueError(f"the attached LoRA adapter has {settings}, the config asks for {wanted}")
+    params = lora_parameters(vlm)
+    with torch.no_grad():
+        for name, param in vlm.model.language_model.named_parameters():
+            if name in attached:
+                param.copy_(attached[name])
+    return params
+
+
 def train_projector(
     vlm,
     encoded: EncodedRecords,
@@ -104,14 +142,21 @@ def train_projector(
     pad_token_id: int,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
-    """Run ``config.steps`` optimiser steps; returns per-step ``loss``, ``lr``, ``seconds``."""
+    """Run ``config.steps`` optimiser steps; returns per-step ``loss``, ``lr``, ``seconds`` (and
+    ``lora_lr``). With ``config.lora_rank > 0`` the LoRA stays attached (unmerged) to ``vlm``
+    afterwards: ``pipelines.align.lora.save_lora`` writes it."""
     if encoded.features is None:
         raise ValueError("encoded records carry no vision features; compute them first")
     dtype = getattr(torch, config.compute_dtype)
+    attached = _lora_weights(vlm)  # float32 copies: freezing casts an attached adapter to `dtype`
     params = freeze_all_but_projector(vlm, dtype)
+    lora_params = _lora_for_training(vlm, config, attached) if config.lora_rank > 0 else _no_lora(attached)
     projector = projector_module(vlm)
-    vlm.eval()  # no dropout anywhere; the projector has none either
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    vlm.eval()  # no dropout anywhere; the projector has none either, LoRA dropout is 0
+    groups = [{"params": params, "lr": config.lr}]
+    if lora_params:
+        groups.append({"params": lora_params, "lr": config.lr if config.lora_lr is None else config.lora_lr})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(config.steps, config.warmup_steps))
     batches = task_batches(encoded.records, config.task_weights, config.batch_size, config.seed)
     history: list[dict[str, float]] = []
@@ -125,9 +170,10 @@ def train_projector(
         features = encoded.features[[encoded.image_index[i] for i in rows]].to(torch.float32)
         loss = answer_loss(vlm, batch, projector(features).to(dtype))
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+        lora_lr = optimizer.param_groups[-1]["lr"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip) if config.grad_clip else torch.tensor(math.nan)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params + lora_params, config.grad_clip) if config.grad_clip else torch.tensor(math.nan)
         optimizer.step()
         scheduler.step()
         metrics = {
@@ -137,6 +183,8 @@ def train_projector(
             "grad_norm": float(grad_norm),
             "seconds": time.perf_counter() - started,
         }
+        if lora_params:
+            metrics["lora_lr"] = lora_lr
         history.append(metrics)
         progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
         if on_step is not None:
