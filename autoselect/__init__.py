@@ -4,7 +4,7 @@ A light scorer (and a train-only denoiser) is attached to a frozen VLM and train
 VLM's own next-token loss; at inference only the scorer and a hard, order-preserving top-K run.
 """
 
-from autoselect.backbones import get_adapter, register_backbone, supported_model_types
+from autoselect.backbones import ImagePlan, get_adapter, pruned_length, register_backbone, supported_model_types
 from autoselect.config import (
     AutoSelectConfig,
     ConfigError,
@@ -26,6 +26,7 @@ __all__ = [
     "AutoSelectConfig",
     "AutoSelectModel",
     "ConfigError",
+    "ImagePlan",
     "InferenceOptions",
     "LegacyConfigError",
     "OptionDependencyError",
@@ -36,6 +37,7 @@ __all__ = [
     "UnknownConfigKey",
     "gather_tokens",
     "get_adapter",
+    "pruned_length",
     "register_backbone",
     "resolve_budget",
     "soft_topk",

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers.generation.streamers import BaseStreamer
 
-from autoselect.backbones import BackboneAdapter, get_adapter
+from autoselect.backbones import BackboneAdapter, ImagePlan, get_adapter
 from autoselect.config import POSITION_POLICIES, resolve_budget, validate_budget
 from autoselect.placeholders import prune_placeholders
 from autoselect.selection import gather_tokens
@@ -146,6 +146,14 @@ class PrunedVLM(nn.Module):
 
     def resolve_budget(self, num_tokens: int, budget: int | float | None = None) -> int:
         return resolve_budget(self.default_budget if budget is None else budget, num_tokens)
+
+    def plan(self, inputs: dict[str, Any], budget: int | float | None = None) -> list[ImagePlan]:
+        """Per image of the processed ``inputs`` (the processor's output, before pruning): its N
+        visual tokens and the K that ``budget`` (default: ours) keeps, as the forward will resolve
+        them, answered by the backbone adapter without running the model. Serving and evaluation
+        size prompts and group batches with it; `autoselect.backbones.pruned_length` turns it into
+        the length the LLM prefills."""
+        return self.adapter.plan(inputs, self.default_budget if budget is None else budget)
 
     def select(self, budget: int | float | None = None, **image_inputs: Any) -> tuple[Selection, Tokens]:
         """The selection and the kept (pre-projector) tokens ``[num_images, K, D]`` (or ``[K_i, D]`` each)."""

@@ -69,7 +69,10 @@ def _llava_next() -> Shape:
     adapter = get_adapter(vlm)
     with torch.no_grad():
         n = len(adapter.visual_tokens(**inputs)[0])
-    placeholders = len(adapter._layouts(inputs["image_sizes"], [n])[0])
+    (layout,) = adapter._layouts(inputs["image_sizes"])
+    if int((~layout).sum()) != n:
+        raise ValueError(f"LLaVA-NeXT layout has {int((~layout).sum())} patch slots for {n} visual tokens")
+    placeholders = len(layout)
     return Shape("llava_next", vlm, inputs, placeholders, "LLaVA-NeXT AnyRes: 672 x 672 = base + 2 x 2 crops of 336 px, row newlines")
 
 

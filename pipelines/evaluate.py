@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as `python pipelines/evaluate.py`
 import torch
 
 from autoselect.backbones import get_adapter
-from autoselect.config import POSITION_POLICIES, resolve_budget, validate_budget
+from autoselect.config import POSITION_POLICIES, validate_budget
 from autoselect.pruners import available_pruners
 from mlops.backbone import TINY_LLAVA
 from pipelines.corpora import DEFAULT_OUT
@@ -197,6 +197,17 @@ def tag_target(args: argparse.Namespace):
     return registry.tag_target(args.tag_version, args.autoselect if AUTOSELECT in args.pruners else None)
 
 
+def probe_budgets(adapter, probe: dict, given_budgets) -> tuple[list[Budget], int]:
+    """Each budget's K on the probe image, and that image's N: the adapter's plan (its own count of
+    the visual tokens, not of the placeholders), resolved as the pruned forward resolves it.
+    ValueError naming N when a budget cannot apply."""
+    num_tokens = adapter.plan(probe, 1.0)[0].n
+    try:
+        return [Budget(label, value, adapter.plan(probe, value)[0].k) for label, value in given_budgets], num_tokens
+    except ValueError as exc:
+        raise ValueError(f"{exc} (this backbone has N = {num_tokens} visual tokens per image)") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -219,13 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loading {args.model} on {device}")
     vlm, processor = load_vlm_and_processor(args.model, args.dtype, device)
     dtype = next(vlm.parameters()).dtype
-    image_token_id = get_adapter(vlm).image_token_id
+    adapter = get_adapter(vlm)
+    image_token_id = adapter.image_token_id
     probe = probe_prompt(processor)
-    num_tokens = int((probe["input_ids"] == image_token_id).sum())
     try:
-        budgets = [Budget(label, value, resolve_budget(value, num_tokens)) for label, value in given_budgets]
+        budgets, num_tokens = probe_budgets(adapter, probe, given_budgets)
     except ValueError as exc:
-        parser.error(f"{exc} (this backbone has N = {num_tokens} visual tokens per image)")
+        parser.error(str(exc))
 
     autoselect, autoselect_info = None, None
     if AUTOSELECT in args.pruners:

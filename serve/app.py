@@ -68,7 +68,7 @@ SCORER_VERSION_HEADER = "x-autoselect-scorer-version"
 
 def _autoselect_usage(c: Completion) -> AutoSelectUsage:
     p = c.prepared
-    return AutoSelectUsage(visual_tokens_kept=p.images * c.kept_per_image, visual_tokens_total=p.images * p.tokens_per_image,
+    return AutoSelectUsage(visual_tokens_kept=c.kept_total, visual_tokens_total=p.tokens_total,
                            budget=p.budget, images=p.images, scorer_version=p.scorer.version, scorer_alias=p.scorer.alias,
                            batch_size=c.batch_size)
 
@@ -78,9 +78,9 @@ def _usage(c: Completion) -> Usage:
                  total_tokens=c.prompt_tokens + c.completion_tokens)
 
 
-def _headers(p: Prepared, kept_per_image: int) -> dict[str, str]:
-    """Streams send headers before generating, so they carry the requested K; bodies the measured one."""
-    return {VISUAL_TOKENS_HEADER: f"{p.images * kept_per_image}/{p.images * p.tokens_per_image}",
+def _headers(p: Prepared, kept_total: int) -> dict[str, str]:
+    """Streams send headers before generating, so they carry the planned K; bodies the measured one."""
+    return {VISUAL_TOKENS_HEADER: f"{kept_total}/{p.tokens_total}",
             SCORER_VERSION_HEADER: p.scorer.version}
 
 
@@ -210,14 +210,14 @@ class AutoSelectServer:
         if body.stream:
             job = Job(prepared, deltas=asyncio.Queue())
             return StreamingResponse(self._stream(job, body, completion_id), media_type="text/event-stream",
-                                     headers=_headers(prepared, prepared.kept_per_image))
+                                     headers=_headers(prepared, prepared.kept_total))
         completion = await self._complete(Job(prepared))
         response = ChatCompletion(
             id=completion_id, created=int(time.time()), model=self.model_name,
             choices=[Choice(message=AssistantMessage(content=completion.text), finish_reason=completion.finish_reason)],
             usage=_usage(completion), autoselect=_autoselect_usage(completion),
         )
-        return JSONResponse(response.model_dump(), headers=_headers(prepared, completion.kept_per_image))
+        return JSONResponse(response.model_dump(), headers=_headers(prepared, completion.kept_total))
 
 
 def build_app(args: ServeArgs) -> Application:

@@ -19,7 +19,8 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from autoselect import AutoSelectModel
-from autoselect.config import resolve_budget, validate_budget
+from autoselect.backbones import ImagePlan, pruned_length
+from autoselect.config import validate_budget
 from autoselect.data import TOKEN_KEYS, collate
 from mlops import registry
 from mlops.backbone import load_registered, load_vlm_and_processor
@@ -111,24 +112,54 @@ class Prepared:
 
     example: dict[str, torch.Tensor]  # input_ids [L] + the processor's image tensors
     images: int
-    tokens_per_image: int  # N
-    kept_per_image: int  # K
+    plan: tuple[ImagePlan, ...]  # the adapter's (N_i, K_i) per image (per view for Idefics3), `PrunedVLM.plan`
     budget: int | float
     max_tokens: int
     temperature: float
     top_p: float
     scorer: Scorer
 
-    def pruned_length(self, kept_per_image: int) -> int:
-        """Prompt tokens the LLM prefills once each image's N placeholders are cut to ``kept_per_image``."""
-        return len(self.example["input_ids"]) - self.images * (self.tokens_per_image - kept_per_image)
+    @property
+    def tokens_total(self) -> int:
+        """Visual tokens of all the request's images (N summed; not their placeholders)."""
+        return sum(p.n for p in self.plan)
+
+    @property
+    def kept_total(self) -> int:
+        return sum(p.k for p in self.plan)
+
+    @property
+    def tokens_per_image(self) -> int | None:
+        """N when every image has the same (0 without images), else None."""
+        return _same([p.n for p in self.plan])
+
+    @property
+    def kept_per_image(self) -> int | None:
+        """K when every image keeps the same (0 without images), else None."""
+        return _same([p.k for p in self.plan])
+
+    def pruned_length(self, kept: list[int] | None = None) -> int:
+        """Prompt tokens the LLM prefills once each image keeps its planned K (or ``kept``, per image)."""
+        return pruned_length(len(self.example["input_ids"]), list(self.plan), kept)
+
+    @property
+    def batch_budget(self) -> tuple[str, int | float]:
+        """The one budget that reproduces this request's plan in a shared ``generate``: K itself when
+        every image keeps the same K (0: no image), else the ratio as asked (it resolves per image)."""
+        k = self.kept_per_image
+        return ("k", k) if k is not None else ("ratio", self.budget)
 
     @property
     def group_key(self) -> tuple:
         """Requests that can share one ``generate`` call: what it depends on is the scorer, the
-        resolved K (0: no image), not how it was asked for (0.25 and 16 of N=64 share), and sampling."""
+        resolved K (0: no image), not how it was asked for (0.25 and 16 of N=64 share), and sampling.
+        A request whose images keep different K (a ratio of different N) shares only with that ratio."""
         sampling = (self.temperature, self.top_p) if self.temperature > 0 else (0.0, 1.0)
-        return id(self.scorer), self.kept_per_image, sampling
+        return id(self.scorer), self.batch_budget, sampling
+
+
+def _same(values: list[int]) -> int | None:
+    return 0 if not values else values[0] if len(set(values)) == 1 else None
 
 
 def _hf_messages(messages: list[Message]) -> tuple[list[dict], list[str]]:
@@ -189,24 +220,19 @@ def prepare(request: ChatCompletionRequest, scorer: Scorer, backbone: Backbone, 
     example = {"input_ids": input_ids, **{k: v[0] if k in TOKEN_KEYS else v for k, v in encoded.items()
                                           if k not in ("input_ids", "attention_mask")}}
 
-    n = k = 0
+    plan: list[ImagePlan] = []
     if images:
-        placeholders = int((input_ids == scorer.model.adapter.image_token_id).sum())
-        n = placeholders // len(images)
-        if n * len(images) != placeholders:
-            raise APIError(f"the prompt expands to {placeholders} image tokens for {len(images)} images",
-                           param="messages", code="invalid_value")
-        try:
-            k = resolve_budget(budget, n)
+        try:  # the adapter's own count of each image's visual tokens, resolved as the forward will
+            plan = scorer.model.plan(encoded, budget)
         except ValueError as exc:
             raise APIError(str(exc), param="autoselect.budget", code="invalid_budget") from None
     temperature = 1.0 if request.temperature is None else request.temperature
-    prepared = Prepared(example, len(images), n, k, budget, max_tokens, temperature,
+    prepared = Prepared(example, len(images), tuple(plan), budget, max_tokens, temperature,
                         1.0 if request.top_p is None else request.top_p, scorer)
     limit = min(args.max_prompt_tokens or backbone.context_length, backbone.context_length - max_tokens)
-    if prepared.pruned_length(k) > limit:
+    if prepared.pruned_length() > limit:
         raise APIError(
-            f"the prompt has {prepared.pruned_length(k)} tokens after pruning; with max_tokens={max_tokens} the "
+            f"the prompt has {prepared.pruned_length()} tokens after pruning; with max_tokens={max_tokens} the "
             f"limit is {limit} (context {backbone.context_length})", param="messages", code="context_length_exceeded")
     return prepared
 
@@ -233,11 +259,21 @@ class Completion:
     completion_tokens: int
     prepared: Prepared
     batch_size: int  # requests that shared this forward pass
-    kept_per_image: int  # this request's K as the model actually selected it (not just as requested)
+    kept: tuple[int, ...]  # each image's K as the model actually selected it (not just as planned)
+
+    @property
+    def kept_total(self) -> int:
+        return sum(self.kept)
+
+    @property
+    def kept_per_image(self) -> int | None:
+        """K when every image kept the same (0 without images), else None."""
+        return _same(list(self.kept))
 
     @property
     def prompt_tokens(self) -> int:
-        return self.prepared.pruned_length(self.kept_per_image)
+        """What the LLM prefilled: the prompt less each image's dropped visual tokens."""
+        return self.prepared.pruned_length(list(self.kept))
 
 
 @dataclass
@@ -317,15 +353,20 @@ class _BatchStreamer(BaseStreamer):
         pass
 
 
-def _kept_per_request(jobs: list[Job], selection) -> list[int]:
-    """Each request's own K, read off the model's selection (one entry per image, in batch order),
-    so usage counts that request's pruned prompt, not the batch's largest K."""
+def _kept_per_request(jobs: list[Job], selection) -> list[tuple[int, ...]]:
+    """Each request's K per image, read off the model's selection (one entry per image, in batch
+    order), so usage counts that request's pruned prompt, not the batch's largest K."""
     kept = [len(indices) for indices in selection.per_image()] if selection is not None else []
     per_request, start = [], 0
     for job in jobs:
-        own = kept[start:start + job.prepared.images]
-        start += len(own)
-        per_request.append(own[0] if own else 0)  # an int K keeps exactly K of each image
+        count = len(job.prepared.plan)
+        own = tuple(kept[start:start + count])
+        if len(own) != count:
+            raise RuntimeError(f"the model selected for {len(kept)} images; the plan had more")
+        start += count
+        per_request.append(own)
+    if start != len(kept):
+        raise RuntimeError(f"the model selected for {len(kept)} images; the plan had {start}")
     return per_request
 
 
@@ -343,8 +384,10 @@ def generate_group(jobs: list[Job], backbone: Backbone, loop: asyncio.AbstractEv
     model = first.scorer.model
     model.last_selection = None  # this thread is the model's only user (one batch at a time)
     # One requested budget: pass it as asked (the adapter resolves a ratio against each image's
-    # own N). Budgets that only resolve to the same K (0.25 and 16 of N=64): pass that K.
-    budget = first.budget if len({job.prepared.budget for job in jobs}) == 1 else first.kept_per_image
+    # own N). Budgets that only resolve to the same K (0.25 and 16 of N=64): pass that K (a group
+    # whose K differ per image shares one ratio, `Prepared.batch_budget`).
+    asked = {(type(job.prepared.budget), job.prepared.budget) for job in jobs}
+    budget = first.budget if len(asked) == 1 else first.batch_budget[1]
     model.generate(
         budget=budget, **batch, **sampling, max_new_tokens=max(r.max_tokens for r in rows),
         pad_token_id=pad, streamer=_BatchStreamer(rows),

@@ -436,3 +436,25 @@ def test_the_oracle_keeps_the_answers_patches_and_the_report_checks_the_task(tau
     check = report["selection_check"]["markers"]["oracle@8"]
     assert check["oracle"] == best and check["random"] == rand and isinstance(check["go"], bool)
     assert "Can the task show selection?" in (out_dir / "report.md").read_text()
+
+
+@pytest.mark.parametrize("family, n", [("llava", N), ("llava_next", None), ("qwen2_5_vl", None)])
+def test_budgets_resolve_on_the_adapters_plan_of_the_probe_image(family, n):
+    """N is the probe image's visual tokens as the adapter plans them (for LLaVA-NeXT not its
+    placeholders, which include the row newlines), and each K is what the pruned forward keeps."""
+    from autoselect.testing.tiny_backbones import TINY_BACKBONES
+    from pipelines.evaluate import probe_budgets
+    from pipelines.evaluation.scoring import probe_prompt
+
+    vlm, processor = TINY_BACKBONES[family](seed=0)
+    adapter = get_adapter(vlm)
+    probe = probe_prompt(processor)
+    with torch.no_grad():
+        (tokens,) = adapter.visual_tokens(**{k: probe[k] for k in adapter.image_input_names if k in probe})
+    budgets, num_tokens = probe_budgets(adapter, probe, [("8", 8), ("1/4", 0.25)])
+    assert num_tokens == len(tokens) == (n or num_tokens)
+    assert [b.k for b in budgets] == [8, max(1, round(num_tokens / 4))]
+    if family == "llava_next":
+        assert num_tokens < int((probe["input_ids"] == adapter.image_token_id).sum())
+    with pytest.raises(ValueError, match=f"this backbone has N = {num_tokens} visual tokens"):
+        probe_budgets(adapter, probe, [("big", num_tokens + 1)])

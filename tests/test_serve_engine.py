@@ -14,6 +14,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 
@@ -117,18 +118,19 @@ def test_usage_counts_each_requests_own_pruned_prompt(scorer, backbone, monkeypa
 
 @pytest.fixture(scope="module")
 def next_model():
-    """LLaVA-NeXT: N follows the image's shape (88 for 32 x 32, 52 for 32 x 16)."""
+    """LLaVA-NeXT: N follows the image's shape (80 patch tokens for 32 x 32, 48 for 32 x 16), and
+    each image has more placeholders than visual tokens (a row newline per row: 88 and 52)."""
     backbone = load_backbone(TINY_PREFIX + "llava_next", "float32")
     model = AutoSelectModel.attach(backbone.vlm, AutoSelectConfig(budget=4)).eval()
     return backbone, Scorer(model, "models:/next@test", "next", "1", "test", None)
 
 
 def run_ragged(next_model, monkeypatch):
-    """0.5 of N=88 and of N=52 are two K; K=44 batches images of both N (N as Serve counts it, item 2)."""
+    """0.5 of N=80 and of N=48 are two K; K=40 batches images of both N (N as the adapter plans it)."""
     backbone, scorer = next_model
     calls = spy_generate(monkeypatch, backbone)
-    jobs = [Job(prepared(scorer, backbone, budget, height=height)) for budget, height in ((0.5, 32), (0.5, 16), (44, 16))]
-    assert [job.prepared.tokens_per_image for job in jobs] == [88, 52, 52]
+    jobs = [Job(prepared(scorer, backbone, budget, height=height)) for budget, height in ((0.5, 32), (0.5, 16), (40, 16))]
+    assert [job.prepared.tokens_per_image for job in jobs] == [80, 48, 48]
     results = run_batch(jobs, backbone, InlineLoop())
     assert all(not isinstance(r, Exception) for r in results), results
     return results, calls
@@ -136,18 +138,18 @@ def run_ragged(next_model, monkeypatch):
 
 def test_each_request_keeps_its_own_k_when_n_differs(next_model, monkeypatch):
     results, calls = run_ragged(next_model, monkeypatch)
-    # Usage reports what the model kept. The group of two asked in two ways (0.5 of 88, 44): it gets
-    # the resolved K. The lone 0.5 goes as asked and the adapter resolves it against the image's 48
-    # patch tokens (24), not Serve's placeholder count of 52 (which would say 26; item 2).
-    assert [(r.kept_per_image, r.batch_size) for r in results] == [(44, 2), (24, 1), (44, 2)]
+    # Usage reports what the model kept. The group of two asked in two ways (0.5 of 80, 40): it gets
+    # the resolved K. The lone 0.5 goes as asked and resolves against the image's 48 patch tokens.
+    assert [(r.kept_per_image, r.batch_size) for r in results] == [(40, 2), (24, 1), (40, 2)]
+    assert [r.kept_per_image for r in results] == [job.kept_per_image for job in (r.prepared for r in results)]
     assert [len(rows) for rows in calls] == [2, 1]
 
 
-@pytest.mark.xfail(strict=True, reason="issue #16 item 2: Serve counts LLaVA-NeXT's row-newline placeholders as "
-                   "visual tokens (N 88, not 80), so its pruned length misses the newlines the adapter keeps")
 def test_usage_counts_the_prefill_when_n_differs(next_model, monkeypatch):
     results, calls = run_ragged(next_model, monkeypatch)
     assert calls == [[results[0].prompt_tokens, results[2].prompt_tokens], [results[1].prompt_tokens]]
+    # the newline slots stay: 88 placeholders less 40 dropped patch tokens
+    assert results[0].prompt_tokens == len(results[0].prepared.example["input_ids"]) - (80 - 40)
 
 
 def test_incremental_decoder_holds_back_half_characters(backbone):
@@ -211,16 +213,82 @@ def test_generation_does_not_hold_the_processor_lock(scorer, backbone, monkeypat
     assert seen["prepared"].kept_per_image == 32
 
 
+def prefill_lengths(monkeypatch, backbone) -> tuple[list[list[int]], object]:
+    """Per ``generate``, the real (unpadded) length of each row of the prompt the VLM receives, checked
+    against the decoder's first (prefill) call: its 2-D mask where it gets one, else its padded width."""
+    calls, decoder = [], backbone.vlm.get_decoder()
+    original_generate = backbone.vlm.generate
+    prefill: list = []
+
+    def generate(**kwargs):
+        prefill.clear()
+        out = original_generate(**kwargs)
+        lengths = kwargs["attention_mask"].sum(dim=1).tolist()
+        rows, width, mask = prefill[0]
+        assert rows == len(lengths) and width == kwargs["attention_mask"].shape[1]
+        assert mask is None or mask == lengths, (mask, lengths)
+        calls.append(lengths)
+        return out
+
+    def record(_module, _args, kwargs):
+        if not prefill:
+            mask = kwargs.get("attention_mask")
+            two_d = isinstance(mask, torch.Tensor) and mask.dim() == 2
+            prefill.append((*kwargs["inputs_embeds"].shape[:2], mask.sum(1).tolist() if two_d else None))
+
+    monkeypatch.setattr(backbone.vlm, "generate", generate)
+    handle = decoder.register_forward_pre_hook(record, with_kwargs=True)
+    return calls, handle
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3"])
-def test_every_family_batches_two_requests_through_the_engine(family):
+def test_every_family_batches_two_requests_through_the_engine(family, monkeypatch):
     """Per-token tensors (Qwen's ``mm_token_type_ids``, Gemma 3's ``token_type_ids``) lose their
-    batch axis in ``prepare`` like ``input_ids``, so ``collate`` can pad them into one batch."""
+    batch axis in ``prepare`` like ``input_ids``, so ``collate`` can pad them into one batch; usage
+    counts what the decoder prefilled."""
     backbone = load_backbone(TINY_PREFIX + family, "float32")
     model = AutoSelectModel.attach(backbone.vlm, AutoSelectConfig(budget=0.5)).eval()
     scorer = Scorer(model, f"models:/{family}@test", family, "1", "test", None)
     jobs = [Job(prepare(request(text=text), scorer, backbone, ImageLoader(ARGS.images), ARGS))
             for text in ("What is in the image?", "Describe it.")]
     assert jobs[0].prepared.group_key == jobs[1].prepared.group_key
-    results = run_batch(jobs, backbone, InlineLoop())
+    calls, handle = prefill_lengths(monkeypatch, backbone)
+    try:
+        results = run_batch(jobs, backbone, InlineLoop())
+    finally:
+        handle.remove()
     assert all(not isinstance(r, Exception) for r in results), results
     assert [r.batch_size for r in results] == [2, 2] and all(r.completion_tokens > 0 for r in results)
+    assert calls == [[r.prompt_tokens for r in results]]
+    assert all(r.kept == tuple(p.k for p in r.prepared.plan) for r in results)
+
+
+def test_two_images_of_different_sizes_keep_their_own_k_and_usage_counts_the_prefill(monkeypatch):
+    """Qwen2.5-VL: a 32 x 32 and a 48 x 48 image have N 16 and 36; a ratio keeps 8 and 18. Such a
+    request shares a batch only with the same ratio, never with an int K."""
+    backbone = load_backbone(TINY_PREFIX + "qwen2_5_vl", "float32")
+    model = AutoSelectModel.attach(backbone.vlm, AutoSelectConfig(budget=0.5)).eval()
+    scorer = Scorer(model, "models:/qwen@test", "qwen", "1", "test", None)
+    parts = [{"type": "image_url", "image_url": {"url": image_url(seed, side, side)}} for seed, side in ((0, 32), (1, 48))]
+
+    def two_images(budget, text="What differs?"):
+        body = {"model": "qwen", "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}],
+                "temperature": 0, "max_tokens": 4, "autoselect": {"budget": budget}}
+        return Job(prepare(ChatCompletionRequest.model_validate(body), scorer, backbone, ImageLoader(ARGS.images), ARGS))
+
+    jobs = [two_images(0.5), two_images(0.5, "Which is larger?"), two_images(8)]
+    assert [(p.n, p.k) for p in jobs[0].prepared.plan] == [(16, 8), (36, 18)]
+    assert jobs[0].prepared.tokens_total == 52 and jobs[0].prepared.kept_total == 26
+    assert jobs[0].prepared.kept_per_image is None and jobs[2].prepared.kept_per_image == 8
+    assert jobs[0].prepared.group_key == jobs[1].prepared.group_key != jobs[2].prepared.group_key
+    calls, handle = prefill_lengths(monkeypatch, backbone)
+    try:
+        results = run_batch(jobs, backbone, InlineLoop())
+    finally:
+        handle.remove()
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert [r.kept for r in results] == [(8, 18), (8, 18), (8, 8)]
+    assert [r.batch_size for r in results] == [2, 2, 1]
+    assert calls == [[results[0].prompt_tokens, results[1].prompt_tokens], [results[2].prompt_tokens]]
+    length = len(results[0].prepared.example["input_ids"])
+    assert results[0].prompt_tokens == length - (16 - 8) - (36 - 18)

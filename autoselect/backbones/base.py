@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
+
+from autoselect.config import resolve_budget
 
 if TYPE_CHECKING:
     from autoselect.pruned import Selection
@@ -27,6 +29,33 @@ class VisionAttention:
     tokens: torch.Tensor  # [num_images, N, vision_width], exactly what `visual_tokens` returns
     cls_attention: torch.Tensor  # [num_images, N]: softmax attention from the CLS query, mean over heads
     keys: torch.Tensor  # [num_images, N, head_dim]: attention keys, mean over heads
+
+
+class ImagePlan(NamedTuple):
+    """What pruning will do to one image (one view for Idefics3), known before the forward.
+
+    ``n`` counts the image's real visual tokens (not its placeholders: LLaVA-NeXT's row newlines
+    are placeholders without a visual token), ``k`` how many of them stay. Every placeholder that
+    holds no visual token is kept, so the image shortens the LLM's prompt by exactly ``n - k``.
+    """
+
+    image: int  # index in placeholder order (the order of `Selection.per_image`)
+    n: int  # N: visual tokens of this image
+    k: int  # K: kept
+
+    @property
+    def dropped(self) -> int:
+        """Prompt tokens this image removes from the LLM's prefill."""
+        return self.n - self.k
+
+
+def pruned_length(prompt_length: int, plan: list[ImagePlan], kept: list[int] | None = None) -> int:
+    """Tokens the LLM prefills for a ``prompt_length``-token prompt (placeholders included) once its
+    images are pruned as ``plan`` says (or to ``kept`` tokens each, e.g. as measured)."""
+    kept = [p.k for p in plan] if kept is None else list(kept)
+    if len(kept) != len(plan):
+        raise ValueError(f"{len(kept)} kept counts for {len(plan)} images")
+    return prompt_length - sum(p.n - k for p, k in zip(plan, kept))
 
 
 class BackboneAdapter(ABC):
@@ -64,6 +93,24 @@ class BackboneAdapter(ABC):
     def visual_tokens(self, **image_inputs: Any) -> torch.Tensor | list[torch.Tensor]:
         """Pre-projector visual tokens ``[num_images, N, vision_width]``, or one ``[N_i, vision_width]``
         per image when N depends on the image (native resolution, AnyRes), in placeholder order."""
+
+    def token_counts(self, **image_inputs: Any) -> list[int]:
+        """N of each image (placeholder order) from the processor's image inputs, as `visual_tokens`
+        would return them. This default runs the vision tower; adapters override it with the
+        arithmetic of their layout (grid sizes, views, merge), which needs no forward pass."""
+        with torch.no_grad():
+            tokens = self.visual_tokens(**image_inputs)
+        return [len(t) for t in tokens]
+
+    def plan(self, inputs: dict[str, Any], budget: int | float) -> list[ImagePlan]:
+        """Per image of the processed batch ``inputs`` (the processor's output, before pruning): its N
+        and the K that ``budget`` (an int K or a ratio) resolves to, exactly as the pruned forward
+        resolves it (`autoselect.config.resolve_budget` on the image's own N). No image: ``[]``.
+        A budget that cannot apply (K above an image's N, a `ScoreMass`) raises ``ValueError``."""
+        image_inputs = {name: inputs[name] for name in self.image_input_names if inputs.get(name) is not None}
+        if image_inputs.get("pixel_values") is None:
+            return []
+        return [ImagePlan(i, n, resolve_budget(budget, n)) for i, n in enumerate(self.token_counts(**image_inputs))]
 
     @abstractmethod
     def project(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,9 @@ class Gemma3Adapter(BackboneAdapter):
         grid = hidden.transpose(1, 2).reshape(hidden.shape[0], hidden.shape[2], side, side)
         return self._projector.avg_pool(grid.contiguous()).flatten(2).transpose(1, 2)
 
+    def token_counts(self, pixel_values: torch.Tensor, **_: Any) -> list[int]:
+        return [int(self.vlm.config.mm_tokens_per_image)] * len(pixel_values)
+
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         projector = self._projector
         return torch.matmul(projector.mm_soft_emb_norm(tokens), projector.mm_input_projection_weight).type_as(tokens)

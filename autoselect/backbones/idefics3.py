@@ -43,7 +43,7 @@ class Idefics3Adapter(BackboneAdapter):
         """Pixel-shuffled tokens of every real view, batch-major: ``[views, N, width]``."""
         vision = self.vlm.model.vision_model
         views = pixel_values.to(vision.dtype).flatten(0, 1)
-        real = (views != 0).flatten(1).any(-1)  # the processor pads view lists with all-zero images
+        real = _real_views(views)
         views = views[real]
         if pixel_attention_mask is None:
             pixel_mask = torch.ones(views.shape[0], *views.shape[2:], dtype=torch.bool, device=views.device)
@@ -54,8 +54,20 @@ class Idefics3Adapter(BackboneAdapter):
         hidden = vision(pixel_values=views, patch_attention_mask=patch_mask).last_hidden_state
         return self._connector.pixel_shuffle(hidden, self._connector.scale_factor)
 
+    def token_counts(self, pixel_values: torch.Tensor, **_: Any) -> list[int]:
+        """One entry per real view (the unit the budget applies to): its patches over ``scale_factor^2``."""
+        patch, scale = int(self.vlm.config.vision_config.patch_size), int(self.vlm.config.scale_factor)
+        height, width = pixel_values.shape[-2:]
+        per_view = (height // patch) * (width // patch) // scale**2
+        return [per_view] * int(_real_views(pixel_values.flatten(0, 1)).sum())
+
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         return self._connector.modality_projection(tokens)
 
     def encoder_outputs(self, projected) -> dict[str, Any]:
         return {"image": BaseModelOutputWithPooling(pooler_output=list(projected))}
+
+
+def _real_views(views: torch.Tensor) -> torch.Tensor:
+    """``[views]`` bool: the views that are not padding (the processor pads view lists with all-zero images)."""
+    return (views != 0).flatten(1).any(-1)

@@ -44,6 +44,18 @@ class LlavaAdapter(BackboneAdapter):
             hidden = [h[:, 1:] for h in hidden]
         return torch.cat(hidden, dim=-1)
 
+    def _tokens_per_view(self, height: int, width: int) -> int:
+        """Tokens `visual_tokens` keeps of one ``height x width`` view: its patches, plus the CLS
+        token of towers that have one unless the ``default`` strategy drops the first token."""
+        patch = int(self.vlm.config.vision_config.patch_size)
+        tower = self._core.vision_tower
+        has_cls = any(hasattr(m, "class_embedding") or hasattr(m, "cls_token") for m in tower.modules())
+        dropped = self.vlm.config.vision_feature_select_strategy == "default"
+        return (height // patch) * (width // patch) + int(has_cls) - int(dropped)
+
+    def token_counts(self, pixel_values: torch.Tensor, **_: Any) -> list[int]:
+        return [self._tokens_per_view(*pixel_values.shape[-2:])] * len(pixel_values)
+
     def vision_attention(self, pixel_values: torch.Tensor, **_: Any) -> VisionAttention:
         """One tower pass. The CLS attention row and the keys are rebuilt from the q/k projections of
         the (deepest) feature layer, so they come out under any attention implementation (sdpa, flash)."""

@@ -55,7 +55,7 @@ class LlavaNextAdapter(LlavaAdapter):
         """All patch tokens of each image, base view first, newlines left out: ``[N_i, width]``."""
         return self._pack(self._crop_tokens(pixel_values, image_sizes), image_sizes, newline=None)
 
-    def _layouts(self, image_sizes: torch.Tensor, token_counts: list[int]) -> list[torch.Tensor]:
+    def _layouts(self, image_sizes: torch.Tensor) -> list[torch.Tensor]:
         """Per image, a bool mask over its placeholders marking the newline slots. The model's
         packing run on a one-channel map of zeros with a newline of one finds them."""
         config = self.vlm.config
@@ -63,16 +63,19 @@ class LlavaNextAdapter(LlavaAdapter):
         per_view = side * side + (config.vision_feature_select_strategy == "full")
         zeros = [torch.zeros(v, per_view, 1) for v in self._views(image_sizes)]
         marks = self._pack(zeros, image_sizes.cpu(), newline=torch.ones(1))
-        layouts = [m[:, 0].bool() for m in marks]
-        for layout, n in zip(layouts, token_counts):
-            if int((~layout).sum()) != n:
-                raise ValueError(f"LLaVA-NeXT layout has {int((~layout).sum())} patch slots for {n} visual tokens")
-        return layouts
+        return [m[:, 0].bool() for m in marks]
+
+    def token_counts(self, image_sizes: torch.Tensor, **_: Any) -> list[int]:
+        """Patch slots of each image's layout: its placeholders less the row newlines."""
+        return [int((~layout).sum()) for layout in self._layouts(image_sizes)]
 
     def place(self, image_inputs: dict[str, Any], selection, projected):
         """Kept patch tokens at their slots, plus every newline slot with the model's newline."""
         newline = self._core.image_newline
-        layouts = self._layouts(image_inputs["image_sizes"], selection.counts())
+        layouts = self._layouts(image_inputs["image_sizes"])
+        for layout, n in zip(layouts, selection.counts()):
+            if int((~layout).sum()) != n:
+                raise ValueError(f"LLaVA-NeXT layout has {int((~layout).sum())} patch slots for {n} visual tokens")
         slots, embeddings = [], []
         for is_newline, keep, tokens in zip(layouts, selection.per_image(), projected):
             patch_slots = (~is_newline).nonzero()[:, 0].to(keep.device)

@@ -63,6 +63,10 @@ class QwenVLAdapter(BackboneAdapter):
             units = units[torch.argsort(window_index)]
         return list(units.split((image_grid_thw.prod(-1) // self._unit).tolist()))
 
+    def token_counts(self, image_grid_thw: torch.Tensor, **_: Any) -> list[int]:
+        """``t*h*w`` patches per image, ``merge^2`` to a visual token."""
+        return (image_grid_thw.prod(-1) // self._unit).tolist()
+
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         """``PatchMerger`` on kept units: its norm per patch, then its MLP on the fused unit."""
         merger = self._visual.merger
