@@ -31,8 +31,23 @@ def cosine_kernel(features: torch.Tensor, dtype: torch.dtype = torch.float32) ->
 
 
 def dpp_indices(scores: torch.Tensor, features: torch.Tensor, k: int, quality_scale: float = 1.0) -> torch.Tensor:
+    """Greedy DPP-MAP decode, ``[B, k]`` sorted ascending: see `dpp_order` (``k == N`` keeps every token)."""
+    if k == scores.shape[-1] and features.shape[:2] == scores.shape:
+        return torch.arange(k, device=scores.device).expand(scores.shape[0], k).clone()
+    return dpp_order(scores, features, k, quality_scale).sort(-1).values
+
+
+def dpp_ranking(scores: torch.Tensor, features: torch.Tensor, quality_scale: float = 1.0) -> torch.Tensor:
+    """``[B, N]`` values whose top K is `dpp_indices` for every K (the greedy is prefix-consistent:
+    its first K picks do not depend on how many more follow): N - j for the j-th pick. O(N^3)."""
+    order = dpp_order(scores, features, scores.shape[-1], quality_scale)
+    picks = torch.arange(scores.shape[-1], 0, -1, dtype=torch.float32, device=scores.device)
+    return torch.zeros(order.shape, device=scores.device).scatter_(-1, order, picks.expand_as(order))
+
+
+def dpp_order(scores: torch.Tensor, features: torch.Tensor, k: int, quality_scale: float = 1.0) -> torch.Tensor:
     """Greedy DPP-MAP (Chen et al., NeurIPS 2018, fast greedy MAP by incremental Cholesky) of ``k``
-    tokens per row: ``[B, k]`` indices sorted ascending (original order), like `topk_indices`.
+    tokens per row: ``[B, k]`` indices in pick order (`dpp_indices` sorts them into original order).
 
     The kernel is ``L = diag(q) S diag(q)``: S the cosine similarity of ``features [B, N, D]`` (the
     pre-projector visual tokens the scorer reads) and quality ``q = exp(quality_scale * z)``, z the
@@ -45,8 +60,8 @@ def dpp_indices(scores: torch.Tensor, features: torch.Tensor, k: int, quality_sc
 
     Breakdown: once no remaining token has a residual above ``DPP_EPS`` (the kept features already
     span every other one, e.g. K above the feature rank or duplicated tokens), the rest of the K
-    are the highest-scored remaining tokens (top-K order). ``k == N`` keeps every token; ``k``
-    outside 1..N is an error, as for `topk_indices`.
+    are the highest-scored remaining tokens (top-K order). ``k`` outside 1..N is an error, as for
+    `topk_indices`.
     """
     batch, n = scores.shape
     if not 1 <= k <= n:
@@ -54,8 +69,6 @@ def dpp_indices(scores: torch.Tensor, features: torch.Tensor, k: int, quality_sc
     if features.shape[:2] != scores.shape:
         raise ValueError(f"features {tuple(features.shape)} do not match scores {tuple(scores.shape)}")
     device = scores.device
-    if k == n:
-        return torch.arange(n, device=device).expand(batch, n).clone()
     logits = scores.detach().double()
     std = logits.std(-1, unbiased=False, keepdim=True).clamp_min(1e-12)
     quality = 2.0 * quality_scale * (logits - logits.mean(-1, keepdim=True)) / std  # log q_i^2
@@ -82,7 +95,7 @@ def dpp_indices(scores: torch.Tensor, features: torch.Tensor, k: int, quality_sc
         column = ((similarity[rows, pick] - dot) / scale[:, None]).masked_fill(broken[:, None], 0.0)
         factors[..., step] = column
         residual = residual - column.square()
-    return chosen.sort(-1).values
+    return chosen
 
 
 def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

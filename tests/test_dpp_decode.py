@@ -9,7 +9,7 @@ from PIL import Image
 
 from autoselect import AutoSelectConfig, AutoSelectModel, ConfigError, InferenceOptions, OptionDependencyError, ScoreMass
 from autoselect.model import load_scorer
-from autoselect.selection import DPP_EPS, dpp_indices, topk_indices
+from autoselect.selection import DPP_EPS, dpp_indices, dpp_ranking, topk_indices
 from autoselect.testing import build_tiny_llava
 
 
@@ -129,3 +129,29 @@ def test_the_model_decodes_with_dpp_when_configured_and_saves_the_choice(tmp_pat
     model.save_pretrained(tmp_path / "s")
     assert AutoSelectModel.from_pretrained(tmp_path / "s", vlm).config.inference == options
     assert load_scorer(tmp_path / "s")[1].inference == options
+
+
+def test_the_dpp_ranking_has_the_dpp_choice_as_its_top_k_for_every_k():
+    """The greedy is prefix-consistent, so one ranking serves every budget (the registry's pyfunc)."""
+    torch.manual_seed(5)
+    scores, features = torch.randn(2, 14), torch.randn(2, 14, 5)  # rank 5: breaks down after 5 picks
+    ranking = dpp_ranking(scores, features, 1.5)
+    for k in range(1, 15):
+        assert torch.equal(topk_indices(ranking, k), dpp_indices(scores, features, k, 1.5)), k
+
+
+def test_the_registered_pyfunc_ranks_a_dpp_scorer_as_the_model_decodes(tmp_path):
+    from types import SimpleNamespace
+
+    from mlops.registry import ARTIFACT_KEY, AutoSelectScorerModel
+
+    vlm, _ = build_tiny_llava(seed=0)
+    torch.manual_seed(0)
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, inference=InferenceOptions(decode="dpp"))).eval()
+    model.save_pretrained(tmp_path / "s")
+    pyfunc = AutoSelectScorerModel()
+    pyfunc.load_context(SimpleNamespace(artifacts={ARTIFACT_KEY: str(tmp_path / "s")}))
+    tokens = torch.randn(2, 64, model.config.vision_width)
+    ranked = torch.from_numpy(pyfunc.predict(None, {"visual_tokens": tokens.numpy()}))
+    with torch.no_grad():
+        assert torch.equal(topk_indices(ranked, 16), model.choose(tokens, 16, {}).indices)
