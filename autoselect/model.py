@@ -11,6 +11,7 @@ Eval mode:   visual tokens -> scorer -> hard top-K (order kept) -> frozen projec
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from torch import nn
 
 from autoselect.backbones import BackboneAdapter, get_adapter
 from autoselect.checkpointing import checkpoint_layers, decoder_layers, is_checkpointed
-from autoselect.config import AutoSelectConfig, ScoreMass
+from autoselect.config import AutoSelectConfig, InferenceOptions, ScoreMass
 from autoselect.denoiser import Denoiser
 from autoselect.gate import straight_through_topk, throttled_attention_mask, vp_noise_gate
 from autoselect.pruned import PrunedVLM, Selection
@@ -147,6 +148,15 @@ class AutoSelectModel(PrunedVLM):
         else:
             model.trainable_modules().load_state_dict(state, strict=True)
         return model
+
+    def with_inference(self, options: InferenceOptions) -> "AutoSelectModel":
+        """This model under other inference options (e.g. another ``decode``), sharing the VLM, the
+        scorer and the denoiser: for comparing decodes of one scorer on the same batches. Only the
+        config (a copy) and ``last_selection`` are its own; this model is unchanged."""
+        other = copy.copy(self)
+        other.config = dataclasses.replace(self.config, inference=options)
+        other.last_selection = None
+        return other
 
     @property
     def has_trained_denoiser(self) -> bool:
