@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 POSITION_POLICIES = ("repack", "original")
+DECODES = ("topk", "dpp")  # inference.decode: the top-K (default) or greedy DPP-MAP
 
 
 class ConfigError(ValueError):
@@ -100,20 +101,43 @@ class TrainingOptions:
 
 @dataclass(frozen=True)
 class InferenceOptions:
-    """Beyond the paper: inference keeps the top K of ``logits + noise * g`` where g is one fixed
-    Gumbel vector per token position (drawn from ``seed``), i.e. a seeded sample of the scorer's
-    selection policy rather than its mode; 0 is the paper's hard top-K. Deterministic, and the same
-    for an image alone or in a batch. Pairs with ``training.score_noise``: a scorer trained at a
-    constant noise scale is trained to be sampled from at that scale."""
+    """Beyond the paper: how inference turns the scorer's logits into the K kept tokens.
+
+    ``decode="topk"`` (the default, the paper's): the top K of ``logits + noise * g`` where g is one
+    fixed Gumbel vector per token position (drawn from ``seed``), i.e. a seeded sample of the
+    scorer's selection policy rather than its mode; ``noise = 0`` is the paper's hard top-K.
+    Deterministic, and the same for an image alone or in a batch. Pairs with
+    ``training.score_noise``: a scorer trained at a constant noise scale is trained to be sampled
+    from at that scale.
+
+    ``decode="dpp"``: a quality-weighted diversity decode, greedy DPP-MAP over the kernel
+    ``diag(q) S diag(q)``, S the cosine similarity of the pre-projector visual features and
+    ``q = exp(dpp_quality_scale * z)``, z the image's standardised logits (see
+    `autoselect.selection.dpp_indices`). Deterministic; takes no noise. Chosen over top-K only
+    where it wins on validation."""
 
     noise: float = 0.0
     seed: int = 0  # only with noise > 0
+    decode: str = "topk"
+    # Only with decode="dpp": theta in q = exp(theta * z). Larger follows the logits more (the
+    # top-K as theta -> inf), smaller favours diversity (0 would ignore the scorer).
+    dpp_quality_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.noise >= 0:
             raise ConfigError(f"inference.noise must be >= 0, got {self.noise}")
         if self.seed != 0 and not self.noise:
             raise OptionDependencyError(f"inference.seed={self.seed} needs inference.noise > 0 (the top-K uses no seed)")
+        if self.decode not in DECODES:
+            raise ConfigError(f"inference.decode must be one of {DECODES}, got {self.decode!r}")
+        if not (self.dpp_quality_scale > 0 and math.isfinite(self.dpp_quality_scale)):
+            raise ConfigError(f"inference.dpp_quality_scale must be a finite number > 0, got {self.dpp_quality_scale}")
+        if self.decode == "dpp" and self.noise:
+            raise OptionDependencyError(
+                f"inference.noise={self.noise} needs inference.decode='topk' (the dpp decode is deterministic and takes no noise)")
+        if self.dpp_quality_scale != 1.0 and self.decode != "dpp":
+            raise OptionDependencyError(
+                f"inference.dpp_quality_scale={self.dpp_quality_scale} needs inference.decode='dpp' (the top-K has no quality scale)")
 
 
 GROUPS = {"training": TrainingOptions, "inference": InferenceOptions}

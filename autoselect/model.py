@@ -4,12 +4,14 @@ Train mode:  visual tokens -> scorer -> soft top-K (sum = K) -> VP noise gate ->
              -> frozen projector -> frozen LLM; the loss is the VLM's own next-token loss.
              (With ``training.straight_through``: no gate and no denoiser, see `TrainingOptions`.)
 Eval mode:   visual tokens -> scorer -> hard top-K (order kept) -> frozen projector on the K kept
-             tokens -> frozen LLM (the shared `PrunedVLM` path).
+             tokens -> frozen LLM (the shared `PrunedVLM` path). ``inference.decode="dpp"``
+             keeps a logit-weighted diverse set instead (greedy DPP-MAP, `dpp_indices`).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,12 +23,20 @@ from torch import nn
 
 from autoselect.backbones import BackboneAdapter, get_adapter
 from autoselect.checkpointing import checkpoint_layers, decoder_layers, is_checkpointed
-from autoselect.config import AutoSelectConfig, ScoreMass
+from autoselect.config import AutoSelectConfig, InferenceOptions, ScoreMass
 from autoselect.denoiser import Denoiser
 from autoselect.gate import straight_through_topk, throttled_attention_mask, vp_noise_gate
 from autoselect.pruned import PrunedVLM, Selection
 from autoselect.scorer import Scorer
-from autoselect.selection import candidate_indices, gather_tokens, mass_budget, pad_tokens, seeded_ranking, topk_indices
+from autoselect.selection import (
+    candidate_indices,
+    dpp_indices,
+    gather_tokens,
+    mass_budget,
+    pad_tokens,
+    seeded_ranking,
+    topk_indices,
+)
 from autoselect.soft_topk import soft_topk
 
 CONFIG_NAME = "config.json"
@@ -139,6 +149,15 @@ class AutoSelectModel(PrunedVLM):
             model.trainable_modules().load_state_dict(state, strict=True)
         return model
 
+    def with_inference(self, options: InferenceOptions) -> "AutoSelectModel":
+        """This model under other inference options (e.g. another ``decode``), sharing the VLM, the
+        scorer and the denoiser: for comparing decodes of one scorer on the same batches. Only the
+        config (a copy) and ``last_selection`` are its own; this model is unchanged."""
+        other = copy.copy(self)
+        other.config = dataclasses.replace(self.config, inference=options)
+        other.last_selection = None
+        return other
+
     @property
     def has_trained_denoiser(self) -> bool:
         """A denoiser that training built or a full save restored (never one of a straight-through
@@ -216,10 +235,19 @@ class AutoSelectModel(PrunedVLM):
 
     def choose(self, tokens: torch.Tensor, k: int, image_inputs: dict[str, Any]) -> Selection:
         scores = self.scorer(tokens)
-        return Selection(indices=topk_indices(self.ranking(scores), k), num_tokens=tokens.shape[1], scores=scores)
+        return Selection(indices=self.decode(scores, tokens, k), num_tokens=tokens.shape[1], scores=scores)
+
+    def decode(self, scores: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
+        """The ``k`` kept indices ``[num_images, k]`` (sorted) of ``tokens [num_images, N, D]`` given
+        their logits ``scores``: the top K of `ranking`, or with ``inference.decode="dpp"`` the greedy
+        DPP-MAP over the tokens' cosine kernel weighted by the logits (`dpp_indices`)."""
+        options = self.config.inference
+        if options.decode == "dpp":
+            return dpp_indices(scores, tokens, k, options.dpp_quality_scale)
+        return topk_indices(self.ranking(scores), k)
 
     def ranking(self, scores: torch.Tensor) -> torch.Tensor:
-        """What inference takes the top K of: the logits, or with ``inference.noise`` a seeded sample."""
+        """What the top-K decode keeps the top K of: the logits, or with ``inference.noise`` a seeded sample."""
         return seeded_ranking(scores, self.config.inference.noise, self.config.inference.seed)
 
     def select(self, budget=None, **image_inputs: Any):
@@ -234,7 +262,7 @@ class AutoSelectModel(PrunedVLM):
             for t in per_image:
                 scores = self.scorer(t[None])
                 k = mass_budget(scores[0], budget.share, budget.min_tokens)
-                selections.append(Selection(indices=topk_indices(self.ranking(scores), k), num_tokens=len(t), scores=scores))
+                selections.append(Selection(indices=self.decode(scores, t[None], k), num_tokens=len(t), scores=scores))
         selection = Selection.concat(selections)
         return selection, selection.kept_tokens(per_image)
 

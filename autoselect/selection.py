@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+# Greedy DPP-MAP stops growing the determinant once no remaining token's cosine residual (its
+# squared distance to the span of the kept features, in (0, 1]) exceeds this.
+DPP_EPS = 1e-9
 
 
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -16,6 +21,81 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     # A stable descending sort breaks ties towards the earlier token on every device.
     idx = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[..., :k]
     return idx.sort(dim=-1).values
+
+
+def cosine_kernel(features: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Cosine similarity ``[B, N, N]`` of ``features [B, N, D]`` (in ``dtype``; a zero vector is
+    similar to nothing, itself included)."""
+    unit = F.normalize(features.to(dtype), dim=-1)
+    return unit @ unit.transpose(1, 2)
+
+
+def dpp_indices(scores: torch.Tensor, features: torch.Tensor, k: int, quality_scale: float = 1.0) -> torch.Tensor:
+    """Greedy DPP-MAP decode, ``[B, k]`` sorted ascending: see `dpp_order` (``k == N`` keeps every token)."""
+    if k == scores.shape[-1] and features.shape[:2] == scores.shape:
+        return torch.arange(k, device=scores.device).expand(scores.shape[0], k).clone()
+    return dpp_order(scores, features, k, quality_scale).sort(-1).values
+
+
+def dpp_ranking(scores: torch.Tensor, features: torch.Tensor, quality_scale: float = 1.0) -> torch.Tensor:
+    """``[B, N]`` values whose top K is `dpp_indices` for every K (the greedy is prefix-consistent:
+    its first K picks do not depend on how many more follow): N - j for the j-th pick. O(N^3)."""
+    order = dpp_order(scores, features, scores.shape[-1], quality_scale)
+    picks = torch.arange(scores.shape[-1], 0, -1, dtype=torch.float32, device=scores.device)
+    return torch.zeros(order.shape, device=scores.device).scatter_(-1, order, picks.expand_as(order))
+
+
+def dpp_order(scores: torch.Tensor, features: torch.Tensor, k: int, quality_scale: float = 1.0) -> torch.Tensor:
+    """Greedy DPP-MAP (Chen et al., NeurIPS 2018, fast greedy MAP by incremental Cholesky) of ``k``
+    tokens per row: ``[B, k]`` indices in pick order (`dpp_indices` sorts them into original order).
+
+    The kernel is ``L = diag(q) S diag(q)``: S the cosine similarity of ``features [B, N, D]`` (the
+    pre-projector visual tokens the scorer reads) and quality ``q = exp(quality_scale * z)``, z the
+    row's ``scores [B, N]`` standardised (mean 0, std 1; a constant row gives pure diversity). So
+    ``log det L_Y = 2 quality_scale * sum_Y z + log det S_Y``: the kept set's summed logits traded
+    against the volume its features span; with orthogonal features it is the top-K of ``scores``
+    for every scale. The Cholesky runs on S (well scaled) and each step adds the token with the
+    largest ``log(q_i^2 r_i) = 2 quality_scale z_i + log r_i``, r_i its residual under S: the same
+    choice as greedy on L, O(N K^2) per row, in float64. Deterministic: ties go to the earlier token.
+
+    Breakdown: once no remaining token has a residual above ``DPP_EPS`` (the kept features already
+    span every other one, e.g. K above the feature rank or duplicated tokens), the rest of the K
+    are the highest-scored remaining tokens (top-K order). ``k`` outside 1..N is an error, as for
+    `topk_indices`.
+    """
+    batch, n = scores.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"budget K={k} must be between 1 and the {n} visual tokens")
+    if features.shape[:2] != scores.shape:
+        raise ValueError(f"features {tuple(features.shape)} do not match scores {tuple(scores.shape)}")
+    device = scores.device
+    logits = scores.detach().double()
+    std = logits.std(-1, unbiased=False, keepdim=True).clamp_min(1e-12)
+    quality = 2.0 * quality_scale * (logits - logits.mean(-1, keepdim=True)) / std  # log q_i^2
+    similarity = cosine_kernel(features.detach(), torch.float64)  # [B, N, N]
+    residual = similarity.diagonal(dim1=1, dim2=2).clone()  # r_i = S_ii - |c_i|^2
+    factors = torch.zeros(batch, n, k, dtype=torch.float64, device=device)  # rows of the Cholesky factor
+    rows = torch.arange(batch, device=device)
+    taken = torch.zeros(batch, n, dtype=torch.bool, device=device)
+    broken = torch.zeros(batch, dtype=torch.bool, device=device)
+    chosen = torch.empty(batch, k, dtype=torch.long, device=device)
+    for step in range(k):
+        spans = residual > DPP_EPS
+        gain = torch.where(spans, quality + residual.clamp_min(DPP_EPS).log(), -torch.inf).masked_fill(taken, -torch.inf)
+        broken |= ~(spans & ~taken).any(-1)
+        fill = logits.masked_fill(taken, -torch.inf).argmax(-1)  # the breakdown's top-K fill
+        pick = torch.where(broken, fill, gain.argmax(-1))
+        chosen[:, step] = pick
+        taken[rows, pick] = True
+        if step + 1 == k:
+            break
+        # e_i = (S_ij - <c_i, c_j>) / sqrt(r_j): the new column of the Cholesky factor
+        scale = residual[rows, pick].clamp_min(DPP_EPS).sqrt()
+        dot = torch.einsum("bnt,bt->bn", factors[..., :step], factors[rows, pick, :step])
+        column = ((similarity[rows, pick] - dot) / scale[:, None]).masked_fill(broken[:, None], 0.0)
+        factors[..., step] = column
+        residual = residual - column.square()
+    return chosen
 
 
 def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

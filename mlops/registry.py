@@ -27,7 +27,8 @@ MODEL_NAME_IN_RUN = "scorer"
 
 class AutoSelectScorerModel(mlflow.pyfunc.PythonModel):
     """Scores visual tokens ``[images, N, vision_width]`` -> ``[images, N]`` whose top K is what
-    AutoSelect keeps: the logits, plus the seeded Gumbel vector of a scorer with ``inference.noise``."""
+    AutoSelect keeps: the logits, plus the seeded Gumbel vector of a scorer with ``inference.noise``;
+    with ``inference.decode="dpp"``, N minus each token's greedy DPP-MAP pick position (`dpp_ranking`)."""
 
     def load_context(self, context) -> None:
         from autoselect.model import load_scorer
@@ -37,7 +38,7 @@ class AutoSelectScorerModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import torch
 
-        from autoselect.selection import seeded_ranking
+        from autoselect.selection import dpp_ranking, seeded_ranking
 
         tokens = np.asarray(model_input["visual_tokens"] if isinstance(model_input, dict) else model_input, dtype=np.float32)
         if tokens.ndim != 3 or tokens.shape[-1] != self.config.vision_width:
@@ -45,7 +46,10 @@ class AutoSelectScorerModel(mlflow.pyfunc.PythonModel):
                 f"visual_tokens must have shape [images, N, {self.config.vision_width}], got {list(tokens.shape)}"
             )
         with torch.no_grad():
-            scores = self.scorer(torch.from_numpy(tokens))
+            features = torch.from_numpy(tokens)
+            scores = self.scorer(features)
+            if self.config.inference.decode == "dpp":
+                return dpp_ranking(scores, features, self.config.inference.dpp_quality_scale).numpy()
             return seeded_ranking(scores, self.config.inference.noise, self.config.inference.seed).float().numpy()
 
 

@@ -13,6 +13,10 @@ highest summed log-likelihood; caption_nll is the mean NLL of the reference answ
 Tasks whose data is absent (e.g. the packaged corpora were not exported) are reported as
 skipped, with the reason.
 
+--autoselect-decode dpp also runs the scorer under the greedy DPP-MAP decode (inference.decode="dpp",
+docs/method.md) as the method autoselect-dpp, paired with autoselect (the scorer as saved) on the same
+examples: a decode is chosen on --split val, never on test.
+
 Outputs in --out: report.json, report.md, retention_vs_budget.png, kept_patches.png.
 
 --tag-version models:/NAME/VERSION (models:/NAME@ALIAS or /latest: resolved to a version before the run)
@@ -27,7 +31,9 @@ different registered version (a scorer folder is tagged with a warning).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import sys
 import time
 from fractions import Fraction
@@ -39,11 +45,11 @@ if __package__ in (None, ""):  # run as `python pipelines/evaluate.py`
 import torch
 
 from autoselect.backbones import get_adapter
-from autoselect.config import POSITION_POLICIES, validate_budget
+from autoselect.config import DECODES, POSITION_POLICIES, validate_budget
 from autoselect.pruners import available_pruners
 from mlops.backbone import TINY_LLAVA
 from pipelines.corpora import DEFAULT_OUT
-from pipelines.evaluation.methods import AUTOSELECT, baseline_settings, build_methods
+from pipelines.evaluation.methods import AUTOSELECT, baseline_settings, build_methods, decode_variants
 from pipelines.evaluation.oracle import ORACLE
 from pipelines.evaluation.plots import kept_patches_plot, processed_image, retention_plot
 from pipelines.evaluation.report import Budget, build_report, markdown, version_tags
@@ -89,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="positions of the kept tokens for EVERY pre-LLM method: repack (contiguous) or original (the "
         "unpruned positions, gaps included); both runs each method under each (default: the AutoSelect "
         "scorer's own policy, else repack)")
+    add("--autoselect-decode", type=names, default=[], metavar="DECODE[,DECODE]",
+        help=f"also run the scorer under these inference decodes ({','.join(DECODES)}) where they are not its own, "
+        "each as its own method (autoselect-dpp, autoselect-topk) on the same batches, paired with autoselect in the "
+        "report: choose a decode on --split val. autoselect stays the scorer as saved")
+    add("--dpp-quality-scale", type=float, default=None,
+        help="inference.dpp_quality_scale of the autoselect-dpp variant (default: the scorer's own, else 1.0)")
     add("--tasks", type=names, default=list(TASKS), help=f"comma-separated tasks (default: {','.join(TASKS)})")
     add("--limit", type=int, default=None, help="examples per task (default: every held-out record; 200 for generated tasks)")
     add("--batch-size", type=int, default=8, help="examples per forward; a multiple-choice batch has examples x choices rows (default: %(default)s)")
@@ -122,6 +134,15 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> lis
         parser.error(f"unknown pruner(s) {unknown}; available: {', '.join(known)}")
     if AUTOSELECT in args.pruners and not args.autoselect:
         parser.error("--pruners includes autoselect: pass its trained scorer with --autoselect DIR_OR_models:/name@alias")
+    unknown_decodes = [d for d in args.autoselect_decode if d not in DECODES]
+    if unknown_decodes:
+        parser.error(f"unknown --autoselect-decode {unknown_decodes}; choices: {', '.join(DECODES)}")
+    if args.autoselect_decode and AUTOSELECT not in args.pruners:
+        parser.error("--autoselect-decode compares decodes of the AutoSelect scorer: --pruners must include autoselect")
+    if args.dpp_quality_scale is not None and "dpp" not in args.autoselect_decode:
+        parser.error("--dpp-quality-scale sets the autoselect-dpp variant: add --autoselect-decode dpp")
+    if args.dpp_quality_scale is not None and not (args.dpp_quality_scale > 0 and math.isfinite(args.dpp_quality_scale)):
+        parser.error(f"--dpp-quality-scale must be a finite number > 0, got {args.dpp_quality_scale}")
     unknown_tasks = [t for t in args.tasks if t not in TASKS]
     if unknown_tasks:
         parser.error(f"unknown task(s) {unknown_tasks}; available: {', '.join(TASKS)}")
@@ -258,15 +279,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped task {name}: {reason}")
     settings = baseline_settings(vlm, args.seed, args.fastv_layer)
     budget_args = [(b.label, b.value) for b in budgets]
+    if autoselect is not None:  # the report records which decode the scorer ran (its own)
+        settings[AUTOSELECT] = {"inference": dataclasses.asdict(autoselect.config.inference)}
+    variants = decode_variants(autoselect, args.autoselect_decode, args.dpp_quality_scale) if autoselect is not None else {}
+    for name, variant in variants.items():
+        settings[name] = {"inference": dataclasses.asdict(variant.config.inference)}
+        print(f"{name}: the same scorer with inference {settings[name]['inference']}")
 
     def make_methods():
-        return build_methods(vlm, args.pruners, budget_args, autoselect, settings, policies)
+        return build_methods(vlm, args.pruners, budget_args, autoselect, settings, policies, variants)
 
     scores = evaluate(tasks, make_methods, processor, image_token_id, args.batch_size, device, dtype)
     meta = {
         "model": args.model,
         "autoselect": autoselect_info,
-        "pruners": {p: settings.get(p, {}) for p in args.pruners},
+        "pruners": {p: settings.get(p, {}) for p in [*args.pruners, *variants]},
         "seed": args.seed,
         "split": args.split,
         "position_policy": policy,

@@ -458,3 +458,39 @@ def test_budgets_resolve_on_the_adapters_plan_of_the_probe_image(family, n):
         assert num_tokens < int((probe["input_ids"] == adapter.image_token_id).sum())
     with pytest.raises(ValueError, match=f"this backbone has N = {num_tokens} visual tokens"):
         probe_budgets(adapter, probe, [("big", num_tokens + 1)])
+
+
+def test_decode_variants_run_the_same_scorer_under_dpp_and_are_paired_with_autoselect(taught, tmp_path, capsys):
+    """``--autoselect-decode dpp``: an ``autoselect-dpp`` method (the same weights, the dpp decode)
+    next to ``autoselect`` (the scorer as saved), paired with it, and never a baseline in the tags."""
+    from autoselect.selection import dpp_indices
+    from pipelines.evaluation.methods import decode_variants
+    from pipelines.evaluation.report import version_tags
+
+    vlm = taught["vlm"]
+    autoselect = AutoSelectModel.from_pretrained(taught["scorer_dir"], vlm).eval()
+    assert decode_variants(autoselect, ["topk"]) == {}  # its own decode: no variant
+    (name, variant), = decode_variants(autoselect, ["topk", "dpp"], 2.0).items()
+    assert name == "autoselect-dpp" and variant.scorer is autoselect.scorer
+    assert variant.config.inference.dpp_quality_scale == 2.0 and autoselect.config.inference.decode == "topk"
+    pixels = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        selection, _ = variant.select(8, pixel_values=pixels)
+        tokens = autoselect.visual_tokens(pixel_values=pixels)
+        assert torch.equal(selection.indices, dpp_indices(autoselect.scorer(tokens), tokens, 8, 2.0))
+    report = run_cli(taught, tmp_path / "dpp", "--pruners", "autoselect,random", "--budgets", "8", "--tasks", "markers",
+                     "--autoselect-decode", "dpp")
+    assert set(report["results"]) == {FULL, "autoselect", "autoselect-dpp", "random"}
+    assert set(report["paired"]["8"]) == {"autoselect-dpp", "random"}
+    assert report["pruners"]["autoselect-dpp"]["inference"]["decode"] == "dpp"
+    assert report["pruners"]["autoselect"]["inference"]["decode"] == "topk"
+    tags = version_tags(report)
+    random_margin = report["results"]["autoselect"]["8"]["average_retention"] - report["results"]["random"]["8"]["average_retention"]
+    assert float(tags["retention_margin_vs_best_baseline.k8"]) == pytest.approx(random_margin / 100, abs=1e-4)  # random, not the variant
+    assert "| autoselect − autoselect-dpp | 8 |" in (tmp_path / "dpp" / "report.md").read_text()
+    for bad, match in ((["--autoselect-decode", "beam"], "unknown --autoselect-decode"),
+                       (["--dpp-quality-scale", "2"], "add --autoselect-decode dpp"),
+                       (["--pruners", "random", "--autoselect-decode", "dpp"], "must include autoselect")):
+        with pytest.raises(SystemExit):
+            main(["--model", str(taught["model_dir"]), "--out", str(tmp_path / "bad"), *bad])
+        assert match in capsys.readouterr().err

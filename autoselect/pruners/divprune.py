@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from autoselect.pruned import PrunedVLM, Selection
+from autoselect.selection import cosine_kernel
 
 SPACES = ("projected", "vision")
 
@@ -26,8 +26,7 @@ def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
     batch, n = features.shape[:2]
     if not 1 <= k <= n:
         raise ValueError(f"budget K={k} must be between 1 and the {n} visual tokens")
-    unit = F.normalize(features.float(), dim=-1)
-    distance = 1.0 - unit @ unit.transpose(1, 2)  # [B, N, N]
+    distance = 1.0 - cosine_kernel(features)  # [B, N, N]
     rows = torch.arange(batch, device=features.device)
     self_pairs = torch.eye(n, dtype=torch.bool, device=features.device)
     chosen = torch.empty(batch, k, dtype=torch.long, device=features.device)

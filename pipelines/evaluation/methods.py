@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from autoselect.config import InferenceOptions
 from autoselect.model import AutoSelectModel
 from autoselect.pruned import PrunedVLM, Selection
 from autoselect.pruners import FastV, build_pruner
@@ -32,6 +33,10 @@ from pipelines.evaluation.oracle import ORACLE, OraclePruner
 
 FULL = "full"
 AUTOSELECT = "autoselect"
+# The scorer under another inference decode than its own (`decode_variants`): "autoselect-dpp", ...
+# A separate method: the report pairs it with `autoselect` like a baseline, and it is never a
+# baseline in the registry tags.
+AUTOSELECT_VARIANT = AUTOSELECT + "-"
 FASTV_LAYER = 2  # FastV's default cut; capped at the LLM's depth - 1 (the tiny LLM has 2 layers)
 
 
@@ -190,6 +195,25 @@ class InsideLLM(Method):
         return Forward(out.logits, self.model.last_selection, self.model.last_columns)
 
 
+def decode_variants(autoselect: AutoSelectModel, decodes: Sequence[str], dpp_quality_scale: float | None = None) -> dict[str, AutoSelectModel]:
+    """``{"autoselect-dpp": model, ...}``: the scorer under each decode of ``decodes`` other than
+    its own (`AutoSelectModel.with_inference`, sharing its weights), to compare on validation. The
+    dpp variant takes ``dpp_quality_scale`` (default: the scorer's own, else 1.0); a top-K variant
+    keeps the scorer's noise and seed, a dpp one has none (it takes no noise)."""
+    own = autoselect.config.inference
+    variants = {}
+    for decode in dict.fromkeys(decodes):
+        if decode == own.decode and (decode != "dpp" or dpp_quality_scale in (None, own.dpp_quality_scale)):
+            continue
+        if decode == "dpp":
+            scale = dpp_quality_scale if dpp_quality_scale is not None else own.dpp_quality_scale
+            options = InferenceOptions(decode="dpp", dpp_quality_scale=scale)
+        else:
+            options = InferenceOptions(noise=own.noise, seed=own.seed) if own.decode == "topk" else InferenceOptions()
+        variants[AUTOSELECT_VARIANT + decode] = autoselect.with_inference(options)
+    return variants
+
+
 def baseline_settings(vlm: nn.Module, seed: int, fastv_layer: int | None) -> dict[str, dict[str, Any]]:
     """Constructor arguments per baseline (recorded in the report); the rest keep their defaults."""
     depth = len(vlm.get_decoder().layers)
@@ -204,20 +228,28 @@ def build_methods(
     autoselect: AutoSelectModel | None,
     settings: dict[str, dict[str, Any]],
     policies: Sequence[str] = ("repack",),
+    variants: dict[str, AutoSelectModel] | None = None,
 ) -> list[Method]:
     """Full tokens, then every pruner at every budget under every position policy (the same for
     all, so the comparison is like for like); fresh baseline instances (a random pruner restarts
     its seeded stream), the one AutoSelect model shared across budgets. FastV runs once per
-    budget: it has one policy of its own (`InsideLLM`)."""
+    budget: it has one policy of its own (`InsideLLM`). ``variants`` (`decode_variants`) run
+    right after AutoSelect, under their own names."""
     methods: list[Method] = [FullTokens(vlm)]
     both = len(policies) > 1
-    for name in pruners:
+    variants = variants or {}
+    if variants and AUTOSELECT not in pruners:
+        raise ValueError(f"decode variants {sorted(variants)} need the autoselect method")
+    names = [m for name in pruners for m in ([name, *variants] if name == AUTOSELECT else [name])]
+    for name in names:
         for policy in policies if name != "fastv" else ("original",):
             for label, budget in budgets:
-                if name == AUTOSELECT:
+                if name in variants:
+                    model: nn.Module = variants[name]
+                elif name == AUTOSELECT:
                     if autoselect is None:
                         raise ValueError("the autoselect method needs a trained scorer (--autoselect)")
-                    model: nn.Module = autoselect
+                    model = autoselect
                 elif name == ORACLE:
                     model = OraclePruner(vlm, budget).eval()
                 else:

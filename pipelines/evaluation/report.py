@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from pipelines.evaluation.methods import AUTOSELECT, FULL, Method
+from pipelines.evaluation.methods import AUTOSELECT, AUTOSELECT_VARIANT, FULL, Method
 from pipelines.evaluation.oracle import ORACLE
 from pipelines.evaluation.stats import stderr_of_mean
 from pipelines.evaluation.tasks import Task
@@ -209,7 +209,8 @@ def version_tags(report: dict[str, Any]) -> dict[str, str]:
         raise ValueError("the report has no AutoSelect results to tag")
     if any(name.endswith("]") for name in results):
         raise ValueError("the report ran two position policies; tag one (--position-policy repack|original)")
-    baselines = [name for name in results if name not in (AUTOSELECT, FULL, ORACLE)]
+    # the oracle and the scorer's other decodes (autoselect-dpp, ...) are no baselines
+    baselines = [name for name in results if name not in (AUTOSELECT, FULL, ORACLE) and not name.startswith(AUTOSELECT_VARIANT)]
     numbers: dict[str, float | None] = {}
     overall: dict[str, list[float]] = {}
     for budget in report["budgets"]:

@@ -1,0 +1,157 @@
+"""``inference.decode="dpp"``: greedy DPP-MAP over the scorer's logits (quality) and the visual
+features' cosine kernel (diversity), against the top-K and a naive log-det reference."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from autoselect import AutoSelectConfig, AutoSelectModel, ConfigError, InferenceOptions, OptionDependencyError, ScoreMass
+from autoselect.model import load_scorer
+from autoselect.selection import DPP_EPS, dpp_indices, dpp_ranking, topk_indices
+from autoselect.testing import build_tiny_llava
+
+
+def naive_greedy(scores: torch.Tensor, features: torch.Tensor, k: int, scale: float) -> list[int]:
+    """Greedy log-det maximiser of ``L = diag(q) S diag(q)`` for one image, by brute force: each step
+    adds the token whose inclusion gives the largest ``logdet(L_Y)`` (in pick order)."""
+    z = (scores.double() - scores.double().mean()) / scores.double().std(unbiased=False)
+    unit = F.normalize(features.double(), dim=-1)
+    q = torch.exp(scale * z)
+    kernel = q[:, None] * (unit @ unit.T) * q[None, :]
+    chosen: list[int] = []
+    for _ in range(k):
+        gains = {i: torch.logdet(kernel[chosen + [i]][:, chosen + [i]]) for i in range(len(scores)) if i not in chosen}
+        chosen.append(max(gains, key=lambda i: (gains[i], -i)))
+    return chosen
+
+
+def test_exactly_k_unique_sorted_and_deterministic():
+    torch.manual_seed(0)
+    scores, features = torch.randn(3, 40), torch.randn(3, 40, 16)
+    first = dpp_indices(scores, features, 10)
+    assert first.shape == (3, 10) and first.dtype == torch.long
+    assert torch.all(first[:, 1:] > first[:, :-1])  # unique and ascending
+    assert torch.equal(dpp_indices(scores.clone(), features.clone(), 10), first)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 5.0])
+def test_orthogonal_features_give_the_top_k(scale):
+    torch.manual_seed(1)
+    scores = torch.randn(2, 12)
+    features = torch.eye(12).expand(2, 12, 12) * 3.0  # S = identity, whatever the norms
+    for k in (1, 5, 11):
+        assert torch.equal(dpp_indices(scores, features, k, scale), topk_indices(scores, k))
+
+
+def test_a_duplicate_of_the_best_token_is_skipped_for_the_next_distinct_one():
+    scores = torch.tensor([[5.0, 4.9, 3.0, 1.0, 0.5, 0.0]])
+    features = torch.eye(6)[None].clone()
+    features[0, 1] = features[0, 0]  # tokens 0 and 1 (the two highest logits) are the same vector
+    assert topk_indices(scores, 2).tolist() == [[0, 1]]
+    assert dpp_indices(scores, features, 2).tolist() == [[0, 2]]
+    assert dpp_indices(scores, features, 3).tolist() == [[0, 2, 3]]
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0, 3.0])
+def test_matches_a_naive_log_det_greedy(scale):
+    generator = torch.Generator().manual_seed(2)
+    scores, features = torch.randn(12, generator=generator), torch.randn(12, 16, generator=generator)
+    reference = naive_greedy(scores, features, 6, scale)
+    assert dpp_indices(scores[None], features[None], 6, scale)[0].tolist() == sorted(reference)
+
+
+def test_breakdown_fills_with_the_highest_logits_left():
+    """Features of rank 2: after two picks every other token lies in their span, so the remaining
+    K - 2 are the highest-scored tokens not yet kept."""
+    generator = torch.Generator().manual_seed(3)
+    scores, features = torch.randn(10, generator=generator), torch.randn(10, 2, generator=generator)
+    first_two = naive_greedy(scores, features, 2, 1.0)
+    rest = [i for i in scores.argsort(descending=True).tolist() if i not in first_two][:3]
+    assert dpp_indices(scores[None], features[None], 5)[0].tolist() == sorted(first_two + rest)
+    assert DPP_EPS < 1e-6
+
+
+def test_k_equal_to_n_keeps_all_and_bad_k_is_refused():
+    scores, features = torch.randn(2, 7), torch.randn(2, 7, 3)
+    assert torch.equal(dpp_indices(scores, features, 7), torch.arange(7).expand(2, 7))
+    for k in (0, 8):
+        with pytest.raises(ValueError, match="between 1 and the 7 visual tokens"):
+            dpp_indices(scores, features, k)
+    with pytest.raises(ValueError, match="do not match"):
+        dpp_indices(scores, features[:, :6], 3)
+
+
+def test_a_batch_decodes_each_image_as_alone():
+    torch.manual_seed(4)
+    scores, features = torch.randn(4, 30), torch.randn(4, 30, 6)  # rank 6 < K = 9: every row breaks down
+    batched = dpp_indices(scores, features, 9, 0.7)
+    for b in range(4):
+        assert torch.equal(batched[b], dpp_indices(scores[b:b + 1], features[b:b + 1], 9, 0.7)[0])
+
+
+def test_decode_options_are_validated_and_round_trip():
+    with pytest.raises(ConfigError, match=r"inference.decode must be one of \('topk', 'dpp'\), got 'beam'"):
+        InferenceOptions(decode="beam")
+    with pytest.raises(OptionDependencyError, match="inference.noise=1.0 needs inference.decode='topk'"):
+        InferenceOptions(decode="dpp", noise=1.0)
+    with pytest.raises(OptionDependencyError, match="dpp_quality_scale=2.0 needs inference.decode='dpp'"):
+        InferenceOptions(dpp_quality_scale=2.0)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match="dpp_quality_scale must be a finite number > 0"):
+            InferenceOptions(decode="dpp", dpp_quality_scale=bad)
+    config = AutoSelectConfig(inference=InferenceOptions(decode="dpp", dpp_quality_scale=2.5))
+    assert AutoSelectConfig.from_json_string(config.to_json_string()) == config
+    assert AutoSelectConfig.from_dict({"inference": {"noise": 0.5}}).inference.decode == "topk"  # older saves: top-K
+
+
+def test_the_model_decodes_with_dpp_when_configured_and_saves_the_choice(tmp_path):
+    vlm, processor = build_tiny_llava(seed=0)
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
+    batch = processor(images=pictures, text=["USER: <image>\nWhat is it? ASSISTANT:"] * 2, return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    options = InferenceOptions(decode="dpp", dpp_quality_scale=0.5)
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, inference=options)).eval()
+    with torch.no_grad():
+        tokens = model.visual_tokens(pixel_values=batch["pixel_values"])
+        scores = model.scorer(tokens)
+        model(**batch)
+        expected = dpp_indices(scores, tokens, 16, 0.5)
+        assert torch.equal(model.last_selection.indices, expected)
+        assert not torch.equal(expected, topk_indices(scores, 16))  # the decode matters here
+        model.generate(**batch, max_new_tokens=2, do_sample=False)
+        assert torch.equal(model.last_selection.indices, expected)
+        model.generate(**batch, budget=ScoreMass(0.5), max_new_tokens=1, do_sample=False)  # per image, same decode
+        for b, kept in enumerate(model.last_selection.indices):
+            assert torch.equal(kept, dpp_indices(scores[b:b + 1], tokens[b:b + 1], len(kept), 0.5)[0])
+    model.save_pretrained(tmp_path / "s")
+    assert AutoSelectModel.from_pretrained(tmp_path / "s", vlm).config.inference == options
+    assert load_scorer(tmp_path / "s")[1].inference == options
+
+
+def test_the_dpp_ranking_has_the_dpp_choice_as_its_top_k_for_every_k():
+    """The greedy is prefix-consistent, so one ranking serves every budget (the registry's pyfunc)."""
+    torch.manual_seed(5)
+    scores, features = torch.randn(2, 14), torch.randn(2, 14, 5)  # rank 5: breaks down after 5 picks
+    ranking = dpp_ranking(scores, features, 1.5)
+    for k in range(1, 15):
+        assert torch.equal(topk_indices(ranking, k), dpp_indices(scores, features, k, 1.5)), k
+
+
+def test_the_registered_pyfunc_ranks_a_dpp_scorer_as_the_model_decodes(tmp_path):
+    from types import SimpleNamespace
+
+    from mlops.registry import ARTIFACT_KEY, AutoSelectScorerModel
+
+    vlm, _ = build_tiny_llava(seed=0)
+    torch.manual_seed(0)
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, inference=InferenceOptions(decode="dpp"))).eval()
+    model.save_pretrained(tmp_path / "s")
+    pyfunc = AutoSelectScorerModel()
+    pyfunc.load_context(SimpleNamespace(artifacts={ARTIFACT_KEY: str(tmp_path / "s")}))
+    tokens = torch.randn(2, 64, model.config.vision_width)
+    ranked = torch.from_numpy(pyfunc.predict(None, {"visual_tokens": tokens.numpy()}))
+    with torch.no_grad():
+        assert torch.equal(topk_indices(ranked, 16), model.choose(tokens, 16, {}).indices)
