@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 import ray.data
 
 from mlops import storage
-from pipelines.samples import BAD_RECORD, MISSING_IMAGE, Rejected, chat_messages
+from pipelines.samples import BAD_RECORD, EMPTY_TEXT, MISSING_IMAGE, Rejected, chat_messages
 
 FORMATS = ("llava", "parquet", "webdataset")
 SUFFIX_FORMATS = {".json": "llava", ".jsonl": "llava", ".parquet": "parquet", ".tar": "webdataset"}
@@ -133,6 +133,8 @@ def record_turns(record: Mapping[str, Any], spec: RecordSpec) -> list[tuple[str,
     caption = record.get(spec.caption)
     if _present(caption):
         return [(spec.caption_prompt, _text(caption))]
+    if spec.caption in record:  # a caption column whose value is null (parquet rows have every column)
+        raise Rejected(EMPTY_TEXT, f"the caption {spec.caption!r} is null")
     raise Rejected(
         BAD_RECORD,
         f"no {spec.conversations!r}, {spec.question!r}/{spec.answer!r} or {spec.caption!r} field",

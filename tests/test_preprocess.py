@@ -260,6 +260,35 @@ def test_caption_record_with_hf_image_struct_uses_the_caption_prompt():
 
 
 @pytest.mark.parametrize(
+    "image, inline, path",
+    [
+        ({"bytes": JPEG, "path": "n01440764_1.JPEG"}, JPEG, ""),  # bytes win over the path
+        ({"bytes": None, "path": "train/n01440764_1.JPEG"}, b"", "/data/train/n01440764_1.JPEG"),
+        ({"bytes": b"", "path": "s3://bucket/n01440764_1.JPEG"}, b"", "bucket/n01440764_1.JPEG"),
+        (PNG, PNG, ""),
+    ],
+)
+def test_hf_image_struct_bytes_win_and_a_path_only_struct_resolves_like_a_path(image, inline, path):
+    record = {"image": image, "caption_enriched": "a fish", "label": 0}
+    sample = sample_from_record(record, "x.parquet", RecordSpec(caption="caption_enriched"), "/data", "row-0")
+    assert (sample["image"], sample["image_path"], sample["reason"]) == (inline, path, "")
+
+
+@pytest.mark.parametrize(
+    "record, reason, detail",
+    [
+        ({"image": {"bytes": None, "path": None}, "caption_enriched": "a fish"}, "missing_image", "names no image"),
+        ({"image": {"bytes": JPEG, "path": None}, "caption_enriched": None}, "empty_text", "'caption_enriched' is null"),
+        ({"image": {"bytes": JPEG, "path": None}, "caption_enriched": float("nan")}, "empty_text", "is null"),
+        ({"image": {"bytes": JPEG, "path": None}, "label": 3}, "bad_record", "'caption_enriched' field"),
+    ],
+)
+def test_hf_rows_without_an_image_or_a_caption_get_a_named_reason(record, reason, detail):
+    sample = sample_from_record(record, "x.parquet", RecordSpec(caption="caption_enriched"), "/data", "row-0")
+    assert sample["reason"] == reason and detail in sample["detail"]
+
+
+@pytest.mark.parametrize(
     "record, reason",
     [
         ({"image": "x.jpg", "conversations": [turn("human", "Q")]}, "bad_record"),
