@@ -237,6 +237,91 @@ def test_llava_from_s3_to_s3(ray_local, moto_s3, tiny_llava_dir, tmp_path, monke
     assert example_from_row(data[0])["pixel_values"].shape == (1, 3, 32, 32)
 
 
+ROOT = Path(__file__).resolve().parent.parent
+PAPER_DATA = {  # preprocess config -> the training config that reads its output
+    "imagenet-vl-enriched-llava-1.5-7b.yaml": "llava-1.5-7b.yaml",
+    "imagenet-vl-enriched-qwen2.5-vl-7b.yaml": "qwen2.5-vl-7b.yaml",
+}
+HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # datasets' Image feature in parquet
+
+
+def test_paper_data_from_hf_parquet_on_s3_through_the_shipped_config(
+    ray_local, moto_s3, tiny_llava_dir, tmp_path, monkeypatch, capsys
+):
+    """ImageNet-1K-VL-Enriched's layout (HF Image struct, ``caption_enriched``, extra columns) on S3,
+    preprocessed with the shipped config's column mapping and caption prompt."""
+    from transformers import AutoTokenizer
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(name, moto_s3.env[name])
+    moto_s3.client.create_bucket(Bucket="datasets")
+    rows = [  # image_id, image struct, label, caption_enriched, caption (another column, not the mapped one)
+        ("n01440764_1", {"bytes": JPEG, "path": "n01440764_1.JPEG"}, 0, "a red square on a table"),
+        ("n01443537_2", {"bytes": PNG, "path": "n01443537_2.png"}, 1, "a blue tile"),
+        ("n01484850_3", {"bytes": None, "path": "images/n01484850_3.png"}, 2, "a blue tile read from a file"),
+        ("n01491361_4", {"bytes": NOT_AN_IMAGE, "path": "n01491361_4.JPEG"}, 3, "a broken picture"),
+        ("n01494475_5", {"bytes": TRUNCATED_JPEG, "path": "n01494475_5.JPEG"}, 4, "a cut-off picture"),
+        ("n01496331_6", {"bytes": JPEG, "path": "n01496331_6.JPEG"}, 5, None),
+        ("n01498041_7", {"bytes": None, "path": None}, 6, "no picture at all"),
+    ]
+    schema = pa.schema([("image_id", pa.string()), ("image", HF_IMAGE), ("label", pa.int64()),
+                        ("caption_enriched", pa.string()), ("caption", pa.string())])
+    table = pa.Table.from_pylist(
+        [{"image_id": i, "image": im, "label": label, "caption_enriched": c, "caption": "not this one"}
+         for i, im, label, c in rows], schema=schema)
+    for n, part in enumerate((table.slice(0, 4), table.slice(4))):
+        buffer = pa.BufferOutputStream()
+        pq.write_table(part, buffer)
+        moto_s3.client.put_object(Bucket="datasets", Key=f"imagenet/train/train-{n:05d}-of-00002.parquet",
+                                  Body=buffer.getvalue().to_pybytes())
+    moto_s3.client.put_object(Bucket="datasets", Key="imagenet/train/images/n01484850_3.png", Body=PNG)
+
+    config_path = ROOT / "pipelines" / "configs" / "preprocess" / "imagenet-vl-enriched-llava-1.5-7b.yaml"
+    shipped = parse_config(["--config", str(config_path)])
+    assert main(["--config", str(config_path), "--input", "s3://datasets/imagenet/train/",
+                 "--output", "s3://datasets/preprocessed", "--model", str(tiny_llava_dir),
+                 "--max-length", str(MAX_LENGTH), "--s3-endpoint", moto_s3.endpoint_url, "--concurrency", "1"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    expected = {"n01440764_1": "ok", "n01443537_2": "ok", "n01484850_3": "ok",
+                "n01491361_4": "corrupt_image", "n01494475_5": "corrupt_image",
+                "n01496331_6": "empty_text", "n01498041_7": "missing_image"}
+    fs = storage.s3_filesystem(moto_s3.endpoint_url)
+    data = check_run(stats, expected, fs, "datasets/preprocessed")
+    written = json.loads(storage.read_bytes(fs, "datasets/preprocessed/stats.json"))
+    assert (written["format"], written["config"]["fields"]) == ("parquet", shipped.fields)
+    assert written["config"]["caption_prompt"] == shipped.caption_prompt
+    quarantine = {row["id"]: row for row in pq.read_table("datasets/preprocessed/quarantine", filesystem=fs).to_pylist()}
+    assert "'caption_enriched' is null" in quarantine["n01496331_6"]["detail"]
+    assert quarantine["n01491361_4"]["source"] == "s3://datasets/imagenet/train/train-00000-of-00002.parquet"
+
+    # Every training row asks the config's fixed prompt and learns exactly its caption.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llava_dir)
+    captions = {i: c for i, _, _, c in rows}
+    for row in data:
+        example = example_from_row(row)
+        target = example["labels"] != IGNORE_INDEX
+        prompt = tokenizer.decode(example["input_ids"][~target], skip_special_tokens=True)
+        assert shipped.caption_prompt in prompt and captions[row["id"]] not in prompt
+        assert tokenizer.decode(example["input_ids"][target], skip_special_tokens=True).strip() == captions[row["id"]]
+        assert example["pixel_values"].shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_DATA))
+def test_paper_data_configs_feed_their_training_configs(name):
+    """The shipped preprocess configs validate, map ImageNet-1K-VL-Enriched's columns, and the
+    7B training configs read exactly their outputs with the same backbone."""
+    import yaml
+
+    config = parse_config(["--config", str(ROOT / "pipelines" / "configs" / "preprocess" / name)])
+    assert (config.format, config.fields) == ("parquet", {"id": "image_id", "image": "image", "caption": "caption_enriched"})
+    assert config.caption_prompt and all(uri.startswith("s3://") for uri in [*config.input, config.output])
+    train = yaml.safe_load((ROOT / "pipelines" / "configs" / PAPER_DATA[name]).read_text())
+    assert train["data"]["train"] == config.output + "/data"
+    assert train["model"]["path"] == config.model
+    others = [parse_config(["--config", str(ROOT / "pipelines" / "configs" / "preprocess" / n)]) for n in PAPER_DATA]
+    assert len({(c.caption_prompt, tuple(c.input), tuple(c.fields.items())) for c in others}) == 1  # same data
+
+
 # --- pieces without Ray ---------------------------------------------------------------------
 
 
