@@ -67,6 +67,28 @@ class Corpus:
     records: ray.data.Dataset
     image_fs: pafs.FileSystem
 
+    def subset(self, fraction: float) -> "Corpus":
+        """Only the samples whose id hashes into ``fraction`` (see :func:`in_subset`). Counting them
+        then reads every record once (its bytes, no image is decoded): ids are only known per record."""
+        if fraction >= 1:
+            return self
+        samples = self.samples.filter(keep_sample, fn_kwargs={"fraction": fraction})
+        return Corpus(samples=samples, records=samples, image_fs=self.image_fs)
+
+
+def in_subset(sample_id: str, fraction: float) -> bool:
+    """Whether a sample is in the ``fraction`` subset: a hash of its id, not its position, so every
+    run and every backbone keeps the same samples whatever the file order (and the ImageNet classes
+    alike), and the subset for a smaller fraction lies inside the one for a larger fraction."""
+    if fraction >= 1:
+        return True
+    digest = hashlib.sha256(sample_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+def keep_sample(row: Mapping[str, Any], fraction: float) -> bool:
+    return in_subset(row["id"], fraction)
+
 
 def infer_format(uri: str) -> str:
     for suffix, fmt in SUFFIX_FORMATS.items():

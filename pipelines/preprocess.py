@@ -51,6 +51,7 @@ class PreprocessConfig:
     image_root: str | None = None
     fields: dict[str, str] = field(default_factory=dict)
     caption_prompt: str | None = None
+    fraction: float = 1.0  # keep this share of the samples, chosen by a hash of their ids
     max_length: int = 2048
     s3_endpoint: str | None = None
     concurrency: int = 1
@@ -68,6 +69,8 @@ class PreprocessConfig:
         for name in ("max_length", "concurrency", "batch_size", "rows_per_shard"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction: must be in (0, 1], got {self.fraction!r}")
         if not isinstance(self.fields, dict):
             raise ValueError("fields: expected a mapping of NAME: COLUMN")
         RecordSpec.from_mapping(self.fields)  # unknown field names fail here, before Ray starts
@@ -80,7 +83,7 @@ def run(config: PreprocessConfig) -> dict[str, Any]:
     spec = RecordSpec.from_mapping(config.fields, config.caption_prompt)
     out_fs, out_path = storage.resolve(config.output, config.s3_endpoint)
     storage.prepare_output(out_fs, out_path, config.overwrite)
-    corpus = read_corpus(fmt, config.input, spec, config.image_root, config.s3_endpoint)
+    corpus = read_corpus(fmt, config.input, spec, config.image_root, config.s3_endpoint).subset(config.fraction)
 
     rows_in = corpus.records.count()  # a separate, cheap pass: no image is fetched or decoded
     if rows_in == 0:
@@ -104,6 +107,7 @@ def run(config: PreprocessConfig) -> dict[str, Any]:
     stats = {
         "format": fmt,
         "input": config.input,
+        "fraction": config.fraction,
         "data": storage.to_uri(out_fs, data_dir),
         "quarantine": storage.to_uri(out_fs, quarantine_dir),
         "rows_in": rows_in,
@@ -138,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. --field image=jpg --field question=prompt)")
     add("--caption-prompt", dest="caption_prompt",
         help=f"question asked for caption-only samples (default: {RecordSpec.caption_prompt!r})")
+    add("--fraction", type=float,
+        help="keep this share of the samples, e.g. 0.1; chosen by a hash of each sample's id, so the same "
+        "ids on every run and for every backbone (default 1: all); rows_in counts the kept samples")
     add("--max-length", dest="max_length", type=int,
         help=f"samples with more tokens are quarantined (default {default['max_length']})")
     add("--s3-endpoint", dest="s3_endpoint",

@@ -22,7 +22,7 @@ from PIL import Image
 from autoselect.data import collate, encode_example
 from autoselect.placeholders import IGNORE_INDEX
 from mlops import storage
-from pipelines.corpus import RecordSpec, sample_from_record
+from pipelines.corpus import RecordSpec, in_subset, sample_from_record
 from pipelines.preprocess import PreprocessConfig, main, parse_config, run
 from pipelines.samples import CORRUPT_IMAGE, Rejected, decode_image
 from pipelines.shards import example_from_row
@@ -280,7 +280,8 @@ def test_paper_data_from_hf_parquet_on_s3_through_the_shipped_config(
     shipped = parse_config(["--config", str(config_path)])
     assert main(["--config", str(config_path), "--input", "s3://datasets/imagenet/train/",
                  "--output", "s3://datasets/preprocessed", "--model", str(tiny_llava_dir),
-                 "--max-length", str(MAX_LENGTH), "--s3-endpoint", moto_s3.endpoint_url, "--concurrency", "1"]) == 0
+                 "--max-length", str(MAX_LENGTH), "--s3-endpoint", moto_s3.endpoint_url, "--concurrency", "1",
+                 "--fraction", "1"]) == 0  # all 7 rows: the shipped 10 % is tested on its own
     stats = json.loads(capsys.readouterr().out)
     expected = {"n01440764_1": "ok", "n01443537_2": "ok", "n01484850_3": "ok",
                 "n01491361_4": "corrupt_image", "n01494475_5": "corrupt_image",
@@ -315,11 +316,43 @@ def test_paper_data_configs_feed_their_training_configs(name):
     config = parse_config(["--config", str(ROOT / "pipelines" / "configs" / "preprocess" / name)])
     assert (config.format, config.fields) == ("parquet", {"id": "image_id", "image": "image", "caption": "caption_enriched"})
     assert config.caption_prompt and all(uri.startswith("s3://") for uri in [*config.input, config.output])
+    assert config.fraction == 0.1  # the paper's 10 % of the train split
     train = yaml.safe_load((ROOT / "pipelines" / "configs" / PAPER_DATA[name]).read_text())
     assert train["data"]["train"] == config.output + "/data"
     assert train["model"]["path"] == config.model
     others = [parse_config(["--config", str(ROOT / "pipelines" / "configs" / "preprocess" / n)]) for n in PAPER_DATA]
-    assert len({(c.caption_prompt, tuple(c.input), tuple(c.fields.items())) for c in others}) == 1  # same data
+    assert len({(c.caption_prompt, c.fraction, tuple(c.input), tuple(c.fields.items())) for c in others}) == 1
+
+
+def test_fraction_keeps_the_samples_whose_id_hashes_into_it(ray_local, tiny_llava_dir, tmp_path):
+    """``fraction`` picks samples by id, not position: the same ids whatever the file order, and
+    rows_in counts only those (so the every-row-accounted-for check still holds)."""
+    ids = [f"n{n:08d}_{n}" for n in range(40)]
+    kept = {i for i in ids if in_subset(i, 0.3)}
+    assert 0 < len(kept) < len(ids)
+    rows = [{"image_id": i, "image": {"bytes": JPEG if n % 5 else NOT_AN_IMAGE, "path": None},
+             "caption_enriched": f"picture {n}"} for n, i in enumerate(ids)]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    schema = pa.schema([("image_id", pa.string()), ("image", HF_IMAGE), ("caption_enriched", pa.string())])
+    pq.write_table(pa.Table.from_pylist(rows[::-1], schema=schema), corpus / "train-00000-of-00001.parquet")
+    config = PreprocessConfig(input=[str(corpus)], output=str(tmp_path / "out"), model=str(tiny_llava_dir),
+                              format="parquet", max_length=MAX_LENGTH, fraction=0.3,
+                              fields={"id": "image_id", "caption": "caption_enriched"})
+    expected = {i: "corrupt_image" if n % 5 == 0 else "ok" for n, i in enumerate(ids) if i in kept}
+    stats = run(config)
+    data = check_run(stats, expected, pafs.LocalFileSystem(), str(tmp_path / "out"))
+    assert stats["fraction"] == 0.3 and stats["rows_in"] == len(kept) and len(data) == len(kept) - len(kept & set(ids[::5]))
+
+
+def test_in_subset_is_a_stable_nested_share_of_ids():
+    ids = [f"n{n:08d}_{n}" for n in range(20000)]
+    tenth, fifth = ({i for i in ids if in_subset(i, f)} for f in (0.1, 0.2))
+    assert tenth < fifth and abs(len(tenth) / len(ids) - 0.1) < 0.01 and abs(len(fifth) / len(ids) - 0.2) < 0.01
+    assert all(in_subset(i, 1.0) for i in ids[:10]) and tenth == {i for i in reversed(ids) if in_subset(i, 0.1)}
+    for bad in (0, 1.5, -0.1, True):
+        with pytest.raises(ValueError, match="fraction"):
+            PreprocessConfig(input=["a.json"], output="o", model="m", fraction=bad)
 
 
 # --- pieces without Ray ---------------------------------------------------------------------
