@@ -116,7 +116,7 @@ def train_step(args, model: Path, data: str, data_key: str) -> tuple[str, str]:
 
     from mlops.backbone import default_device, resolve_dtype
     from pipelines.train import train
-    from pipelines.train_config import load_train_config
+    from pipelines.training.config import load_train_config
 
     overrides = [
         f"model.path={model}", f"data.train={data}", f"autoselect.budget={args.budget}",

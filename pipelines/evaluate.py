@@ -57,7 +57,7 @@ from pipelines.evaluation.runner import evaluate, to_device
 from pipelines.evaluation.scoring import SCORING, probe_prompt, prompt_inputs, task_context
 from pipelines.evaluation.tasks import TASKS, Example, load_tasks
 from pipelines.evaluation.tasks.base import EVAL_SPLITS
-from pipelines.train_config import DTYPES
+from pipelines.training.config import DTYPES
 
 DEFAULT_BUDGETS = ["1/9", "2/9", "1/3"]  # 64 / 128 / 192 of LLaVA-1.5's 576 tokens; 28 / 57 / 85 of 256
 

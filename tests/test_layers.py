@@ -78,7 +78,7 @@ def test_the_layer_check_sees_every_import_form(tmp_path):
     (tmp_path / "serve" / "sub" / "bad.py").write_text(
         "import pipelines.train\n"
         "from pipelines import registry\n"
-        "def f():\n    from pipelines.train_config import TrainConfig\n"
+        "def f():\n    from pipelines.training.config import TrainConfig\n"
         "import importlib\nimportlib.import_module('pipelines.promote')\n"
         "from . import fine\nfrom mlops import backbone\n"
     )
