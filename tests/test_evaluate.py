@@ -320,11 +320,11 @@ def test_scorer_from_the_mlflow_registry(taught, tmp_path):
 
 
 def test_budget_sampling_bench_compares_scorers_on_the_same_examples(taught, tmp_path, capsys):
-    """bench/budget_sampling_mini_llava.py on the tiny model: a scorer against itself differs by
+    """experiments/budget_sampling_mini_llava.py on the tiny model: a scorer against itself differs by
     exactly 0; against another scorer the paired difference is the difference of accuracies."""
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "bench" / "budget_sampling_mini_llava.py"
+    path = Path(__file__).resolve().parent.parent / "experiments" / "budget_sampling_mini_llava.py"
     spec = importlib.util.spec_from_file_location("budget_sampling_mini_llava", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -5,7 +5,7 @@ Why: `model.dtype: auto` runs the frozen VLM in bf16 only where the CPU has nati
 the ratio bf16 time / float32 time for the SmolLM2-135M MLP and attention projections over one
 training row (256 visual + ~40 text tokens), interleaved, medians after a warm-up.
 
-    python bench/cpu_dtype.py [--threads 1] [--repeats 5]
+    python experiments/cpu_dtype.py [--threads 1] [--repeats 5]
 """
 
 from __future__ import annotations

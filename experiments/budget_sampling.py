@@ -6,7 +6,7 @@ bad ones. Every scorer trains the same number of steps on the same batches; held
 and loss are measured at every budget. The budget-sampled scorer passes if it is within
 ``--tolerance`` points of the per-budget scorer at every budget.
 
-    python bench/budget_sampling.py [--steps 200] [--budgets 1 2 4 8]
+    python experiments/budget_sampling.py [--steps 200] [--budgets 1 2 4 8]
 """
 
 from __future__ import annotations

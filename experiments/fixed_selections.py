@@ -7,7 +7,7 @@ each under both position policies. If the "obvious" subsets lose to random, the 
 image from the mix of tokens, not from the object alone, and a query-agnostic top-K ranking has
 little to gain over random on this backbone.
 
-    python bench/fixed_selections.py [--model .cache/backbones/mini-llava-aligned] [--budget 28] [--limit 40]
+    python experiments/fixed_selections.py [--model .cache/backbones/mini-llava-aligned] [--budget 28] [--limit 40]
 """
 
 from __future__ import annotations

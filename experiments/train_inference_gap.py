@@ -7,7 +7,7 @@ near-zero one; the training path with all N tokens kept (what the denoiser does 
 A large gap between "train path, tau -> 0" and "inference, hard top-K" means the scorer is trained
 on a sequence the LLM never sees at inference (see `AutoSelectConfig.training.gate_attention`).
 
-    python bench/train_inference_gap.py --model .cache/backbones/mini-llava-aligned \
+    python experiments/train_inference_gap.py --model .cache/backbones/mini-llava-aligned \
         --autoselect models:/autoselect-mini-llava-results/1 [--limit 40]
 """
 

@@ -7,10 +7,10 @@ standard error, and the paired difference sampled - per-budget (same examples). 
 ``--seeds`` a scorer that samples at inference (``inference.noise``) is measured under each
 ``inference.seed`` and the seeds are averaged, so no lucky seed decides the comparison.
 
-    python bench/budget_sampling_mini_llava.py --tracking-uri sqlite:///outputs/mlflow.db \
+    python experiments/budget_sampling_mini_llava.py --tracking-uri sqlite:///outputs/mlflow.db \
         --sampled models:/autoselect-mini-llava-results/2 \
         --per-budget 28=models:/autoselect-mini-llava-results/1 85=models:/autoselect-mini-llava-results/3 \
-        --limit 200 --seeds 0 1 2 --out docs/budget_sampling_mini_llava.json
+        --limit 200 --seeds 0 1 2 --out experiments/results/budget_sampling_mini_llava.json
 """
 
 from __future__ import annotations
