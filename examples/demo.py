@@ -28,9 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python examples/demo.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 STEPS = 8
 REGISTERED_MODEL = "autoselect-mini-llava"
 PRUNERS = "autoselect,random,uniform,divprune,visionzip,fastv"

@@ -24,16 +24,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from autoselect.backbones import get_adapter  # noqa: E402
-from autoselect.pruners import build_pruner  # noqa: E402
-from mlops.backbone import load_autoselect, load_vlm_and_processor  # noqa: E402
-from pipelines.evaluation.methods import PreLLM  # noqa: E402
-from pipelines.evaluation.report import paired_difference  # noqa: E402
-from pipelines.evaluation.runner import evaluate_task  # noqa: E402
-from pipelines.evaluation.scoring import heldout_task  # noqa: E402
-from pipelines.evaluation.stats import stderr_of_mean  # noqa: E402
+from autoselect.backbones import get_adapter
+from autoselect.pruners import build_pruner
+from mlops.backbone import load_autoselect, load_vlm_and_processor
+from pipelines.evaluation.methods import PreLLM
+from pipelines.evaluation.report import paired_difference
+from pipelines.evaluation.runner import evaluate_task
+from pipelines.evaluation.scoring import heldout_task
+from pipelines.evaluation.stats import stderr_of_mean
 
 
 def per_budget(text: str) -> tuple[int, str]:

@@ -33,9 +33,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python pipelines/align_projector.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 

@@ -38,9 +38,6 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python pipelines/evaluate.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 
 from autoselect.backbones import get_adapter

@@ -15,18 +15,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
-
-if __package__ in (None, ""):  # run as `python pipelines/preprocess.py`: make `pipelines` importable
-    _ROOT = str(Path(__file__).resolve().parent.parent)
-    sys.path.insert(0, _ROOT)
-    # ... for the Ray workers of a cluster this process starts, too
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
 
 import yaml
 from ray.data import ActorPoolStrategy

@@ -20,9 +20,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # `python pipelines/train.py` from a checkout: make `pipelines` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import mlflow
 import ray
 import ray.data
