@@ -39,18 +39,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-for _path in (BENCH.parent, BENCH):  # the repository (autoselect/) and bench/ (prefill.py), uninstalled
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+import torch
+import transformers
+from transformers import LlavaForConditionalGeneration
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import LlavaForConditionalGeneration  # noqa: E402
-
-from autoselect import AutoSelectConfig, AutoSelectModel  # noqa: E402
-from autoselect.testing import build_tiny_llava  # noqa: E402
-from prefill import FULL_7B_LAYERS, VISUAL_TOKENS, budget_rows, build_model, median_times, prefill_cases  # noqa: E402
+from autoselect import AutoSelectConfig, AutoSelectModel
+from autoselect.testing import build_tiny_llava
+from prefill import FULL_7B_LAYERS, VISUAL_TOKENS, budget_rows, build_model, median_times, prefill_cases
 
 PAPER = {"device": "RTX A6000", "full_prefill_ms": 118.66, "prefill_ms_k64": 41.61, "speedup_k64": 2.85, "scorer_ms": 0.69}
 REQUIRED_PARTS = ("prefill", "training")

@@ -18,6 +18,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+# the device machine has torch and transformers but not this project installed: the checkout's
+# autoselect/ comes from the repository root (bench/, for prefill.py, is the script's own folder)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 status=0
 timeout "$limit" "$python" bench/gpu_check.py --out "$out" "$@" || status=$?

@@ -21,7 +21,6 @@ import os
 import shutil
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,8 +33,6 @@ import requests
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def image_url(side: int = 224, seed: int = 0) -> str:

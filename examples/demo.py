@@ -28,9 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python examples/demo.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 STEPS = 8
 REGISTERED_MODEL = "autoselect-mini-llava"
 PRUNERS = "autoselect,random,uniform,divprune,visionzip,fastv"
@@ -116,7 +113,7 @@ def train_step(args, model: Path, data: str, data_key: str) -> tuple[str, str]:
 
     from mlops.backbone import default_device, resolve_dtype
     from pipelines.train import train
-    from pipelines.train_config import load_train_config
+    from pipelines.training.config import load_train_config
 
     overrides = [
         f"model.path={model}", f"data.train={data}", f"autoselect.budget={args.budget}",

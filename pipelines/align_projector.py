@@ -33,19 +33,17 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python pipelines/align_projector.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from autoselect.convert.aligned import backbone_identity, load_projector, projector_module, save_aligned_model, save_projector
 from autoselect.convert.cache import read_manifest as read_build_manifest
 from autoselect.convert.mini_llava import DEFAULT_CACHE_DIR, build_mini_llava
-from pipelines.align.evaluate import balanced_subset, choice_accuracy, greedy_answers
+from pipelines.align.evaluate import choice_accuracy, greedy_answers
 from pipelines.align.features import cached_features, encode_records, features_key, source_key
 from pipelines.align.train import TrainConfig, train_projector
 from pipelines.corpora import DEFAULT_OUT, FILES, export_corpora, load_records, read_manifest
+from pipelines.corpora.common import balanced_subset
 
 EVAL_FILES = {"fmnist_class": "fashion_mnist", "clipart_category": "openclipart"}
 DEFAULT_WEIGHTS = "fmnist_class=0.4,clipart_category=0.4,clipart_title=0.2"

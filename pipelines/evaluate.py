@@ -36,43 +36,26 @@ import json
 import math
 import sys
 import time
-from fractions import Fraction
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python pipelines/evaluate.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
 from autoselect.backbones import get_adapter
-from autoselect.config import DECODES, POSITION_POLICIES, validate_budget
+from autoselect.config import DECODES, POSITION_POLICIES
 from autoselect.pruners import available_pruners
 from mlops.backbone import TINY_LLAVA
 from pipelines.corpora import DEFAULT_OUT
 from pipelines.evaluation.methods import AUTOSELECT, baseline_settings, build_methods, decode_variants
 from pipelines.evaluation.oracle import ORACLE
 from pipelines.evaluation.plots import kept_patches_plot, processed_image, retention_plot
-from pipelines.evaluation.report import Budget, build_report, markdown, version_tags
+from pipelines.evaluation.report import Budget, build_report, markdown, parse_budget, version_tags
 from pipelines.evaluation.runner import evaluate, to_device
 from pipelines.evaluation.scoring import SCORING, probe_prompt, prompt_inputs, task_context
 from pipelines.evaluation.tasks import TASKS, Example, load_tasks
 from pipelines.evaluation.tasks.base import EVAL_SPLITS
-from pipelines.train_config import DTYPES
+from pipelines.training.config import DTYPES
 
 DEFAULT_BUDGETS = ["1/9", "2/9", "1/3"]  # 64 / 128 / 192 of LLaVA-1.5's 576 tokens; 28 / 57 / 85 of 256
-
-
-def parse_budget(text: str) -> int | float:
-    """``"28"`` -> K = 28 tokens; ``"0.25"`` or ``"1/9"`` -> a ratio of N."""
-    try:
-        value: int | float = int(text) if text.strip().isdigit() else float(Fraction(text.strip()))
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"budget {text!r} is neither an int K nor a ratio such as 0.25 or 1/9") from None
-    try:
-        validate_budget(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return value
 
 
 def names(text: str) -> list[str]:

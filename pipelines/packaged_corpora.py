@@ -27,9 +27,6 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python pipelines/packaged_corpora.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from pipelines.corpora import DEFAULT_OUT, ExportSettings, MissingPackageError, export_corpora, read_manifest
 from pipelines.corpora.export import SOURCES
 

@@ -5,7 +5,7 @@
 
 Reads LLaVA JSON/JSONL + an image folder, parquet, or WebDataset tars (local or ``s3://``),
 validates and encodes every sample with the backbone's processor, and writes
-``<output>/data/*.parquet`` (training rows, see ``pipelines.shards``),
+``<output>/data/*.parquet`` (training rows, see ``pipelines.preprocessing.shards``),
 ``<output>/quarantine/*.parquet`` (``id, source, reason, detail``) and ``<output>/stats.json``.
 Every input row ends up in exactly one of the two tables; the run checks that and says so.
 """
@@ -15,27 +15,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-if __package__ in (None, ""):  # run as `python pipelines/preprocess.py`: make `pipelines` importable
-    _ROOT = str(Path(__file__).resolve().parent.parent)
-    sys.path.insert(0, _ROOT)
-    # ... for the Ray workers of a cluster this process starts, too
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
-
 import yaml
 from ray.data import ActorPoolStrategy
 
 from mlops import storage
-from pipelines.corpus import FORMATS, RecordSpec, infer_format, read_corpus
-from pipelines.encode import Encoder
-from pipelines.samples import REASONS
-from pipelines.shards import OK, SplitParquetSink
+from pipelines.preprocessing.corpus import FORMATS, RecordSpec, infer_format, read_corpus
+from pipelines.preprocessing.encode import Encoder
+from pipelines.preprocessing.samples import REASONS
+from pipelines.preprocessing.shards import OK, SplitParquetSink
 
 REQUIRED = ("input", "output", "model")
 

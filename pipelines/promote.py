@@ -18,11 +18,7 @@ import operator
 import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
-
-if __package__ in (None, ""):  # `python pipelines/promote.py` from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlflow
 from mlflow.exceptions import MlflowException

@@ -5,7 +5,7 @@
     python pipelines/train.py --config cfg.yaml --set ray.num_workers=4 --set optim.steps=2000
 
 Reads the shards of ``pipelines/preprocess.py`` as a Ray Dataset (each worker streams its
-split), runs ``pipelines/train_loop.py`` on ``ray.num_workers`` workers with DeepSpeed ZeRO,
+split), runs ``pipelines/training/loop.py`` on ``ray.num_workers`` workers with DeepSpeed ZeRO,
 checkpoints to ``ray.storage_path`` (local or ``s3://``), resumes from the last checkpoint when
 a worker dies (``ray.max_failures``), logs to MLflow (sqlite by default, or a server) and
 registers the scorer as a new version of ``mlflow.registered_model``.
@@ -20,9 +20,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # `python pipelines/train.py` from a checkout: make `pipelines` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import mlflow
 import ray
 import ray.data
@@ -33,9 +30,9 @@ from safetensors import safe_open
 
 from autoselect.model import WEIGHTS_NAME
 from mlops import registry, storage
-from pipelines.train_config import TrainConfig, load_train_config
-from pipelines.train_loop import AUTOSELECT_DIR, train_loop_per_worker
-from pipelines.train_progress import TrainingProgress
+from pipelines.training.config import TrainConfig, load_train_config
+from pipelines.training.loop import AUTOSELECT_DIR, train_loop_per_worker
+from pipelines.training.progress import TrainingProgress
 
 
 def flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import pytest
 os.environ.setdefault("AUTOSELECT_CPU_BF16", "0")
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # pipelines/ is not an installed package; make it importable from any cwd
+if str(ROOT) not in sys.path:  # the tree under test first, whichever checkout the venv installed
     sys.path.insert(0, str(ROOT))
 
 

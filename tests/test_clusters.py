@@ -85,7 +85,7 @@ def test_rayjob_runs_the_training_entry_point():
     entry = spec["entrypoint"].split()
     assert entry[:2] == ["python", "pipelines/train.py"] and entry[2] == "--config"
     assert (ROOT / entry[3]).is_file()
-    from pipelines.train_config import load_train_config
+    from pipelines.training.config import load_train_config
 
     load_train_config(ROOT / entry[3])  # the config the job runs validates
     assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)

@@ -57,7 +57,8 @@ def test_committed_projector_beats_an_unaligned_one_on_held_out_fashion_mnist(co
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
     from autoselect.convert.aligned import DEFAULT_PROJECTOR, load_aligned_mini_llava
-    from pipelines.align.evaluate import balanced_subset, choice_accuracy
+    from pipelines.align.evaluate import choice_accuracy
+    from pipelines.corpora.common import balanced_subset
 
     aligned, processor = load_aligned_mini_llava(DEFAULT_PROJECTOR)
     unaligned = LlavaForConditionalGeneration.from_pretrained(aligned.name_or_path, dtype=torch.float32).eval()

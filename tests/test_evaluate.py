@@ -143,15 +143,31 @@ def test_shared_prompt_scoring_equals_one_forward_per_row(taught, position_polic
         assert torch.allclose(fast, slow, atol=1e-4), (method.label, (fast - slow).abs().max())
 
 
-def test_full_token_scores_match_the_cached_choice_scorer(taught):
-    from pipelines.align.evaluate import choice_log_likelihoods
+def test_alignment_scores_held_out_answers_with_the_evaluations_scorer(taught, tmp_path):
+    """One multiple-choice scorer: the aligner's held-out accuracy over corpus records (in chunks
+    that do not divide them) is the full-token accuracy the evaluation reports on them."""
+    import numpy as np
+
+    from autoselect.testing.synthetic import COLOURS, QUESTION, marker_image
+    from pipelines.align.evaluate import choice_accuracy, record_example
+    from pipelines.corpora.common import llava_record, save_png
+    from pipelines.evaluation.methods import FullTokens
+    from pipelines.evaluation.runner import evaluate_task
+    from pipelines.evaluation.tasks import Task
 
     vlm, processor = taught["vlm"], taught["processor"]
-    (task,), _ = load_tasks(["markers"], TaskContext(32, 4, Path("/nonexistent"), seed=4, limit=4))
-    methods = build_methods(vlm, [], [], None, {})
-    sums, _ = answer_log_likelihoods(methods[0], choice_batch(processor, task.examples, task.choices), len(task.choices), get_adapter(vlm).image_token_id)
-    cached = choice_log_likelihoods(vlm, processor, [e.image for e in task.examples], task.examples[0].question, task.choices)
-    assert torch.allclose(sums.view(len(task.examples), -1).float(), cached, atol=1e-4)
+    rng, colours = np.random.default_rng(11), list(COLOURS)
+    records = []
+    for i in range(7):
+        colour = colours[i % len(colours)]
+        image, _ = marker_image(rng, colour)
+        records.append(llava_record(f"m{i}", save_png(image, tmp_path, f"images/{i}.png"), QUESTION, colour, label=colour))
+    aligned = choice_accuracy(vlm, processor, tmp_path, records, colours, batch_size=3)
+    task = Task("markers", "choice", [record_example(tmp_path, r) for r in records], "markers", "test", tuple(colours))
+    full = FullTokens(vlm)
+    scores = evaluate_task(task, [full], processor, get_adapter(vlm).image_token_id, 4, torch.device("cpu"), torch.float32)
+    assert aligned["n"] == 7 and aligned["accuracy"] == round(scores[full.label]["score"], 4)
+    assert sum(aligned["predicted_counts"].values()) == 7
 
 
 def test_pre_llm_pruners_choose_once_per_image_for_all_candidates(taught):
@@ -304,11 +320,11 @@ def test_scorer_from_the_mlflow_registry(taught, tmp_path):
 
 
 def test_budget_sampling_bench_compares_scorers_on_the_same_examples(taught, tmp_path, capsys):
-    """bench/budget_sampling_mini_llava.py on the tiny model: a scorer against itself differs by
+    """experiments/budget_sampling_mini_llava.py on the tiny model: a scorer against itself differs by
     exactly 0; against another scorer the paired difference is the difference of accuracies."""
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "bench" / "budget_sampling_mini_llava.py"
+    path = Path(__file__).resolve().parent.parent / "experiments" / "budget_sampling_mini_llava.py"
     spec = importlib.util.spec_from_file_location("budget_sampling_mini_llava", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

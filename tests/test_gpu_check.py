@@ -20,6 +20,9 @@ pytestmark = pytest.mark.slow  # ~40 s on one thread: the 7B-shaped layer domina
 
 
 def load_gpu_check():
+    """The script in this process: its sibling ``prefill`` is importable as it is when run as a script."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

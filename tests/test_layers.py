@@ -2,8 +2,14 @@
 
     examples/                    4  uses pipelines and serve together
     pipelines/  serve/  bench/   3  never import each other (pipelines <-> serve)
+    experiments/                 3  research scripts on pipelines and mlops, never serve
     mlops/                       2  shared by training, evaluation and serving
     autoselect/                  1  torch + transformers only
+
+Inside pipelines/, the stage packages (preprocessing/, training/, evaluation/, align/, corpora/)
+never import an entry script (pipelines/train.py, evaluate.py, ...): a script is what a user
+runs, its stage's library lives in the package. And no module touches ``sys.path``: the package
+is installed.
 
 Checked on the source with `ast` (imports inside functions too), so a violation fails here, with
 its file:line, before it ever ships.
@@ -19,12 +25,14 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-FLOORS = ("autoselect", "mlops", "pipelines", "serve", "examples")
+FLOORS = ("autoselect", "mlops", "pipelines", "serve", "bench", "experiments", "examples")
 FORBIDDEN = {  # top-level package -> top-level names it must not import
     "autoselect": {"ray", "mlflow", "boto3", "fastapi", "deepspeed", "peft", "mlops", "pipelines", "serve", "examples"},
     "mlops": {"pipelines", "serve", "examples"},
     "pipelines": {"serve", "examples"},
     "serve": {"pipelines", "examples"},
+    "bench": {"experiments", "examples"},
+    "experiments": {"serve", "bench", "examples"},
     "examples": set(),
 }
 
@@ -67,6 +75,60 @@ def layer_violations(root: Path = ROOT) -> list[str]:
     return problems
 
 
+def stage_violations(root: Path = ROOT) -> list[str]:
+    """Imports of an entry script (``pipelines/<script>.py``) from inside a stage package."""
+    scripts = {f"pipelines.{p.stem}" for p in (root / "pipelines").glob("*.py") if p.stem != "__init__"}
+    problems = []
+    for path in sorted((root / "pipelines").glob("*/**/*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        named = [(node.lineno, f"{node.module}.{alias.name}") for node in ast.walk(tree)  # from pipelines import train
+                 if isinstance(node, ast.ImportFrom) and not node.level and node.module for alias in node.names]
+        found = {}  # one problem per line (``from pipelines.evaluate import x`` names both)
+        for line, module in sorted(imported_modules(path, root) + named):
+            script = next((s for s in scripts if module == s or module.startswith(s + ".")), None)
+            if script:
+                found.setdefault(line, f"{path.relative_to(root)}:{line}: a stage package imports the entry script {script}")
+        problems += found.values()
+    return problems
+
+
+def sys_path_patches(root: Path = ROOT) -> list[str]:
+    """Every use of ``sys.path`` outside tests/ (the package is installed; bench/gpu_check.sh sets
+    PYTHONPATH for the one machine where it is not)."""
+    problems = []
+    for floor in FLOORS:
+        for path in sorted((root / floor).rglob("*.py")):
+            tree = ast.parse(path.read_text(), filename=str(path))
+            problems += [f"{path.relative_to(root)}:{node.lineno}: sys.path" for node in ast.walk(tree)
+                         if isinstance(node, ast.Attribute) and node.attr == "path"
+                         and isinstance(node.value, ast.Name) and node.value.id == "sys"]
+    return problems
+
+
+def test_stage_packages_never_import_entry_scripts_and_nothing_patches_sys_path():
+    problems = stage_violations() + sys_path_patches()
+    assert not problems, "pipelines layout broken (see README, Layout):\n  " + "\n  ".join(problems)
+
+
+def test_the_stage_checks_see_every_form(tmp_path):
+    (tmp_path / "pipelines" / "evaluation").mkdir(parents=True)
+    (tmp_path / "pipelines" / "train.py").write_text("")
+    (tmp_path / "pipelines" / "evaluate.py").write_text("")
+    (tmp_path / "pipelines" / "evaluation" / "bad.py").write_text(
+        "from pipelines.evaluate import parse_budget\n"
+        "from pipelines import train\n"
+        "def f():\n    import pipelines.evaluate\n"
+        "from pipelines.training import config\nfrom pipelines.evaluation import report\n"
+        "from .. import evaluate\n"
+    )
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "script.py").write_text("import sys\nsys.path.insert(0, '.')\nprint(sys.argv)\n")
+    for floor in FLOORS:
+        (tmp_path / floor).mkdir(exist_ok=True)
+    assert [problem.split(":")[1] for problem in stage_violations(tmp_path)] == ["1", "2", "4", "7"]
+    assert sys_path_patches(tmp_path) == ["experiments/script.py:2: sys.path"]
+
+
 def test_each_floor_imports_only_the_floors_below():
     problems = layer_violations()
     assert not problems, "import layers broken (see README, Layout):\n  " + "\n  ".join(problems)
@@ -78,7 +140,7 @@ def test_the_layer_check_sees_every_import_form(tmp_path):
     (tmp_path / "serve" / "sub" / "bad.py").write_text(
         "import pipelines.train\n"
         "from pipelines import registry\n"
-        "def f():\n    from pipelines.train_config import TrainConfig\n"
+        "def f():\n    from pipelines.training.config import TrainConfig\n"
         "import importlib\nimportlib.import_module('pipelines.promote')\n"
         "from . import fine\nfrom mlops import backbone\n"
     )

@@ -42,8 +42,8 @@ def task_dir(tmp_path_factory):
     (root / "markers.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     tasks = root / "tasks"
     tasks.mkdir()
-    shutil.copy(ROOT / "pipelines" / "lmms_tasks" / "utils.py", tasks / "utils.py")
-    template = (ROOT / "pipelines" / "lmms_tasks" / "autoselect_fmnist.yaml").read_text()
+    shutil.copy(ROOT / "pipelines" / "evaluation" / "lmms_tasks" / "utils.py", tasks / "utils.py")
+    template = (ROOT / "pipelines" / "evaluation" / "lmms_tasks" / "autoselect_fmnist.yaml").read_text()
     (tasks / "autoselect_markers.yaml").write_text(
         template.replace("task: autoselect_fmnist", "task: autoselect_markers")
         .replace(".cache/corpora/fashion_mnist.heldout.jsonl", str(root / "markers.jsonl"))

@@ -22,10 +22,10 @@ from PIL import Image
 from autoselect.data import collate, encode_example
 from autoselect.placeholders import IGNORE_INDEX
 from mlops import storage
-from pipelines.corpus import RecordSpec, in_subset, sample_from_record
+from pipelines.preprocessing.corpus import RecordSpec, in_subset, sample_from_record
 from pipelines.preprocess import PreprocessConfig, main, parse_config, run
-from pipelines.samples import CORRUPT_IMAGE, Rejected, decode_image
-from pipelines.shards import example_from_row
+from pipelines.preprocessing.samples import CORRUPT_IMAGE, Rejected, decode_image
+from pipelines.preprocessing.shards import example_from_row
 
 
 def image_bytes(fmt: str = "JPEG", color: str = "red") -> bytes:

@@ -24,7 +24,7 @@ import pytest
 from autoselect.data import encode_example
 from autoselect.testing import build_tiny_llava
 from autoselect.testing.synthetic import COLOURS, marker_image, messages
-from pipelines.shards import OK, encoded_schema, example_columns, to_table
+from pipelines.preprocessing.shards import OK, encoded_schema, example_columns, to_table
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -21,9 +21,9 @@ from mlops import registry
 from mlops.backbone import TINY_LLAVA
 from pipelines import preprocess
 from pipelines.train import train
-from pipelines.train_loop import initial_model, load_vlm
-from pipelines.train_config import TrainConfig, load_train_config
-from pipelines.config_io import from_mapping
+from pipelines.training.loop import initial_model, load_vlm
+from pipelines.training.config import TrainConfig, load_train_config
+from pipelines.training.config_io import from_mapping
 
 BUCKET = "autoselect-test"
 
@@ -124,7 +124,7 @@ def test_ranks_draw_different_training_noise_from_one_seed():
     the same on every rank, but the noise gate and Gumbel draws differ between ranks (with one seed
     both workers would add identical noise to their different examples) and repeat per rank."""
     from autoselect.testing import build_tiny_llava
-    from pipelines.train_loop import seed_worker
+    from pipelines.training.loop import seed_worker
 
     vlm, processor = build_tiny_llava(seed=0)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
@@ -163,7 +163,7 @@ def test_config_autoselect_option_groups_nest_in_yaml_and_set(tmp_path):
     """``autoselect:`` maps onto AutoSelectConfig: its option groups are nested mappings (and
     ``--set`` paths); unknown nested keys, old flat names and broken dependencies fail by name."""
     from autoselect import InferenceOptions, OptionDependencyError, TrainingOptions
-    from pipelines.config_io import UnknownKeys
+    from pipelines.training.config_io import UnknownKeys
 
     path = tmp_path / "c.yaml"
     path.write_text("name: x\nautoselect: {budget: 8, training: {gate_attention: true}}\n")
@@ -268,7 +268,7 @@ def test_native_resolution_backbone_trains_through_the_pipeline(ray_local, tmp_p
 
 
 def test_progress_lines_show_rate_and_eta_from_the_tracked_loss(tmp_path):
-    from pipelines.train_progress import TrainingProgress, progress_line
+    from pipelines.training.progress import TrainingProgress, progress_line
 
     assert progress_line(40, 80, 1.2345, 12.3) == "train step 40/80 (50 %): loss 1.234, 12.3 s/step, ETA 8m12s"
     assert progress_line(1, 80, 2.0, None) == "train step 1/80 (1 %): loss 2.000"

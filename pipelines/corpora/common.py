@@ -67,6 +67,18 @@ def balanced_take(queues: dict[str, list[T]], n: int, accept: Callable[[T], bool
     return taken
 
 
+
+def balanced_subset(records: Sequence[dict], n: int | None) -> list[dict]:
+    """Up to ``n`` records taken round-robin over labels in file order (all when ``n`` is None),
+    so a small evaluation keeps the held-out split's class balance."""
+    if n is None or n >= len(records):
+        return list(records)
+    by_label: dict[str, list[dict]] = {}
+    for record in records:
+        by_label.setdefault(record["label"], []).append(record)
+    return balanced_take(by_label, n)
+
+
 def llava_record(record_id: str, image: str, question: str, answer: str, **extra) -> dict:
     """One LLaVA-style sample (the format ``pipelines.preprocess`` reads); extra keys ride along."""
     return {

@@ -170,8 +170,8 @@ def load_records(out_dir: str | Path, name: str, split: str) -> list[dict]:
 
 def record_messages(record: dict) -> list[dict]:
     """HF chat messages for a record, through the same reader ``pipelines.preprocess`` uses."""
-    from pipelines.corpus import conversation_turns
-    from pipelines.samples import chat_messages
+    from pipelines.preprocessing.corpus import conversation_turns
+    from pipelines.preprocessing.samples import chat_messages
 
     return chat_messages(conversation_turns(record["conversations"]))
 

@@ -6,10 +6,13 @@ tasks can be averaged: pruned / full for accuracies, full / pruned for losses.
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Sequence
 
+from autoselect.config import validate_budget
 from pipelines.evaluation.methods import AUTOSELECT, AUTOSELECT_VARIANT, FULL, Method
 from pipelines.evaluation.oracle import ORACLE
 from pipelines.evaluation.stats import stderr_of_mean
@@ -29,6 +32,19 @@ class Budget:
     label: str  # as given on the command line: "64", "0.25", "1/9"
     value: int | float
     k: int  # visual tokens kept per image for this backbone's N
+
+
+def parse_budget(text: str) -> int | float:
+    """``"28"`` -> K = 28 tokens; ``"0.25"`` or ``"1/9"`` -> a ratio of N."""
+    try:
+        value: int | float = int(text) if text.strip().isdigit() else float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"budget {text!r} is neither an int K nor a ratio such as 0.25 or 1/9") from None
+    try:
+        validate_budget(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def retention(task: Task, full: float, pruned: float) -> float | None:

@@ -23,7 +23,7 @@ from autoselect.placeholders import IGNORE_INDEX, prune_placeholders
 from autoselect.pruned import Selection
 from pipelines.evaluation.methods import Method
 from pipelines.evaluation.tasks import Example, Task, TaskContext, load_tasks
-from pipelines.samples import chat_messages
+from pipelines.preprocessing.samples import chat_messages
 
 SCORING = {
     "choice": "accuracy: argmax over the choices of the summed log-probability of the full answer turn "

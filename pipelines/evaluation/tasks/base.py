@@ -148,7 +148,7 @@ def record_image(ctx: TaskContext, record: dict) -> Image.Image:
 
 def record_example(ctx: TaskContext, record: dict) -> Example:
     """An exported LLaVA record's first turn, read as ``pipelines.preprocess`` reads it."""
-    from pipelines.corpus import conversation_turns
+    from pipelines.preprocessing.corpus import conversation_turns
 
     question, answer = conversation_turns(record["conversations"])[0]
     return Example(record["id"], record_image(ctx, record), question, answer)

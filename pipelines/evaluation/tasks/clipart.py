@@ -3,14 +3,13 @@ over the exported categories), on the held-out split, category-balanced under ``
 
 from __future__ import annotations
 
+from pipelines.corpora.common import balanced_subset
 from pipelines.evaluation.tasks.base import Task, TaskContext, heldout_records, manifest_choices, record_example
 
 NAME = "clipart_category"
 
 
 def load(ctx: TaskContext) -> Task:
-    from pipelines.align.evaluate import balanced_subset  # imported on use: only this task needs the alignment package
-
     records = heldout_records(ctx, "openclipart")
     choices = manifest_choices(ctx, "clipart_category")
     chosen = balanced_subset(records, ctx.size(len(records)))

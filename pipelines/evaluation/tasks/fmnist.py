@@ -3,14 +3,13 @@ on the held-out split of the packaged corpora (class-balanced when ``--limit`` c
 
 from __future__ import annotations
 
+from pipelines.corpora.common import balanced_subset
 from pipelines.evaluation.tasks.base import Task, TaskContext, heldout_records, manifest_choices, record_example
 
 NAME = "fmnist_vqa"
 
 
 def load(ctx: TaskContext) -> Task:
-    from pipelines.align.evaluate import balanced_subset  # imported on use: only this task needs the alignment package
-
     records = heldout_records(ctx, "fashion_mnist")
     choices = manifest_choices(ctx, "fmnist_class")
     chosen = balanced_subset(records, ctx.size(len(records)))

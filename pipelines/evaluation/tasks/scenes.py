@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from pipelines.corpora.common import balanced_subset
 from pipelines.corpora.scenes import GARMENT_TASK
 from pipelines.evaluation.tasks.base import Task, TaskContext, heldout_records, manifest_choices, record_example
 
@@ -17,8 +18,6 @@ NAME = "scenes_garment"
 
 
 def load(ctx: TaskContext) -> Task:
-    from pipelines.align.evaluate import balanced_subset  # imported on use: only these tasks need the alignment package
-
     records = [r for r in heldout_records(ctx, "scenes") if r["task"] == GARMENT_TASK]
     choices = manifest_choices(ctx, GARMENT_TASK)
     chosen = balanced_subset(records, ctx.size(len(records)))

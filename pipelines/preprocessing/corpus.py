@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 import ray.data
 
 from mlops import storage
-from pipelines.samples import BAD_RECORD, EMPTY_TEXT, MISSING_IMAGE, Rejected, chat_messages
+from pipelines.preprocessing.samples import BAD_RECORD, EMPTY_TEXT, MISSING_IMAGE, Rejected, chat_messages
 
 FORMATS = ("llava", "parquet", "webdataset")
 SUFFIX_FORMATS = {".json": "llava", ".jsonl": "llava", ".parquet": "parquet", ".tar": "webdataset"}

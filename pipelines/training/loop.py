@@ -26,9 +26,9 @@ from autoselect import AutoSelectModel
 from autoselect.data import collate
 from autoselect.training import compute_loss, lr_schedule
 from mlops import backbone
-from pipelines.config_io import from_mapping
-from pipelines.shards import example_from_row
-from pipelines.train_config import TrainConfig
+from pipelines.training.config_io import from_mapping
+from pipelines.preprocessing.shards import example_from_row
+from pipelines.training.config import TrainConfig
 
 CHECKPOINT_TAG = "state"
 AUTOSELECT_DIR = "autoselect"

@@ -7,10 +7,10 @@ standard error, and the paired difference sampled - per-budget (same examples). 
 ``--seeds`` a scorer that samples at inference (``inference.noise``) is measured under each
 ``inference.seed`` and the seeds are averaged, so no lucky seed decides the comparison.
 
-    python bench/budget_sampling_mini_llava.py --tracking-uri sqlite:///outputs/mlflow.db \
+    python experiments/budget_sampling_mini_llava.py --tracking-uri sqlite:///outputs/mlflow.db \
         --sampled models:/autoselect-mini-llava-results/2 \
         --per-budget 28=models:/autoselect-mini-llava-results/1 85=models:/autoselect-mini-llava-results/3 \
-        --limit 200 --seeds 0 1 2 --out docs/budget_sampling_mini_llava.json
+        --limit 200 --seeds 0 1 2 --out experiments/results/budget_sampling_mini_llava.json
 """
 
 from __future__ import annotations
@@ -24,16 +24,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from autoselect.backbones import get_adapter  # noqa: E402
-from autoselect.pruners import build_pruner  # noqa: E402
-from mlops.backbone import load_autoselect, load_vlm_and_processor  # noqa: E402
-from pipelines.evaluation.methods import PreLLM  # noqa: E402
-from pipelines.evaluation.report import paired_difference  # noqa: E402
-from pipelines.evaluation.runner import evaluate_task  # noqa: E402
-from pipelines.evaluation.scoring import heldout_task  # noqa: E402
-from pipelines.evaluation.stats import stderr_of_mean  # noqa: E402
+from autoselect.backbones import get_adapter
+from autoselect.pruners import build_pruner
+from mlops.backbone import load_autoselect, load_vlm_and_processor
+from pipelines.evaluation.methods import PreLLM
+from pipelines.evaluation.report import paired_difference
+from pipelines.evaluation.runner import evaluate_task
+from pipelines.evaluation.scoring import heldout_task
+from pipelines.evaluation.stats import stderr_of_mean
 
 
 def per_budget(text: str) -> tuple[int, str]:

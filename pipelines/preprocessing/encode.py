@@ -16,14 +16,14 @@ from PIL import Image
 from autoselect.data import encode_example
 from mlops import storage
 from mlops.backbone import load_processor
-from pipelines import shards
-from pipelines.samples import (
+from pipelines.preprocessing import shards
+from pipelines.preprocessing.samples import (
     ENCODE_ERROR, MISSING_IMAGE, TOO_LONG, Rejected, chat_messages, check_messages, decode_image,
 )
 
 
 class Encoder:
-    """``map_batches`` UDF over sample rows (see ``pipelines.corpus``), pyarrow in and out."""
+    """``map_batches`` UDF over sample rows (see ``pipelines.preprocessing.corpus``), pyarrow in and out."""
 
     def __init__(self, model: str, max_length: int, image_fs: pafs.FileSystem):
         self.processor = load_processor(model)

@@ -6,25 +6,22 @@ bad ones. Every scorer trains the same number of steps on the same batches; held
 and loss are measured at every budget. The budget-sampled scorer passes if it is within
 ``--tolerance`` points of the per-budget scorer at every budget.
 
-    python bench/budget_sampling.py [--steps 200] [--budgets 1 2 4 8]
+    python experiments/budget_sampling.py [--steps 200] [--budgets 1 2 4 8]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from autoselect import AutoSelectConfig, AutoSelectModel, ScoreMass, TrainingOptions  # noqa: E402
-from autoselect.testing import build_tiny_llava  # noqa: E402
-from autoselect.testing.synthetic import answer_accuracy, marker_batches, teach_vlm_markers  # noqa: E402
-from autoselect.training import train  # noqa: E402
+from autoselect import AutoSelectConfig, AutoSelectModel, ScoreMass, TrainingOptions
+from autoselect.testing import build_tiny_llava
+from autoselect.testing.synthetic import answer_accuracy, marker_batches, teach_vlm_markers
+from autoselect.training import train
 
 
 def evaluate(model: AutoSelectModel, held_out: dict, budget) -> dict:

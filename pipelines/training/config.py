@@ -18,7 +18,7 @@ from autoselect import AutoSelectConfig
 from autoselect.training import LR_SCHEDULES
 from mlops.backbone import TINY_LLAVA
 from mlops.tracking import MlflowSection, resolve_tracking_uri
-from pipelines.config_io import from_mapping, set_dotted
+from pipelines.training.config_io import from_mapping, set_dotted
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 

@@ -5,7 +5,7 @@ Why: `model.dtype: auto` runs the frozen VLM in bf16 only where the CPU has nati
 the ratio bf16 time / float32 time for the SmolLM2-135M MLP and attention projections over one
 training row (256 visual + ~40 text tokens), interleaved, medians after a warm-up.
 
-    python bench/cpu_dtype.py [--threads 1] [--repeats 5]
+    python experiments/cpu_dtype.py [--threads 1] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -15,13 +15,10 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from mlops.backbone import cpu_has_native_bf16, resolve_dtype  # noqa: E402
+from mlops.backbone import cpu_has_native_bf16, resolve_dtype
 
 # (rows, inner, outer): SmolLM2-135M (hidden 576, MLP 1536) over 296 tokens
 SHAPES = {"mlp_up": (296, 576, 1536), "mlp_down": (296, 1536, 576), "attn_qkv": (296, 576, 960)}

@@ -7,7 +7,7 @@ near-zero one; the training path with all N tokens kept (what the denoiser does 
 A large gap between "train path, tau -> 0" and "inference, hard top-K" means the scorer is trained
 on a sequence the LLM never sees at inference (see `AutoSelectConfig.training.gate_attention`).
 
-    python bench/train_inference_gap.py --model .cache/backbones/mini-llava-aligned \
+    python experiments/train_inference_gap.py --model .cache/backbones/mini-llava-aligned \
         --autoselect models:/autoselect-mini-llava-results/1 [--limit 40]
 """
 
@@ -22,13 +22,11 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from autoselect import AutoSelectModel  # noqa: E402
-from autoselect.pruners.random import RandomPruner  # noqa: E402
-from mlops.backbone import load_autoselect, load_vlm_and_processor  # noqa: E402
-from pipelines.evaluation.scoring import encode_rows, heldout_task  # noqa: E402
-from pipelines.evaluation.tasks.base import Example  # noqa: E402
+from autoselect import AutoSelectModel
+from autoselect.pruners.random import RandomPruner
+from mlops.backbone import load_autoselect, load_vlm_and_processor
+from pipelines.evaluation.scoring import encode_rows, heldout_task
+from pipelines.evaluation.tasks.base import Example
 
 NEAR_ZERO = 1e-4
 

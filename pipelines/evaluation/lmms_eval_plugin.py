@@ -26,14 +26,14 @@ from tqdm import tqdm
 from autoselect.data import encode_example
 from autoselect.placeholders import IGNORE_INDEX
 from mlops.backbone import load_autoselect, load_vlm_and_processor
-from pipelines.evaluate import parse_budget
+from pipelines.evaluation.report import parse_budget
 
 
 def manifest():
     """The ``lmms_eval.models`` entry point: the model name and where its class lives."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return ModelManifest(model_id="autoselect", simple_class_path="pipelines.lmms_eval_plugin.AutoSelectLMMS",
+    return ModelManifest(model_id="autoselect", simple_class_path="pipelines.evaluation.lmms_eval_plugin.AutoSelectLMMS",
                          aliases=("autoselect_pruned",))
 
 

@@ -7,7 +7,7 @@ each under both position policies. If the "obvious" subsets lose to random, the 
 image from the mix of tokens, not from the object alone, and a query-agnostic top-K ranking has
 little to gain over random on this backbone.
 
-    python bench/fixed_selections.py [--model .cache/backbones/mini-llava-aligned] [--budget 28] [--limit 40]
+    python experiments/fixed_selections.py [--model .cache/backbones/mini-llava-aligned] [--budget 28] [--limit 40]
 """
 
 from __future__ import annotations
@@ -15,20 +15,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from autoselect.pruned import PrunedVLM, Selection  # noqa: E402
-from autoselect.selection import topk_indices  # noqa: E402
-from mlops.backbone import load_vlm_and_processor  # noqa: E402
-from train_inference_gap import add_heldout_arguments, heldout_batches, mean_loss, report  # noqa: E402
+from autoselect.pruned import PrunedVLM, Selection
+from autoselect.selection import topk_indices
+from mlops.backbone import load_vlm_and_processor
+from train_inference_gap import add_heldout_arguments, heldout_batches, mean_loss, report
 
 Rule = Callable[[torch.Tensor, dict[str, Any], torch.Generator], torch.Tensor]
 
