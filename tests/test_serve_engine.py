@@ -241,6 +241,17 @@ def prefill_lengths(monkeypatch, backbone) -> tuple[list[list[int]], object]:
     return calls, handle
 
 
+def run_recording_prefill(monkeypatch, backbone, jobs) -> tuple[list, list[list[int]]]:
+    """``run_batch`` on ``jobs`` (none may fail) and the prompt lengths each ``generate`` prefilled."""
+    calls, handle = prefill_lengths(monkeypatch, backbone)
+    try:
+        results = run_batch(jobs, backbone, InlineLoop())
+    finally:
+        handle.remove()
+    assert all(not isinstance(r, Exception) for r in results), results
+    return results, calls
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3"])
 def test_every_family_batches_two_requests_through_the_engine(family, monkeypatch):
     """Per-token tensors (Qwen's ``mm_token_type_ids``, Gemma 3's ``token_type_ids``) lose their
@@ -252,12 +263,7 @@ def test_every_family_batches_two_requests_through_the_engine(family, monkeypatc
     jobs = [Job(prepare(request(text=text), scorer, backbone, ImageLoader(ARGS.images), ARGS))
             for text in ("What is in the image?", "Describe it.")]
     assert jobs[0].prepared.group_key == jobs[1].prepared.group_key
-    calls, handle = prefill_lengths(monkeypatch, backbone)
-    try:
-        results = run_batch(jobs, backbone, InlineLoop())
-    finally:
-        handle.remove()
-    assert all(not isinstance(r, Exception) for r in results), results
+    results, calls = run_recording_prefill(monkeypatch, backbone, jobs)
     assert [r.batch_size for r in results] == [2, 2] and all(r.completion_tokens > 0 for r in results)
     assert calls == [[r.prompt_tokens for r in results]]
     assert all(r.kept == tuple(p.k for p in r.prepared.plan) for r in results)
@@ -281,12 +287,7 @@ def test_two_images_of_different_sizes_keep_their_own_k_and_usage_counts_the_pre
     assert jobs[0].prepared.tokens_total == 52 and jobs[0].prepared.kept_total == 26
     assert jobs[0].prepared.kept_per_image is None and jobs[2].prepared.kept_per_image == 8
     assert jobs[0].prepared.group_key == jobs[1].prepared.group_key != jobs[2].prepared.group_key
-    calls, handle = prefill_lengths(monkeypatch, backbone)
-    try:
-        results = run_batch(jobs, backbone, InlineLoop())
-    finally:
-        handle.remove()
-    assert all(not isinstance(r, Exception) for r in results), results
+    results, calls = run_recording_prefill(monkeypatch, backbone, jobs)
     assert [r.kept for r in results] == [(8, 18), (8, 18), (8, 8)]
     assert [r.batch_size for r in results] == [2, 2, 1]
     assert calls == [[results[0].prompt_tokens, results[1].prompt_tokens], [results[2].prompt_tokens]]
