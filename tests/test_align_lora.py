@@ -225,3 +225,20 @@ def test_cli_lora_flags(tmp_path):
     assert lora_settings(parse(["--init-lora", str(tmp_path)]))["lora_rank"] == 2
     with pytest.raises(SystemExit):
         lora_settings(parse(["--init-lora", str(tmp_path), "--lora-rank", "8"]))
+
+
+def test_freezing_in_bf16_keeps_the_projectors_exact_float32_weights():
+    """Continuing from a float32 projector (``--init-projector``) must not round it through bf16."""
+    from pipelines.align.train import freeze_all_but_projector
+
+    vlm, _ = build_tiny_llava(seed=0)
+    projector = projector_module(vlm)
+    with torch.no_grad():
+        for p in projector.parameters():
+            p.add_(1e-4 * torch.randn_like(p))  # values bf16 cannot hold exactly
+    before = {k: v.clone() for k, v in projector.state_dict().items()}
+    assert any(not torch.equal(v, v.to(torch.bfloat16).float()) for v in before.values())
+    params = freeze_all_but_projector(vlm, torch.bfloat16)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in params)
+    assert all(torch.equal(projector.state_dict()[k], v) for k, v in before.items())
+    assert vlm.model.language_model.embed_tokens.weight.dtype == torch.bfloat16

@@ -96,10 +96,13 @@ def answer_loss(vlm, batch: dict[str, torch.Tensor], projected: torch.Tensor) ->
 
 
 def freeze_all_but_projector(vlm, compute_dtype: torch.dtype) -> list[torch.nn.Parameter]:
-    """Everything frozen in ``compute_dtype``; the projector trainable in float32."""
+    """Everything frozen in ``compute_dtype``; the projector trainable in float32, with the exact
+    float32 weights it had (a projector loaded to continue from is not rounded through bf16)."""
     vlm.requires_grad_(False)
+    projector = projector_module(vlm)
+    weights = {k: v.detach().to(torch.float32, copy=True) for k, v in projector.state_dict().items()}
     vlm.to(compute_dtype)
-    projector = projector_module(vlm).to(torch.float32)
+    projector.to(torch.float32).load_state_dict(weights)
     projector.requires_grad_(True)
     return list(projector.parameters())
 
