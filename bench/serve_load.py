@@ -1,12 +1,13 @@
 """Bounded concurrent load on the Serve app: full budget vs pruned budget (N/9) in one run.
 
-Each round runs one phase per budget (order alternating between rounds, so drift on a shared
-machine hits both alike): ``--requests`` chat completions with one image each, from
-``--concurrency`` client threads. Reports requests/s, p50/p95 latency and prompt tokens per
-budget, and pruned/full ratios, as JSON and a markdown table.
+For each client concurrency (``--concurrency 1,8,32``), each round runs one phase per budget
+(order alternating between rounds, so drift on a shared machine hits both alike): at least
+``--requests`` chat completions with one image each (never fewer than two per client thread),
+from that many client threads. Reports requests/s, p50/p95 latency and prompt tokens per budget
+and concurrency, and the pruned/full ratios, as JSON and a markdown table.
 
-    python bench/serve_load.py                                     # starts its own app (tiny LLaVA, throwaway registry)
-    python bench/serve_load.py --backbone .cache/backbones/mini-llava
+    python bench/serve_load.py                                     # mini-LLaVA app started here (throwaway registry)
+    python bench/serve_load.py --backbone autoselect-testing/tiny-llava --concurrency 4
     python bench/serve_load.py --url http://127.0.0.1:8000 --model autoselect-scorer [--api-key KEY]
 """
 
@@ -31,6 +32,8 @@ from typing import Iterator
 import numpy as np
 import requests
 from PIL import Image
+
+from mlops.backbone import cpu_has_native_bf16
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,23 +111,25 @@ def summarise(phases: list[dict]) -> dict:
     }
 
 
-def run(url: str, model: str, api_key: str | None, budgets: dict[str, float], args) -> dict:
+def run(url: str, model: str, api_key: str | None, budgets: dict[str, float], concurrency: int, args) -> dict:
+    """One concurrency level: warm-up, then ``args.rounds`` rounds of one phase per budget."""
+    requests_ = max(args.requests, 2 * concurrency)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     payloads = {name: {"model": model, "temperature": 0, "max_tokens": args.max_tokens, "autoselect": {"budget": budget},
                        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url()}},
                                                                  {"type": "text", "text": "Describe the picture."}]}]}
                 for name, budget in budgets.items()}
     for name, payload in payloads.items():  # warm-up (and fail fast on a bad URL/model/key)
-        phase(url, payload, headers, args.concurrency, args.concurrency)
+        phase(url, payload, headers, concurrency, concurrency)
     phases: dict[str, list[dict]] = {name: [] for name in budgets}
     for round_ in range(args.rounds):
         order = list(budgets) if round_ % 2 == 0 else list(reversed(budgets))
         for name in order:
-            phases[name].append(phase(url, payloads[name], headers, args.requests, args.concurrency))
+            phases[name].append(phase(url, payloads[name], headers, requests_, concurrency))
     stats = {name: {"budget": budgets[name], **summarise(p)} for name, p in phases.items()}
     full, pruned = stats["full"], stats["pruned"]
     return {
-        "url": url, "model": model, "concurrency": args.concurrency, "requests_per_phase": args.requests,
+        "url": url, "model": model, "concurrency": concurrency, "requests_per_phase": requests_,
         "rounds": args.rounds, "max_tokens": args.max_tokens, "budgets": stats,
         "throughput_ratio_pruned_over_full": pruned["requests_per_s"] / full["requests_per_s"],
         "p50_latency_ratio_full_over_pruned": full["p50_ms"] / pruned["p50_ms"],
@@ -132,16 +137,18 @@ def run(url: str, model: str, api_key: str | None, budgets: dict[str, float], ar
     }
 
 
-def table(result: dict) -> str:
-    lines = ["| budget | visual tokens | prompt tokens | req/s | p50 ms | p95 ms | mean batch |", "|---|---|---|---|---|---|---|"]
-    for name, s in result["budgets"].items():
-        lines.append(f"| {name} ({s['budget']:.4g}) | {s['visual_tokens']} | {s['prompt_tokens']} | {s['requests_per_s']:.2f} "
-                     f"| {s['p50_ms']:.0f} | {s['p95_ms']:.0f} | {s['mean_batch_size']:.2f} |")
-    lines.append(f"\npruned/full throughput {result['throughput_ratio_pruned_over_full']:.2f}x, "
-                 f"p50 latency full/pruned {result['p50_latency_ratio_full_over_pruned']:.2f}x, "
-                 f"prompt tokens full/pruned {result['prompt_token_ratio_full_over_pruned']:.2f}x "
-                 f"(concurrency {result['concurrency']}, {result['rounds']} rounds x {result['requests_per_phase']} requests, "
-                 f"max_tokens {result['max_tokens']})")
+def table(results: list[dict]) -> str:
+    lines = ["| concurrency | budget | visual tokens | prompt tokens | req/s | p50 ms | p95 ms | mean batch | pruned/full req/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for result in results:
+        for name, s in result["budgets"].items():
+            ratio = f"**{result['throughput_ratio_pruned_over_full']:.2f}x**" if name == "pruned" else ""
+            lines.append(f"| {result['concurrency']} | {name} ({s['budget']:.4g}) | {s['visual_tokens']} | {s['prompt_tokens']} "
+                         f"| {s['requests_per_s']:.2f} | {s['p50_ms']:.0f} | {s['p95_ms']:.0f} | {s['mean_batch_size']:.2f} | {ratio} |")
+    first = results[0]
+    lines.append(f"\n{first['rounds']} rounds per concurrency, max_tokens {first['max_tokens']}; requests per phase: "
+                 + ", ".join(f"{r['requests_per_phase']} at {r['concurrency']}" for r in results)
+                 + f"; worst pruned/full throughput {min(r['throughput_ratio_pruned_over_full'] for r in results):.2f}x")
     return "\n".join(lines)
 
 
@@ -150,28 +157,37 @@ def main() -> None:
     parser.add_argument("--url", help="a running app; default: start one here")
     parser.add_argument("--model", default="autoselect-scorer", help="served model id (with --url)")
     parser.add_argument("--api-key", default=os.environ.get("AUTOSELECT_API_KEY"))
-    parser.add_argument("--backbone", default="autoselect-testing/tiny-llava", help="for the app started here")
+    parser.add_argument("--backbone", default=".cache/backbones/mini-llava",
+                        help="for the app started here (default: the mini-LLaVA that `make demo` builds)")
     parser.add_argument("--pruned-budget", default="1/9", help="ratio of N kept in the pruned phase (default: %(default)s)")
-    parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--requests", type=int, default=24, help="per phase")
+    parser.add_argument("--concurrency", default="1,8,32", help="client threads, one level or a comma list (default: %(default)s)")
+    parser.add_argument("--requests", type=int, default=16, help="per phase, at least 2 x concurrency (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--max-batch-size", type=int, default=8, help="for the app started here")
     parser.add_argument("--json-out", help="also write the JSON result here")
     args = parser.parse_args()
+    try:
+        levels = [int(level) for level in args.concurrency.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        parser.error(f"--concurrency wants positive integers, got {args.concurrency!r}")
     budgets = {"full": 1.0, "pruned": float(Fraction(args.pruned_budget))}
     if Path(args.backbone).exists():  # replicas do not share our working directory
         args.backbone = str(Path(args.backbone).resolve())
 
     with contextlib.ExitStack() as stack:
         url, model = (args.url.rstrip("/"), args.model) if args.url else stack.enter_context(local_app(args.backbone, args.max_batch_size))
-        result = run(url, model, args.api_key, budgets, args)
-    if not args.url:
-        result["backbone"] = args.backbone
-    print(json.dumps(result, indent=2))
-    print(table(result))
+        results = [run(url, model, args.api_key, budgets, level, args) for level in levels]
+    report = {"backbone": None if args.url else args.backbone, "max_batch_size": None if args.url else args.max_batch_size,
+              "cpu_native_bf16": cpu_has_native_bf16(), "cpus": os.cpu_count(),
+              "levels": results,
+              "worst_throughput_ratio_pruned_over_full": min(r["throughput_ratio_pruned_over_full"] for r in results)}
+    print(json.dumps(report, indent=2))
+    print(table(results))
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2))
+        Path(args.json_out).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ class PreprocessConfig:
     fields: dict[str, str] = field(default_factory=dict)
     caption_prompt: str | None = None
     fraction: float = 1.0  # keep this share of the samples, chosen by a hash of their ids
+    tasks: list[str] | None = None  # keep only records whose task field is one of these
     max_length: int = 2048
     s3_endpoint: str | None = None
     concurrency: int = 1
@@ -64,6 +65,10 @@ class PreprocessConfig:
                 raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
         if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1:
             raise ValueError(f"fraction: must be in (0, 1], got {self.fraction!r}")
+        if isinstance(self.tasks, str):
+            self.tasks = [self.tasks]
+        if self.tasks is not None and (not self.tasks or not all(isinstance(t, str) and t for t in self.tasks)):
+            raise ValueError(f"tasks: expected a non-empty list of task names, got {self.tasks!r}")
         if not isinstance(self.fields, dict):
             raise ValueError("fields: expected a mapping of NAME: COLUMN")
         RecordSpec.from_mapping(self.fields)  # unknown field names fail here, before Ray starts
@@ -76,7 +81,8 @@ def run(config: PreprocessConfig) -> dict[str, Any]:
     spec = RecordSpec.from_mapping(config.fields, config.caption_prompt)
     out_fs, out_path = storage.resolve(config.output, config.s3_endpoint)
     storage.prepare_output(out_fs, out_path, config.overwrite)
-    corpus = read_corpus(fmt, config.input, spec, config.image_root, config.s3_endpoint).subset(config.fraction)
+    corpus = read_corpus(fmt, config.input, spec, config.image_root, config.s3_endpoint)
+    corpus = corpus.subset(config.fraction).only_tasks(config.tasks)
 
     rows_in = corpus.records.count()  # a separate, cheap pass: no image is fetched or decoded
     if rows_in == 0:
@@ -101,6 +107,7 @@ def run(config: PreprocessConfig) -> dict[str, Any]:
         "format": fmt,
         "input": config.input,
         "fraction": config.fraction,
+        "tasks": config.tasks,
         "data": storage.to_uri(out_fs, data_dir),
         "quarantine": storage.to_uri(out_fs, quarantine_dir),
         "rows_in": rows_in,
@@ -138,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--fraction", type=float,
         help="keep this share of the samples, e.g. 0.1; chosen by a hash of each sample's id, so the same "
         "ids on every run and for every backbone (default 1: all); rows_in counts the kept samples")
+    add("--tasks", nargs="+", metavar="TASK",
+        help="keep only records whose task field (--field task=COLUMN; default 'task') is one of these, e.g. "
+        "scenes_caption; records already rejected are kept, so they are still counted (default: every record)")
     add("--max-length", dest="max_length", type=int,
         help=f"samples with more tokens are quarantined (default {default['max_length']})")
     add("--s3-endpoint", dest="s3_endpoint",

@@ -345,6 +345,29 @@ def test_fraction_keeps_the_samples_whose_id_hashes_into_it(ray_local, tiny_llav
     assert stats["fraction"] == 0.3 and stats["rows_in"] == len(kept) and len(data) == len(kept) - len(kept & set(ids[::5]))
 
 
+def test_tasks_keep_only_those_records_and_every_rejected_one(ray_local, tiny_llava_dir, tmp_path):
+    """``tasks`` selects records by their task field (the scenes export holds a garment question and
+    a caption per image); a broken line has no task and is still quarantined and counted."""
+    images = tmp_path / "corpus" / "images"
+    images.mkdir(parents=True)
+    (images / "red.jpg").write_bytes(JPEG)
+    records = [{**llava(f"{n}-{task}", "images/red.jpg", "<image>\nWhat is it?", "A red square."), "task": task}
+               for n in range(3) for task in ("scenes_caption", "scenes_garment")]
+    records.append(llava("no-task", "images/red.jpg", "<image>\nWhat is it?", "A red square."))
+    lines = [json.dumps(record) for record in records] + ['{"id": "cut-off", "task": "scenes_cap']
+    (tmp_path / "corpus" / "scenes.jsonl").write_text("\n".join(lines) + "\n")
+    argv = ["--input", str(tmp_path / "corpus" / "scenes.jsonl"), "--output", str(tmp_path / "out"),
+            "--model", str(tiny_llava_dir), "--max-length", str(MAX_LENGTH), "--tasks", "scenes_caption"]
+    assert main(argv) == 0
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    expected = {f"{n}-scenes_caption": "ok" for n in range(3)} | {"scenes.jsonl:7": "bad_record"}
+    check_run(stats, expected, pafs.LocalFileSystem(), str(tmp_path / "out"))
+    assert stats["tasks"] == ["scenes_caption"]
+    for bad in ([], [""], [3]):
+        with pytest.raises(ValueError, match="tasks"):
+            PreprocessConfig(input=["a.json"], output="o", model="m", tasks=bad)
+
+
 def test_in_subset_is_a_stable_nested_share_of_ids():
     ids = [f"n{n:08d}_{n}" for n in range(20000)]
     tenth, fifth = ({i for i in ids if in_subset(i, f)} for f in (0.1, 0.2))

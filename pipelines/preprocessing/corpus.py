@@ -20,7 +20,7 @@ import json
 import math
 import posixpath
 from dataclasses import dataclass, fields
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import pyarrow.fs as pafs
 import ray.data
@@ -44,6 +44,7 @@ class RecordSpec:
     question: str = "question"
     answer: str = "answer"
     caption: str = "caption"  # used when there is no conversation and no question/answer
+    task: str = "task"  # optional; what ``tasks`` in the preprocess config selects on
     caption_prompt: str = "Write a short caption for the image."
 
     @classmethod
@@ -75,6 +76,14 @@ class Corpus:
         samples = self.samples.filter(keep_sample, fn_kwargs={"fraction": fraction})
         return Corpus(samples=samples, records=samples, image_fs=self.image_fs)
 
+    def only_tasks(self, tasks: Sequence[str] | None) -> "Corpus":
+        """Only the samples of ``tasks`` (e.g. the captions of a corpus that also has questions), and
+        every record already rejected, so a broken line is still quarantined and counted."""
+        if not tasks:
+            return self
+        samples = self.samples.filter(keep_task, fn_kwargs={"tasks": frozenset(tasks)})
+        return Corpus(samples=samples, records=samples, image_fs=self.image_fs)
+
 
 def in_subset(sample_id: str, fraction: float) -> bool:
     """Whether a sample is in the ``fraction`` subset: a hash of its id, not its position, so every
@@ -88,6 +97,10 @@ def in_subset(sample_id: str, fraction: float) -> bool:
 
 def keep_sample(row: Mapping[str, Any], fraction: float) -> bool:
     return in_subset(row["id"], fraction)
+
+
+def keep_task(row: Mapping[str, Any], tasks: frozenset[str]) -> bool:
+    return bool(row["reason"]) or row["task"] in tasks
 
 
 def infer_format(uri: str) -> str:
@@ -134,6 +147,8 @@ def sample_from_record(
     """The sample row for one record; problems found here become ``reason``/``detail``."""
     record_id = record.get(spec.id)
     sample = _empty_sample(str(record_id) if _present(record_id) else fallback_id, source)
+    task = record.get(spec.task)
+    sample["task"] = str(task) if _present(task) else ""
     try:
         sample["messages"] = json.dumps(chat_messages(record_turns(record, spec)))
         image = image_reference(record.get(spec.image), image_root)
@@ -273,7 +288,8 @@ def _json_records(text: str) -> list[Any]:
 
 def _empty_sample(sample_id: str, source: str) -> dict:
     return {
-        "id": sample_id, "source": source, "image": b"", "image_path": "", "messages": "[]", "reason": "", "detail": "",
+        "id": sample_id, "source": source, "task": "", "image": b"", "image_path": "", "messages": "[]", "reason": "",
+        "detail": "",
     }
 
 
