@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    from autoselect.convert.aligned import build_aligned_mini_llava
+    from minillava.aligned import build_aligned_mini_llava
     from pipelines.corpora import DEFAULT_OUT, export_corpora
 
     from mlops.tracking import resolve_tracking_uri

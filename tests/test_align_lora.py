@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from autoselect.backbones import get_adapter
-from autoselect.convert.aligned import load_projector, projector_module, save_projector
+from minillava.aligned import load_projector, projector_module, save_projector
 from autoselect.data import encode_example
 from autoselect.testing import build_tiny_llava
 from pipelines.align.features import EncodedRecords

@@ -17,10 +17,10 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration, LlavaProcessor
 
 from autoselect import AutoSelectConfig, AutoSelectModel
-from autoselect.convert import build_mini_llava, cached_build, load_dinov2, load_gguf, onnx_backbone_features, read_manifest
-from autoselect.convert.assets import file_sha256
-from autoselect.convert.dinov2_onnx import locate_onnx
-from autoselect.convert.smollm2_gguf import locate_gguf
+from minillava import build_mini_llava, cached_build, load_dinov2, load_gguf, onnx_backbone_features, read_manifest
+from minillava.assets import file_sha256
+from minillava.dinov2_onnx import locate_onnx
+from minillava.smollm2_gguf import locate_gguf
 from autoselect.data import encode_example
 from autoselect.placeholders import IGNORE_INDEX
 
