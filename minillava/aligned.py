@@ -120,19 +120,11 @@ def save_aligned_model(vlm: LlavaForConditionalGeneration, processor: LlavaProce
 DEFAULT_ALIGNED_DIR = Path(DEFAULT_CACHE_DIR) / "mini-llava-aligned"
 
 
-def build_aligned_mini_llava(
-    projector: str | Path = DEFAULT_PROJECTOR,
-    out_dir: str | Path | None = None,
-    cache_dir: str | Path = DEFAULT_CACHE_DIR,
-    force: bool = False,
-    lora: str | Path | None = None,
-) -> Built:
-    """A full model folder of the mini-LLaVA with ``projector`` loaded and ``lora`` (optional)
-    merged into its LM (default ``<cache_dir>/mini-llava-aligned``), rebuilt only when the
-    projector, the adapter or the backbone changed. The manifest records the adapter's sha256,
-    rank, alpha and targets next to the projector's; without an adapter it is what it always was."""
+def aligned_inputs(projector: str | Path, lora: str | Path | None = None) -> dict[str, Any]:
+    """What an aligned build depends on (its manifest's inputs): the projector (by hash) and the
+    backbone it names and, with ``lora``, the adapter's sha256, rank, alpha and targets. Without
+    an adapter this is what it always was, so a folder built before adapters existed is reused."""
     projector = Path(projector)
-    out_dir = Path(out_dir) if out_dir is not None else Path(cache_dir) / DEFAULT_ALIGNED_DIR.name
     inputs = {"projector_sha256": hashlib.sha256(projector.read_bytes()).hexdigest(), "backbone": projector_identity(projector)}
     if lora is not None:
         lora = lora_file(lora)
@@ -140,6 +132,24 @@ def build_aligned_mini_llava(
         _, settings = read_lora(lora)
         inputs["lora"] = {"sha256": hashlib.sha256(lora.read_bytes()).hexdigest(), "rank": settings.rank,
                           "alpha": settings.alpha, "targets": list(settings.targets)}
+    return inputs
+
+
+def build_aligned_mini_llava(
+    projector: str | Path = DEFAULT_PROJECTOR,
+    out_dir: str | Path | None = None,
+    cache_dir: str | Path = DEFAULT_CACHE_DIR,
+    force: bool = False,
+    lora: str | Path | None = None,
+) -> Built:
+    """A full model folder of the mini-LLaVA with ``projector`` loaded and ``lora`` (optional, an
+    ``lm_lora.safetensors`` or its run folder) merged into its LM (default
+    ``<cache_dir>/mini-llava-aligned``), rebuilt only when the projector, the adapter or the
+    backbone changed (``aligned_inputs``)."""
+    projector = Path(projector)
+    lora = lora_file(lora) if lora is not None else None
+    out_dir = Path(out_dir) if out_dir is not None else Path(cache_dir) / DEFAULT_ALIGNED_DIR.name
+    inputs = aligned_inputs(projector, lora)
 
     def build(staging: Path) -> None:
         vlm, processor = load_aligned_mini_llava(projector, cache_dir, lora=lora)
@@ -152,6 +162,7 @@ def build_aligned_mini_llava(
 __all__ = [
     "DEFAULT_ALIGNED_DIR",
     "DEFAULT_PROJECTOR",
+    "aligned_inputs",
     "build_aligned_mini_llava",
     "PROJECTOR",
     "backbone_identity",

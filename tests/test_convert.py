@@ -7,6 +7,7 @@ pipelines use it); a fresh machine converts them on the first run (~20 s).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +18,12 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration, LlavaProcessor
 
 from autoselect import AutoSelectConfig, AutoSelectModel
+from autoselect.data import encode_example
+from autoselect.placeholders import IGNORE_INDEX
 from minillava import build_mini_llava, cached_build, load_dinov2, load_gguf, onnx_backbone_features, read_manifest
 from minillava.assets import file_sha256
 from minillava.dinov2_onnx import locate_onnx
 from minillava.smollm2_gguf import locate_gguf
-from autoselect.data import encode_example
-from autoselect.placeholders import IGNORE_INDEX
 
 CACHE_DIR = Path(__file__).resolve().parents[1] / ".cache" / "backbones"
 PATCH_TOKENS = (224 // 14) ** 2
@@ -166,10 +167,88 @@ def test_cached_build_rebuilds_only_on_new_inputs(tmp_path):
     assert not cached_build(target, {"sha": "a"}, build).rebuilt
     assert cached_build(target, {"sha": "b"}, build).rebuilt
     assert (target / "weights.txt").read_text() == "2" and len(calls) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["part"]  # no staging folders left
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["part"]  # no staging folders left (a lock file stays)
 
     foreign = tmp_path / "someone-elses"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError):
         cached_build(foreign, {"sha": "a"}, build)
+
+
+def test_cached_build_builds_once_when_two_ask_at_the_same_time(tmp_path):
+    """Two Serve replicas (or Train workers) resolving the built-in mini-LLaVA at once: one builds,
+    the other waits on the lock and reuses the folder instead of replacing it under the first."""
+    import threading
+    import time
+
+    calls = []
+
+    def build(directory: Path) -> None:
+        calls.append(directory)
+        time.sleep(0.3)
+        (directory / "weights.txt").write_text("built")
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cached_build(tmp_path / "part", {"sha": "a"}, build))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and sorted(r.rebuilt for r in results) == [False, True]
+    assert (tmp_path / "part" / "weights.txt").read_text() == "built"
+
+
+# ---- the aligned build, with the LM LoRA an alignment run writes ------------------------------
+def _saved_tensor(folder: Path, key: str) -> torch.Tensor:
+    """One tensor of a saved model folder, without loading the model (sharded or not)."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    name = json.loads(index.read_text())["weight_map"][key] if index.is_file() else "model.safetensors"
+    with safe_open(str(folder / name), framework="pt") as handle:
+        return handle.get_tensor(key)
+
+
+def test_the_aligned_build_merges_a_lora_and_records_it(built, tmp_path):
+    from minillava.aligned import DEFAULT_PROJECTOR, aligned_inputs, backbone_identity, build_aligned_mini_llava, projector_identity
+    from minillava.lora import LoraSettings, write_lora
+
+    # without an adapter the manifest is what it always was: folders built before are reused as they are
+    assert aligned_inputs(DEFAULT_PROJECTOR) == {"projector_sha256": file_sha256(DEFAULT_PROJECTOR),
+                                                 "backbone": projector_identity(DEFAULT_PROJECTOR)}
+    identity = backbone_identity(built)
+    assert projector_identity(DEFAULT_PROJECTOR) == identity
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 576, generator=generator), torch.randn(576, 1, generator=generator)  # SmolLM2-135M: width 576
+    key = "layers.0.self_attn.q_proj"
+    adapter = write_lora({f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}, tmp_path / "run" / "lm_lora.safetensors",
+                         identity, LoraSettings(1, 0.5, ("q_proj",)))
+
+    other = write_lora({f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}, tmp_path / "other.safetensors",
+                       {**identity, "smollm2_file_sha256": "0" * 64}, LoraSettings(1, 0.5, ("q_proj",)))
+    with pytest.raises(ValueError, match="trained against another mini-LLaVA backbone than the projector"):
+        build_aligned_mini_llava(DEFAULT_PROJECTOR, tmp_path / "refused", CACHE_DIR, lora=other)
+    assert not (tmp_path / "refused").exists()  # refused before anything was built
+
+    result = build_aligned_mini_llava(DEFAULT_PROJECTOR, tmp_path / "aligned", CACHE_DIR, lora=tmp_path / "run")  # the run folder
+    assert result.rebuilt and read_manifest(result.path)["inputs"]["lora"] == {
+        "sha256": file_sha256(adapter), "rank": 1, "alpha": 0.5, "targets": ["q_proj"]}
+    base = built["mini_llava"].path
+    weight = f"model.language_model.{key}.weight"
+    expected = _saved_tensor(base, weight) + 0.5 * (b @ a)
+    assert torch.allclose(_saved_tensor(result.path, weight), expected, rtol=0, atol=1e-6)
+    for untouched in ("model.language_model.layers.0.self_attn.k_proj.weight", "model.language_model.layers.1.self_attn.q_proj.weight"):
+        assert torch.equal(_saved_tensor(result.path, untouched), _saved_tensor(base, untouched)), untouched
+    assert not build_aligned_mini_llava(DEFAULT_PROJECTOR, tmp_path / "aligned", CACHE_DIR, lora=adapter).rebuilt
+
+
+def test_build_backbone_cli_refuses_what_does_not_fit(capsys):
+    from pipelines.build_backbone import main
+
+    with pytest.raises(SystemExit):
+        main(["--lora", "lm_lora.safetensors"])
+    assert "--lora needs --projector" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--projector", "projector.safetensors", "--image-size", "336"])
+    assert "--image-size: with --projector the settings are the projector's" in capsys.readouterr().err
