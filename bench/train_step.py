@@ -23,8 +23,8 @@ import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from autoselect import AutoSelectConfig, AutoSelectModel, TrainingOptions
-from autoselect.convert.aligned import build_aligned_mini_llava
 from autoselect.data import collate, encode_example
+from minillava.aligned import build_aligned_mini_llava
 from mlops.backbone import cpu_has_native_bf16
 from pipelines.corpora import DEFAULT_OUT, export_corpora, load_records, open_image, record_messages
 

@@ -214,17 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    from autoselect.convert.aligned import build_aligned_mini_llava
-    from pipelines.corpora import DEFAULT_OUT, export_corpora
-
+    from mlops.backbone import MINI_LLAVA, resolve_path
     from mlops.tracking import resolve_tracking_uri
+    from pipelines.corpora import DEFAULT_OUT, export_corpora
 
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     args.tracking_uri = resolve_tracking_uri(args.tracking_uri)  # absolute: workers and replicas run elsewhere
 
     progress.step(1, "backbone: mini-LLaVA (DINOv2-S/14 + SmolLM2-135M) with the committed aligned projector")
-    model = build_aligned_mini_llava().path.resolve()
+    model = Path(resolve_path(MINI_LLAVA))  # the built-in backbone Serve, training and evaluation default to
     print(f"      {model}")
 
     progress.step(2, "corpora: Fashion-MNIST + Open Clip Art from Debian packages, fixed held-out splits")

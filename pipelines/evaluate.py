@@ -43,7 +43,7 @@ import torch
 from autoselect.backbones import get_adapter
 from autoselect.config import DECODES, POSITION_POLICIES
 from autoselect.pruners import available_pruners
-from mlops.backbone import TINY_LLAVA
+from mlops.backbone import MINI_LLAVA, TINY_LLAVA
 from pipelines.corpora import DEFAULT_OUT
 from pipelines.evaluation.methods import AUTOSELECT, baseline_settings, build_methods, decode_variants
 from pipelines.evaluation.oracle import ORACLE
@@ -65,7 +65,7 @@ def names(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--model", default=TINY_LLAVA, help=f"local HF LLaVA folder, or {TINY_LLAVA} (default)")
+    add("--model", default=MINI_LLAVA, help=f"local HF VLM folder, the built-in real {MINI_LLAVA} (default) or a tiny id ({TINY_LLAVA})")
     add("--autoselect", help="trained scorer: a save_pretrained folder or models:/name@alias (MLflow registry)")
     add("--budgets", nargs="+", default=DEFAULT_BUDGETS, help="K per image (int) or a ratio of N (0.25, 1/9) (default: %(default)s)")
     add("--pruners", type=names, default=None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
-from mlops.backbone import TINY_LLAVA
+from mlops.backbone import MINI_LLAVA
 from mlops.tracking import MlflowSection
 
 DEFAULT_SCORER_URI = f"models:/{MlflowSection().registered_model}@champion"
@@ -30,7 +30,9 @@ class ImagePolicy(_Strict):
 class ServeArgs(_Strict):
     """What one application serves: a frozen VLM plus a registered AutoSelect scorer."""
 
-    backbone: str = TINY_LLAVA  # local HF folder (model + processor), or the built-in tiny LLaVA id
+    # local HF folder (model + processor); the built-in real mini-LLaVA (default: built once from the
+    # wheels + committed projector, see mlops.backbone); or a built-in tiny id, for tests and quick starts
+    backbone: str = MINI_LLAVA
     dtype: str = "auto"  # auto: bfloat16 on GPU and on CPUs with native bf16, else float32
     scorer_uri: str = DEFAULT_SCORER_URI  # models:/<name>@<alias> (or /<version>)
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db

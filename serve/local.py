@@ -16,14 +16,13 @@ from mlflow.tracking import MlflowClient
 
 from autoselect import AutoSelectConfig, AutoSelectModel
 from mlops import registry
-from mlops.backbone import TINY_LLAVA
 
 
 def register_scorer(
     tracking_uri: str,
     registered_model: str,
     *,
-    backbone: str = TINY_LLAVA,
+    backbone: str,
     budget: int | float = 16,
     seed: int = 0,
     metrics: dict[str, float] | None = None,

@@ -1,6 +1,7 @@
 """The alignment loop (pipelines/align/train.py) on the tiny LLaVA, projector-only and with a LoRA
 on the LM's attention (pipelines/align/lora.py, PEFT): what trains, what stays bit-identical, the
-bf16 compute path, and save -> load + merge into a plain float32 model."""
+bf16 compute path, and save -> load + merge into a plain float32 model (minillava/lora.py, the
+mini-LLaVA build's merge, without PEFT: the same weights as PEFT's own merge)."""
 
 from __future__ import annotations
 
@@ -12,24 +13,15 @@ import torch
 from PIL import Image
 
 from autoselect.backbones import get_adapter
-from autoselect.convert.aligned import load_projector, projector_module, save_projector
 from autoselect.data import encode_example
 from autoselect.testing import build_tiny_llava
+from minillava.aligned import load_projector, projector_module, save_projector
+from minillava.lora import ADAPTER_FILE, DEFAULT_TARGETS, LoraSettings, merge_lora, read_lora, write_lora
 from pipelines.align.features import EncodedRecords
 from pipelines.align.train import TrainConfig, train_projector
 
 pytest.importorskip("peft")
-from pipelines.align.lora import (  # noqa: E402
-    ADAPTER_FILE,
-    LoraSettings,
-    add_lora,
-    attached_settings,
-    has_lora,
-    load_lora,
-    merge_lora,
-    read_lora,
-    save_lora,
-)
+from pipelines.align.lora import add_lora, attached_settings, has_lora, load_lora, save_lora  # noqa: E402
 
 COLOURS = ["red", "green", "blue", "yellow"]
 IDENTITY = {"dinov2_file_sha256": "a" * 64, "smollm2_file_sha256": "b" * 64, "settings": {"tiny": True}}
@@ -195,6 +187,58 @@ def test_an_adapter_for_another_backbone_or_without_metadata_is_refused(data, tm
     projector = save_projector(vlm, tmp_path / "projector.safetensors", IDENTITY)
     with pytest.raises(ValueError, match="not written by save_lora"):
         load_lora(fresh, projector, IDENTITY)
+
+
+def random_adapter(tmp_path, settings: LoraSettings, **tiny) -> str:
+    """A saved adapter with random A and B (B != 0, so it changes the weights), written by alignment's
+    own ``save_lora``; cheaper than training one."""
+    vlm = build_tiny_llava(seed=0, **tiny)[0]
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in add_lora(vlm, settings):
+            param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    return save_lora(vlm, tmp_path / ADAPTER_FILE, IDENTITY)
+
+
+def test_the_merge_without_peft_gives_the_weights_of_pefts_own_merge(tmp_path):
+    """``minillava.lora.merge_lora`` (what the mini-LLaVA build runs: W += alpha/r B @ A in float32)
+    == PEFT merging the same file into the same model, on every weight; only the LM's targets move."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    adapter = random_adapter(tmp_path, LoraSettings(4, 6.0))
+    by_peft = build_tiny_llava(seed=0)[0]
+    load_lora(by_peft, adapter, IDENTITY)
+    layers = [m for m in by_peft.modules() if isinstance(m, LoraLinear)]
+    for layer in layers:
+        layer.merge()
+    expected = snapshot(by_peft)
+
+    plain = build_tiny_llava(seed=0)[0]
+    before = snapshot(plain)
+    assert merge_lora(plain, adapter, IDENTITY) == LoraSettings(4, 6.0)
+    merged = snapshot(plain)
+    targets = {n for n in merged if ".language_model." in n and n.endswith(tuple(f"{t}.weight" for t in DEFAULT_TARGETS))}
+    assert merged.keys() == expected.keys() and len(targets) == len(layers) == 4 * len(plain.model.language_model.layers)
+    for name, weight in merged.items():
+        assert torch.allclose(weight, expected[name], rtol=0, atol=1e-5), f"{name}: {(weight - expected[name]).abs().max()}"
+        assert torch.equal(weight, before[name]) == (name not in targets), name
+
+
+def test_an_adapter_that_does_not_fit_is_refused_and_changes_nothing(tmp_path):
+    adapter = random_adapter(tmp_path, LoraSettings(2))
+    narrower = build_tiny_llava(seed=0, text_width=32)[0]  # another LM: k_proj 16 x 32, not 32 x 64
+    before = snapshot(narrower)
+    with pytest.raises(ValueError, match=r"does not fit the language model: layers\.0\.self_attn\.k_proj is \(16, 32\)"):
+        merge_lora(narrower, adapter)
+    assert all(torch.equal(p, before[n]) for n, p in snapshot(narrower).items())  # checked before any weight moved
+    attached = build_tiny_llava(seed=0)[0]
+    load_lora(attached, adapter, IDENTITY)
+    with pytest.raises(ValueError, match="not a plain torch.nn.Linear"):
+        merge_lora(attached, adapter, IDENTITY)
+    state = {"layers.0.mlp.up_proj.lora_A.weight": torch.zeros(2, 64), "layers.0.mlp.up_proj.lora_B.weight": torch.zeros(64, 2)}
+    stray = write_lora(state, tmp_path / "stray.safetensors", IDENTITY, LoraSettings(2))
+    with pytest.raises(ValueError, match="is not one of the adapter's targets"):
+        merge_lora(build_tiny_llava(seed=0)[0], stray, IDENTITY)
 
 
 def test_an_attached_adapter_must_match_the_config(data, tmp_path):

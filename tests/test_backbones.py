@@ -7,8 +7,8 @@ import torch
 from autoselect import AutoSelectConfig, AutoSelectModel, TrainingOptions
 from autoselect.backbones import get_adapter
 from autoselect.pruners import build_pruner
-from autoselect.testing.contract import check_generate_contract
 from autoselect.testing.tiny_backbones import TINY_BACKBONES
+from tests.support.contract import check_generate_contract
 
 QUESTIONS = ["What is in the image?", "Describe the picture in one short sentence please."]
 SIZES = [(32, 32), (24, 40)]  # (height, width): native-resolution backbones get different N per image

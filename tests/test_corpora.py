@@ -56,7 +56,7 @@ def test_committed_projector_beats_an_unaligned_one_on_held_out_fashion_mnist(co
     projector near chance, on held-out Fashion-MNIST (3 images per class)."""
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-    from autoselect.convert.aligned import DEFAULT_PROJECTOR, load_aligned_mini_llava
+    from minillava.aligned import DEFAULT_PROJECTOR, load_aligned_mini_llava
     from pipelines.align.evaluate import choice_accuracy
     from pipelines.corpora.common import balanced_subset
 
@@ -78,7 +78,7 @@ def test_committed_scorer_loads_on_the_aligned_mini_llava_and_keeps_28_tokens(co
     from PIL import Image
 
     from autoselect import AutoSelectModel
-    from autoselect.convert.aligned import DEFAULT_PROJECTOR, load_aligned_mini_llava
+    from minillava.aligned import DEFAULT_PROJECTOR, load_aligned_mini_llava
 
     vlm, processor = load_aligned_mini_llava(DEFAULT_PROJECTOR)
     model = AutoSelectModel.from_pretrained(ROOT / "artifacts" / "mini-llava" / "scorer-k28-sampled", vlm).eval()

@@ -280,7 +280,7 @@ def test_tiny_id_default_processor_and_bad_arguments(taught, tmp_path, capsys):
         main(["--pruners", "autoselect", "--out", str(out)])
     assert "--autoselect" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["--pruners", "random", "--budgets", "65", "--tasks", "markers", "--out", str(out)])
+        main(["--model", "autoselect-testing/tiny-llava", "--pruners", "random", "--budgets", "65", "--tasks", "markers", "--out", str(out)])
     assert "exceeds the 64 visual tokens" in capsys.readouterr().err
 
 

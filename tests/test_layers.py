@@ -4,6 +4,7 @@
     pipelines/  serve/  bench/   3  never import each other (pipelines <-> serve)
     experiments/                 3  research scripts on pipelines and mlops, never serve
     mlops/                       2  shared by training, evaluation and serving
+    minillava/                   2  the mini-LLaVA builder: mlops may call it, it never imports mlops
     autoselect/                  1  torch + transformers only
 
 Inside pipelines/, the stage packages (preprocessing/, training/, evaluation/, align/, corpora/)
@@ -25,9 +26,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-FLOORS = ("autoselect", "mlops", "pipelines", "serve", "bench", "experiments", "examples")
+FLOORS = ("autoselect", "minillava", "mlops", "pipelines", "serve", "bench", "experiments", "examples")
 FORBIDDEN = {  # top-level package -> top-level names it must not import
-    "autoselect": {"ray", "mlflow", "boto3", "fastapi", "deepspeed", "peft", "mlops", "pipelines", "serve", "examples"},
+    "autoselect": {"ray", "mlflow", "boto3", "fastapi", "deepspeed", "peft", "minillava", "mlops", "pipelines", "serve", "examples"},
+    # the builder merges the LM LoRA itself (no PEFT) and is called by mlops, so never the reverse
+    "minillava": {"ray", "mlflow", "boto3", "fastapi", "deepspeed", "peft", "mlops", "pipelines", "serve", "bench", "experiments", "examples"},
     "mlops": {"pipelines", "serve", "examples"},
     "pipelines": {"serve", "examples"},
     "serve": {"pipelines", "examples"},

@@ -10,7 +10,7 @@ from torch import nn
 from autoselect import AutoSelectConfig, AutoSelectModel, InferenceOptions, OptionDependencyError, TrainingOptions
 from autoselect.denoiser import Denoiser
 from autoselect.testing import build_tiny_llava
-from autoselect.testing.contract import check_generate_contract
+from tests.support.contract import check_generate_contract
 
 N = 64  # 32 px images, patch 4, CLS dropped
 PROMPTS = [

@@ -12,7 +12,7 @@ from autoselect.pruners.uniform import grid_indices
 from autoselect.pruners.visionzip import zip_tokens
 from autoselect.selection import gather_tokens
 from autoselect.testing import build_tiny_llava
-from autoselect.testing.contract import check_generate_contract
+from tests.support.contract import check_generate_contract
 
 N, K = 64, 16  # 32 px images, patch 4, CLS dropped
 LAYER = 2  # FastV's default; the tiny LLM gets 3 layers so layer 2 is a real cut

@@ -24,6 +24,7 @@ import requests
 import yaml
 from PIL import Image
 
+from mlops.backbone import MINI_LLAVA, TINY_LLAVA
 from pipelines import promote
 from serve.config import ImagePolicy, LiveConfig, ServeArgs
 from serve.local import register_scorer
@@ -80,7 +81,7 @@ def free_port() -> int:
 
 
 def app_args(server_tracking: str, **overrides) -> ServeArgs:
-    return ServeArgs(scorer_uri=f"models:/{MODEL}@champion", tracking_uri=server_tracking, **overrides)
+    return ServeArgs(backbone=TINY_LLAVA, scorer_uri=f"models:/{MODEL}@champion", tracking_uri=server_tracking, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def server(ray_local, moto_s3, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("serve")
     tracking, artifacts = f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri()
-    register_scorer(tracking, MODEL, seed=1, metrics={"retention_avg": 0.97}, alias="champion", artifact_location=artifacts)
+    register_scorer(tracking, MODEL, backbone=TINY_LLAVA, seed=1, metrics={"retention_avg": 0.97}, alias="champion", artifact_location=artifacts)
     moto_s3.client.create_bucket(Bucket=BUCKET)
     moto_s3.client.put_object(Bucket=BUCKET, Key="cat.png", Body=png(seed=5))
 
@@ -302,8 +303,8 @@ def test_openai_client_raises_typed_errors(server):
 # ---- promotion and reload ---------------------------------------------------------------------
 def test_promotion_gates_then_reload_serves_new_version(server, capsys):
     common = ["--tracking-uri", server.tracking_uri, "--model", MODEL]
-    low = register_scorer(server.tracking_uri, MODEL, seed=2, metrics={"retention_avg": 0.90}, artifact_location=server.artifacts)
-    high = register_scorer(server.tracking_uri, MODEL, seed=3, metrics={"retention_avg": 0.98}, artifact_location=server.artifacts)
+    low = register_scorer(server.tracking_uri, MODEL, backbone=TINY_LLAVA, seed=2, metrics={"retention_avg": 0.90}, artifact_location=server.artifacts)
+    high = register_scorer(server.tracking_uri, MODEL, backbone=TINY_LLAVA, seed=3, metrics={"retention_avg": 0.98}, artifact_location=server.artifacts)
     capsys.readouterr()
 
     assert promote.main([*common, "--version", low, "--require", "retention_avg>=0.95"]) == 1
@@ -402,6 +403,7 @@ def test_shipped_serve_config_validates():
     (app,) = schema.applications
     assert app.import_path == "serve.app:build_app"
     ServeArgs.model_validate(app.args)
+    assert app.args["backbone"] == ServeArgs().backbone == MINI_LLAVA  # a real backbone by default, not a test fixture
     (deployment,) = app.deployments
     LiveConfig.model_validate(deployment.user_config)
     assert deployment.ray_actor_options.num_cpus == 0.5

@@ -26,7 +26,7 @@ from serve.images import ImageLoader
 from serve.schemas import ChatCompletionRequest
 
 N = 64  # visual tokens per image of the tiny LLaVA
-ARGS = ServeArgs(require_image=False)
+ARGS = ServeArgs(backbone=TINY_LLAVA, require_image=False)
 WAIT_S = 60  # generous for a loaded 2-core machine; a hang fails instead
 
 

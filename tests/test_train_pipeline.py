@@ -185,7 +185,7 @@ def test_config_autoselect_option_groups_nest_in_yaml_and_set(tmp_path):
 def test_config_gradient_checkpointing_switch_reaches_the_workers_model(tmp_path):
     """``model.gradient_checkpointing`` (off by default) checkpoints the LLM of the model every worker builds."""
     path = tmp_path / "c.yaml"
-    path.write_text("name: x\nautoselect: {budget: 16}\n")
+    path.write_text(f"name: x\nmodel: {{path: {TINY_LLAVA}}}\nautoselect: {{budget: 16}}\n")
     assert not initial_model(load_train_config(path), torch.device("cpu")).gradient_checkpointing
     config = load_train_config(path, ["model.gradient_checkpointing=true"])
     assert from_mapping(TrainConfig, json.loads(json.dumps(config.to_dict()))) == config  # what the workers rebuild

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from autoselect.backbones import get_adapter
-from autoselect.convert.aligned import projector_module
+from minillava.aligned import projector_module
 from autoselect.data import collate
 from autoselect.placeholders import IGNORE_INDEX
 from autoselect.training import cosine_schedule
@@ -122,7 +122,8 @@ def _lora_for_training(vlm, config: TrainConfig, attached: dict[str, torch.Tenso
     """On the frozen VLM, attach a fresh LoRA to the LM (or keep the one already attached, e.g. by
     ``load_lora`` to continue a run, if its settings match ``config``, with its exact float32
     weights ``attached``); returns the adapter's float32 trainable parameters."""
-    from pipelines.align.lora import LoraSettings, add_lora, attached_settings, lora_parameters  # PEFT only when asked for
+    from minillava.lora import LoraSettings
+    from pipelines.align.lora import add_lora, attached_settings, lora_parameters  # PEFT only when asked for
 
     wanted = LoraSettings(config.lora_rank, config.lora_alpha, config.lora_targets)
     settings = attached_settings(vlm)

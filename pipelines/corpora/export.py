@@ -25,8 +25,8 @@ from typing import Any
 
 from PIL import Image
 
-from autoselect.convert.assets import distribution_version, file_sha256
-from autoselect.convert.cache import Built, cached_build
+from minillava.assets import distribution_version, file_sha256
+from minillava.cache import Built, cached_build
 from pipelines.corpora import common, fashion_mnist, openclipart, photos, scenes
 from pipelines.corpora.common import write_jsonl
 

@@ -94,7 +94,7 @@ PHOTOS: tuple[Photo, ...] = (
 
 def library_versions() -> dict[str, str | None]:
     """What decides which photos exist and their pixels (part of the export's cache key)."""
-    from autoselect.convert.assets import distribution_version
+    from minillava.assets import distribution_version
 
     return {lib: distribution_version(dist) for lib, dist in (("skimage", "scikit-image"), ("sklearn", "scikit-learn"), ("matplotlib", "matplotlib"))}
 

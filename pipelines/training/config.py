@@ -16,7 +16,7 @@ import yaml
 
 from autoselect import AutoSelectConfig
 from autoselect.training import LR_SCHEDULES
-from mlops.backbone import TINY_LLAVA
+from mlops.backbone import MINI_LLAVA
 from mlops.tracking import MlflowSection, resolve_tracking_uri
 from pipelines.training.config_io import from_mapping, set_dotted
 
@@ -25,9 +25,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @dataclass
 class ModelSection:
-    """The frozen VLM: a local folder or hub id (``from_pretrained``), or the built-in tiny LLaVA."""
+    """The frozen VLM: a local folder or hub id (``from_pretrained``), the built-in real mini-LLaVA
+    (default) or a built-in tiny id (``autoselect-testing/tiny-llava``, for tests and quick starts)."""
 
-    path: str = TINY_LLAVA
+    path: str = MINI_LLAVA
     dtype: str = "auto"  # auto: bfloat16 on GPU and on CPUs with native bf16, else float32
     trust_remote_code: bool = False
     # checkpoint the frozen LLM's decoder layers: it keeps each layer's input, not its activations,

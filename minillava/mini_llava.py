@@ -22,9 +22,9 @@ from transformers import (
 )
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from autoselect.convert import dinov2_onnx, smollm2_gguf
-from autoselect.convert.assets import source_sha256
-from autoselect.convert.cache import Built, cached_build
+from minillava import dinov2_onnx, smollm2_gguf
+from minillava.assets import source_sha256
+from minillava.cache import Built, cached_build
 from autoselect.data import conversation_segments
 
 IMAGE_TOKEN = "<image>"

@@ -1,9 +1,10 @@
-"""The mini-LLaVA with its stage-1-aligned projector: save / load the projector on its own, and
-build the aligned VLM from the cached parts plus the committed projector file.
+"""The mini-LLaVA with its aligned projector (and, optionally, the LM LoRA trained with it): save /
+load the projector on its own, and build the aligned VLM from the cached parts plus the committed
+projector file (+ an ``lm_lora.safetensors``, merged into the LM weights by ``minillava.lora``).
 
-Only ``multi_modal_projector`` is trained in alignment, so the artifact is that module's weights
-(~2 MB) with, in the safetensors metadata, what they were trained against: the two source weight
-files (by hash) and the assembly settings. Loading refuses a VLM built from anything else.
+The projector artifact is ``multi_modal_projector``'s weights (~2 MB) with, in the safetensors
+metadata, what they were trained against: the two source weight files (by hash) and the assembly
+settings. Loading refuses a VLM built from anything else, and so does merging an adapter.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from autoselect.convert.cache import Built, cached_build
-from autoselect.convert.mini_llava import DEFAULT_CACHE_DIR, MiniLlavaSettings, build_mini_llava
+from minillava.cache import Built, cached_build
+from minillava.lora import IDENTITY_KEY, lora_file, merge_lora, read_lora
+from minillava.mini_llava import DEFAULT_CACHE_DIR, MiniLlavaSettings, build_mini_llava
 
 PROJECTOR = "multi_modal_projector"
-DEFAULT_PROJECTOR = Path(__file__).resolve().parents[2] / "artifacts" / "mini-llava" / "projector.safetensors"
-_META_KEY = "mini_llava"
+DEFAULT_PROJECTOR = Path(__file__).resolve().parents[1] / "artifacts" / "mini-llava" / "projector.safetensors"
+_META_KEY = IDENTITY_KEY  # the adapter file records its backbone under the same key
 
 
 def backbone_identity(built: dict[str, Built]) -> dict[str, Any]:
@@ -77,16 +79,32 @@ def load_aligned_mini_llava(
     projector: str | Path = DEFAULT_PROJECTOR,
     cache_dir: str | Path = DEFAULT_CACHE_DIR,
     dtype: torch.dtype = torch.float32,
+    lora: str | Path | None = None,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Build (or reuse) the mini-LLaVA with the settings the projector was trained with, and load
-    the aligned projector into it; returns ``(vlm in eval mode, processor)``."""
+    """Build (or reuse) the mini-LLaVA with the settings the projector was trained with, load the
+    aligned projector into it and, with ``lora`` (an ``lm_lora.safetensors`` or its run folder),
+    merge that adapter into the LM weights (in float32, before the cast to ``dtype``); returns
+    ``(vlm in eval mode, processor)``. Both files must name the backbone that was built."""
     trained_on = projector_identity(projector)
+    if lora is not None:
+        _check_lora_matches(lora, projector, trained_on)
     settings = MiniLlavaSettings(**trained_on["settings"])
     built = build_mini_llava(cache_dir=cache_dir, settings=settings)
     identity = backbone_identity(built)
-    vlm = LlavaForConditionalGeneration.from_pretrained(built["mini_llava"].path, dtype=dtype).eval()
+    vlm = LlavaForConditionalGeneration.from_pretrained(built["mini_llava"].path, dtype=dtype if lora is None else torch.float32).eval()
     load_projector(vlm, projector, identity)
+    if lora is not None:
+        merge_lora(vlm, lora, identity)
+        vlm = vlm.to(dtype)
     return vlm, LlavaProcessor.from_pretrained(built["mini_llava"].path)
+
+
+def _check_lora_matches(lora: str | Path, projector: str | Path, trained_on: dict[str, Any]) -> None:
+    """Refuse, before any build, an adapter trained against another backbone than the projector."""
+    adapter_on, _ = read_lora(lora)
+    if adapter_on != trained_on:
+        raise ValueError(f"LoRA adapter {lora_file(lora)} was trained against another mini-LLaVA backbone than "
+                         f"the projector {projector}: {adapter_on} != {trained_on}")
 
 
 def save_aligned_model(vlm: LlavaForConditionalGeneration, processor: LlavaProcessor, out_dir: str | Path, notes: dict[str, Any] | None = None) -> Path:
@@ -102,21 +120,41 @@ def save_aligned_model(vlm: LlavaForConditionalGeneration, processor: LlavaProce
 DEFAULT_ALIGNED_DIR = Path(DEFAULT_CACHE_DIR) / "mini-llava-aligned"
 
 
+def aligned_inputs(projector: str | Path, lora: str | Path | None = None) -> dict[str, Any]:
+    """What an aligned build depends on (its manifest's inputs): the projector (by hash) and the
+    backbone it names and, with ``lora``, the adapter's sha256, rank, alpha and targets. Without
+    an adapter this is what it always was, so a folder built before adapters existed is reused."""
+    projector = Path(projector)
+    inputs = {"projector_sha256": hashlib.sha256(projector.read_bytes()).hexdigest(), "backbone": projector_identity(projector)}
+    if lora is not None:
+        lora = lora_file(lora)
+        _check_lora_matches(lora, projector, inputs["backbone"])
+        _, settings = read_lora(lora)
+        inputs["lora"] = {"sha256": hashlib.sha256(lora.read_bytes()).hexdigest(), "rank": settings.rank,
+                          "alpha": settings.alpha, "targets": list(settings.targets)}
+    return inputs
+
+
 def build_aligned_mini_llava(
     projector: str | Path = DEFAULT_PROJECTOR,
     out_dir: str | Path | None = None,
     cache_dir: str | Path = DEFAULT_CACHE_DIR,
     force: bool = False,
+    lora: str | Path | None = None,
 ) -> Built:
-    """A full model folder of the mini-LLaVA with ``projector`` loaded (default
-    ``<cache_dir>/mini-llava-aligned``), rebuilt only when the projector or the backbone changed."""
+    """A full model folder of the mini-LLaVA with ``projector`` loaded and ``lora`` (optional, an
+    ``lm_lora.safetensors`` or its run folder) merged into its LM (default
+    ``<cache_dir>/mini-llava-aligned``), rebuilt only when the projector, the adapter or the
+    backbone changed (``aligned_inputs``)."""
     projector = Path(projector)
-    out_dir = Path(out_dir) if out_dir is not None else Path(cache_dir) / "mini-llava-aligned"
-    inputs = {"projector_sha256": hashlib.sha256(projector.read_bytes()).hexdigest(), "backbone": projector_identity(projector)}
+    lora = lora_file(lora) if lora is not None else None
+    out_dir = Path(out_dir) if out_dir is not None else Path(cache_dir) / DEFAULT_ALIGNED_DIR.name
+    inputs = aligned_inputs(projector, lora)
 
     def build(staging: Path) -> None:
-        vlm, processor = load_aligned_mini_llava(projector, cache_dir)
-        save_aligned_model(vlm, processor, staging, {"projector": str(projector), **inputs})
+        vlm, processor = load_aligned_mini_llava(projector, cache_dir, lora=lora)
+        notes = {"projector": str(projector), **({"lora_file": str(lora)} if lora is not None else {}), **inputs}
+        save_aligned_model(vlm, processor, staging, notes)
 
     return cached_build(out_dir, inputs, build, force)
 
@@ -124,6 +162,7 @@ def build_aligned_mini_llava(
 __all__ = [
     "DEFAULT_ALIGNED_DIR",
     "DEFAULT_PROJECTOR",
+    "aligned_inputs",
     "build_aligned_mini_llava",
     "PROJECTOR",
     "backbone_identity",

