@@ -33,7 +33,7 @@ import numpy as np
 import requests
 from PIL import Image
 
-from mlops.backbone import cpu_has_native_bf16
+from mlops.backbone import MINI_LLAVA, cpu_has_native_bf16
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,8 +157,8 @@ def main() -> None:
     parser.add_argument("--url", help="a running app; default: start one here")
     parser.add_argument("--model", default="autoselect-scorer", help="served model id (with --url)")
     parser.add_argument("--api-key", default=os.environ.get("AUTOSELECT_API_KEY"))
-    parser.add_argument("--backbone", default=".cache/backbones/mini-llava",
-                        help="for the app started here (default: the mini-LLaVA that `make demo` builds)")
+    parser.add_argument("--backbone", default=MINI_LLAVA,
+                        help="for the app started here (default: %(default)s, the real mini-LLaVA built from the wheels)")
     parser.add_argument("--pruned-budget", default="1/9", help="ratio of N kept in the pruned phase (default: %(default)s)")
     parser.add_argument("--concurrency", default="1,8,32", help="client threads, one level or a comma list (default: %(default)s)")
     parser.add_argument("--requests", type=int, default=16, help="per phase, at least 2 x concurrency (default: %(default)s)")
