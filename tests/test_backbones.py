@@ -237,7 +237,7 @@ def test_pickled_weights_are_refused(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     torch.save(state, tmp_path / "pytorch_model.bin")
     with pytest.raises(OSError, match="safetensors|model.safetensors"):
-        load_vlm(str(tmp_path), device=torch.device("cpu"))
+        load_vlm(str(tmp_path), "float32", device=torch.device("cpu"))
 
 
 GATE_ATTENTION_REFUSED = {"llava_next": "placeholders", "gemma3": "causal"}  # newline slots; bidirectional images

@@ -73,15 +73,18 @@ class Corpus:
         then reads every record once (its bytes, no image is decoded): ids are only known per record."""
         if fraction >= 1:
             return self
-        samples = self.samples.filter(keep_sample, fn_kwargs={"fraction": fraction})
-        return Corpus(samples=samples, records=samples, image_fs=self.image_fs)
+        return self._where(keep_sample, fraction=fraction)
 
     def only_tasks(self, tasks: Sequence[str] | None) -> "Corpus":
         """Only the samples of ``tasks`` (e.g. the captions of a corpus that also has questions), and
         every record already rejected, so a broken line is still quarantined and counted."""
         if not tasks:
             return self
-        samples = self.samples.filter(keep_task, fn_kwargs={"tasks": frozenset(tasks)})
+        return self._where(keep_task, tasks=frozenset(tasks))
+
+    def _where(self, predicate, **kwargs) -> "Corpus":
+        """The samples ``predicate`` keeps; they are then also what ``records`` counts."""
+        samples = self.samples.filter(predicate, fn_kwargs=kwargs)
         return Corpus(samples=samples, records=samples, image_fs=self.image_fs)
 
 
