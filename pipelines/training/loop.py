@@ -26,6 +26,7 @@ from autoselect import AutoSelectModel
 from autoselect.data import collate
 from autoselect.training import compute_loss, lr_schedule
 from mlops import backbone
+from pipelines.training.build_locks import warn_if_stale
 from pipelines.training.config_io import from_mapping
 from pipelines.preprocessing.shards import example_from_row
 from pipelines.training.config import TrainConfig
@@ -108,6 +109,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     model = initial_model(config, device)
     seed_worker(config.optim.seed, rank)
+    if device.type == "cpu":
+        warn_if_stale()  # else a lock left by a killed build hangs the next line without a word
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")  # reuses Ray's group
     engine, _, _, _ = deepspeed.initialize(
         model=model,
