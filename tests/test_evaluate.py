@@ -510,3 +510,37 @@ def test_decode_variants_run_the_same_scorer_under_dpp_and_are_paired_with_autos
         with pytest.raises(SystemExit):
             main(["--model", str(taught["model_dir"]), "--out", str(tmp_path / "bad"), *bad])
         assert match in capsys.readouterr().err
+
+
+def test_compare_scorers_pairs_reports_of_the_same_examples_and_refuses_others(tmp_path, capsys):
+    """experiments/compare_scorers.py: scorers from separate evaluate runs, paired per example; runs
+    on other examples (the all-token scores differ) or another split are refused."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "experiments" / "compare_scorers.py"
+    spec = importlib.util.spec_from_file_location("compare_scorers", path)
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+
+    def report(name: str, hits: list[float], nll: list[float], full=(1.0, 1.0, 0.0, 1.0), split="val") -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        body = {"model": "m", "split": split, "limit": 4, "dtype": "float32", "position_policy": "repack", "seed": 0,
+                "per_example": {"t": {"full": list(full), "autoselect@2": hits}},
+                "per_example_answer_nll": {"t": {"full": [0.1] * 4, "autoselect@2": nll}}}
+        (folder / "report.json").write_text(json.dumps(body))
+        return folder / "report.json"
+
+    a = report("a", [1.0, 0.0, 0.0, 1.0], [0.5, 0.7, 0.9, 0.3])
+    b = report("b", [1.0, 1.0, 0.0, 1.0], [0.4, 0.6, 0.9, 0.3])
+    out = tmp_path / "cmp.json"
+    compare.main([str(a), str(b), "--out", str(out)])
+    rows = json.loads(out.read_text())["t"]["autoselect@2"]
+    assert rows["a"]["accuracy_vs_first"]["difference"] == 0.0
+    assert rows["b"]["accuracy"] == 0.75 and rows["b"]["accuracy_vs_first"]["difference"] == 0.25
+    assert rows["b"]["answer_nll_vs_first"]["difference"] == pytest.approx(-0.05)
+    assert "| b | 0.750 | +0.250" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not the same"):
+        compare.main([str(a), str(report("c", [1.0] * 4, [0.1] * 4, full=(0.0, 1.0, 0.0, 1.0)))])
+    with pytest.raises(SystemExit, match="split"):
+        compare.main([str(a), str(report("d", [1.0] * 4, [0.1] * 4, split="test"))])

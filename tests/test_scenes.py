@@ -157,3 +157,15 @@ def test_cli_export_matches_and_the_task_loads_with_boxes_and_disjoint_halves(ex
         assert len(small.examples) == 10 and max(labels.values()) - min(labels.values()) <= 1  # class-balanced cut
     assert not halves["val"] & halves["test"]
     assert halves["val"] | halves["test"] == {r["id"] for r in load_records(tmp_path, "scenes", "heldout") if r["task"] == scenes.GARMENT_TASK}
+
+    # scenes_caption_nll: a half's captions are of exactly the scenes its garment questions show,
+    # so val and test share no image across the two tasks
+    images = {}
+    for half in ("val", "test"):
+        (garments, captions), _ = load_tasks(["scenes_garment", "scenes_caption_nll"], TaskContext(SIZE, 14, tmp_path, split=half))
+        assert captions.kind == "nll" and half in captions.source
+        assert all(by_id[e.id]["task"] == scenes.CAPTION_TASK and e.answer == by_id[e.id]["label"] for e in captions.examples)
+        images[half] = {by_id[e.id]["image"] for e in captions.examples}
+        assert images[half] == {by_id[e.id]["image"] for e in garments.examples}
+    assert images["val"] and images["test"] and not images["val"] & images["test"]
+

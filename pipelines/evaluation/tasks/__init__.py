@@ -19,6 +19,7 @@ TASKS: dict[str, Callable[[TaskContext], Task]] = {
     "clipart_category": clipart.load,
     "caption_nll": captions.load,
     "scenes_garment": scenes.load,
+    "scenes_caption_nll": scenes.load_captions,
 }
 
 

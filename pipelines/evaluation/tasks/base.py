@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from PIL import Image
 
@@ -117,16 +117,16 @@ def split_of(record_id: str) -> str:
     return EVAL_SPLITS[hashlib.sha256(record_id.encode()).digest()[0] % 2]
 
 
-def heldout_records(ctx: TaskContext, name: str) -> list[dict]:
-    """``ctx.split``'s half (`split_of`) of ``<name>.heldout.jsonl`` of the packaged-corpora
-    export, never a train file."""
+def heldout_records(ctx: TaskContext, name: str, split_key: Callable[[dict], str] = lambda r: r["id"]) -> list[dict]:
+    """``ctx.split``'s half (`split_of` of ``split_key(record)``, its id by default) of
+    ``<name>.heldout.jsonl`` of the packaged-corpora export, never a train file."""
     path = ctx.corpora_dir / f"{name}.heldout.jsonl"
     if not path.is_file():
         raise TaskUnavailable(f"{path} not found: the packaged corpora are not exported; " + EXPORT_HINT.format(dir=ctx.corpora_dir))
     records = load_records(ctx.corpora_dir, name, "heldout")
     if not records:
         raise TaskUnavailable(f"{path} is empty (was its source left out of the export? see manifest.json 'skipped')")
-    return [r for r in records if split_of(r["id"]) == ctx.split]
+    return [r for r in records if split_of(split_key(r)) == ctx.split]
 
 
 def manifest_choices(ctx: TaskContext, task_key: str) -> tuple[str, ...]:

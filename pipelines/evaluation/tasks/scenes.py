@@ -4,6 +4,10 @@ Fashion-MNIST garment, 0-2 clip-art drawings, a photo behind them; ``pipelines/c
 The answer sits in the garment's square (1/4 to 1/2 of the image side), so a pruner that drops
 those tokens fails while the drawings and the photo keep the rest of the image busy. Each
 example's ``boxes`` is that square, for the oracle. Class-balanced when ``--limit`` cuts.
+
+``scenes_caption_nll``: the NLL of the held-out scenes' captions (every item named), the
+scorer's training objective on scenes it never saw. A scene's caption falls in the half of its
+garment question, so val and test never share an image across the two tasks.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 from pipelines.corpora.common import balanced_subset
-from pipelines.corpora.scenes import GARMENT_TASK
+from pipelines.corpora.scenes import CAPTION_TASK, GARMENT_TASK
 from pipelines.evaluation.tasks.base import Task, TaskContext, heldout_records, manifest_choices, record_example
 
 NAME = "scenes_garment"
+CAPTION_NAME = "scenes_caption_nll"
 
 
 def load(ctx: TaskContext) -> Task:
@@ -28,4 +33,20 @@ def load(ctx: TaskContext) -> Task:
         description="Fashion-MNIST garment among clip-art drawings on a photo (10-way multiple choice)",
         source=f"{ctx.corpora_dir}/scenes.heldout.jsonl, {ctx.split} half",
         choices=choices,
+    )
+
+
+def garment_id(record: dict) -> str:
+    """The id of the garment question about the same scene as ``record`` (a caption's split key)."""
+    return record["id"].removesuffix("-caption") + "-garment"
+
+
+def load_captions(ctx: TaskContext) -> Task:
+    records = [r for r in heldout_records(ctx, "scenes", split_key=garment_id) if r["task"] == CAPTION_TASK]
+    return Task(
+        name=CAPTION_NAME,
+        kind="nll",
+        examples=[record_example(ctx, r) for r in records[: ctx.size(len(records))]],
+        description="mean NLL per answer token of a held-out scene's caption (every item named)",
+        source=f"{ctx.corpora_dir}/scenes.heldout.jsonl, {ctx.split} half (by scene)",
     )
