@@ -4,7 +4,8 @@
 scorer over the same examples. This joins those reports: it refuses reports that differ in model,
 split, limit, dtype, position policy or seed, checks that the all-token reference scored every
 example identically in each (the same examples, in the same order), and prints each scorer's
-accuracy and answer NLL minus the first report's, paired, with standard errors:
+accuracy and true-answer NLL (choice tasks) or NLL per token (NLL tasks) minus the first
+report's, paired, with standard errors:
 
     python experiments/compare_scorers.py A/report.json B/report.json [--method autoselect@28 ...] [--out F.json]
 """
@@ -38,44 +39,57 @@ def check_like_for_like(reports: list[dict]) -> None:
 
 
 def compare(reports: list[dict], methods: list[str]) -> dict:
-    """``{task: {method: {name: {accuracy, accuracy_vs_first, answer_nll_vs_first}}}}``."""
+    """``{task: {method: {name: {...}}}}``: for choice tasks accuracy and the true answer's NLL, for
+    NLL tasks the NLL per answer token, each with its paired difference against the first report."""
     out: dict = {}
     for task in reports[0]["per_example"]:
+        choice = task in reports[0].get("per_example_answer_nll", {})
+        tokens = None if choice else reports[0]["per_example_tokens"][task]  # the same answers for every method
         for method in methods:
-            base_hits = reports[0]["per_example"][task][method]
-            base_nll = reports[0]["per_example_answer_nll"][task][method]
+            base = reports[0]["per_example"][task][method]
             for report in reports:
-                hits = report["per_example"][task][method]
-                nll = report["per_example_answer_nll"][task][method]
-                out.setdefault(task, {}).setdefault(method, {})[report["_name"]] = {
-                    "accuracy": round(sum(hits) / len(hits), 4),
-                    "answer_nll": round(sum(nll) / len(nll), 4),
-                    "accuracy_vs_first": paired_difference(hits, base_hits),
-                    "answer_nll_vs_first": paired_difference(nll, base_nll),
-                }
+                values = report["per_example"][task][method]
+                if choice:
+                    nll, base_nll = (r["per_example_answer_nll"][task][method] for r in (report, reports[0]))
+                    row = {"accuracy": round(sum(values) / len(values), 4), "answer_nll": round(sum(nll) / len(nll), 4),
+                           "accuracy_vs_first": paired_difference(values, base),
+                           "answer_nll_vs_first": paired_difference(nll, base_nll)}
+                else:
+                    row = {"nll": round(sum(values) / sum(tokens), 4), "nll_vs_first": paired_difference(values, base, tokens)}
+                out.setdefault(task, {}).setdefault(method, {})[report["_name"]] = row
     return out
+
+
+def _cell(value: float, paired: dict) -> str:
+    return f"{value:.3f} | {paired['difference']:+.3f} ± {paired['stderr']:.3f}"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("reports", nargs="+", type=Path, help="report.json files; the first is the reference")
-    parser.add_argument("--method", action="append", help="method labels to compare (default: every autoselect one)")
+    parser.add_argument("--method", action="append", help="method labels to compare (default: every autoselect one that all the reports ran)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     reports = [load(path) for path in args.reports]
     check_like_for_like(reports)
     task = next(iter(reports[0]["per_example"]))
-    methods = args.method or [m for m in reports[0]["per_example"][task] if m.startswith("autoselect")]
+    present = [m for m in reports[0]["per_example"][task] if all(m in r["per_example"][task] for r in reports)]
+    methods = args.method or [m for m in present if m.startswith("autoselect")]
+    missing = sorted(set(methods) - set(present))
+    if missing:
+        raise SystemExit(f"{missing} not in every report (in all of them: {present})")
     result = compare(reports, methods)
     for task, by_method in result.items():
         for method, rows in by_method.items():
             print(f"\n{task}, {method}, n = {len(reports[0]['per_example'][task]['full'])} "
                   f"(paired against {reports[0]['_name']})")
-            print("| scorer | accuracy | minus first | answer NLL | minus first |\n|---|---|---|---|---|")
+            choice = "accuracy" in next(iter(rows.values()))
+            print("| scorer | accuracy | minus first | answer NLL | minus first |\n|---|---|---|---|---|" if choice
+                  else "| scorer | NLL / token | minus first |\n|---|---|---|")
             for name, row in rows.items():
-                acc, nll = row["accuracy_vs_first"], row["answer_nll_vs_first"]
-                print(f"| {name} | {row['accuracy']:.3f} | {acc['difference']:+.3f} ± {acc['stderr']:.3f} "
-                      f"| {row['answer_nll']:.3f} | {nll['difference']:+.3f} ± {nll['stderr']:.3f} |")
+                cells = [_cell(row["accuracy"], row["accuracy_vs_first"]), _cell(row["answer_nll"], row["answer_nll_vs_first"])] \
+                    if choice else [_cell(row["nll"], row["nll_vs_first"])]
+                print(f"| {name} | " + " | ".join(cells) + " |")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 

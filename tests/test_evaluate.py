@@ -526,8 +526,10 @@ def test_compare_scorers_pairs_reports_of_the_same_examples_and_refuses_others(t
         folder = tmp_path / name
         folder.mkdir()
         body = {"model": "m", "split": split, "limit": 4, "dtype": "float32", "position_policy": "repack", "seed": 0,
-                "per_example": {"t": {"full": list(full), "autoselect@2": hits}},
-                "per_example_answer_nll": {"t": {"full": [0.1] * 4, "autoselect@2": nll}}}
+                "per_example": {"t": {"full": list(full), "autoselect@2": hits},
+                                "c": {"full": [2.0, 2.0], "autoselect@2": [2.0 + 10 * nll[0], 2.0 + 10 * nll[1]]}},
+                "per_example_answer_nll": {"t": {"full": [0.1] * 4, "autoselect@2": nll}},
+                "per_example_tokens": {"c": [10, 10]}}  # an NLL task: summed NLL over 10 answer tokens
         (folder / "report.json").write_text(json.dumps(body))
         return folder / "report.json"
 
@@ -539,6 +541,8 @@ def test_compare_scorers_pairs_reports_of_the_same_examples_and_refuses_others(t
     assert rows["a"]["accuracy_vs_first"]["difference"] == 0.0
     assert rows["b"]["accuracy"] == 0.75 and rows["b"]["accuracy_vs_first"]["difference"] == 0.25
     assert rows["b"]["answer_nll_vs_first"]["difference"] == pytest.approx(-0.05)
+    captions = json.loads(out.read_text())["c"]["autoselect@2"]  # per token: (2 + 10 x) / 10
+    assert captions["b"]["nll"] == pytest.approx(0.2 + 0.5) and captions["b"]["nll_vs_first"]["difference"] == pytest.approx(-0.1)
     assert "| b | 0.750 | +0.250" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="not the same"):
         compare.main([str(a), str(report("c", [1.0] * 4, [0.1] * 4, full=(0.0, 1.0, 0.0, 1.0)))])
