@@ -34,6 +34,7 @@ from pipelines.corpora.common import gray_to_rgb, llava_record, save_png, seeded
 NAME = "scenes"
 GARMENT_TASK = "scenes_garment"
 CAPTION_TASK = "scenes_caption"
+ID_SUFFIX = {GARMENT_TASK: "-garment", CAPTION_TASK: "-caption"}  # a record's id: the scene's stem + this
 GARMENT_QUESTION = "What kind of clothing item is in the picture? Answer with one word or phrase."
 CAPTION_QUESTION = "Describe the picture in one sentence, saying where each item is."
 MAX_ITEMS = 3
@@ -196,10 +197,15 @@ def export(out_dir: Path, pool_by_split: dict[str, Pool], image_size: int, seed:
             boxes = [items[0]["box_fraction"]]  # where the answer is, for an oracle
             text = caption(items, photo.subject if photo else None, image_size)
             records[split] += [
-                llava_record(f"{stem}-garment", relative, GARMENT_QUESTION, garment.label, task=GARMENT_TASK, label=garment.label, boxes=boxes, **fields),
-                llava_record(f"{stem}-caption", relative, CAPTION_QUESTION, text, task=CAPTION_TASK, label=text, **fields),
+                llava_record(stem + ID_SUFFIX[GARMENT_TASK], relative, GARMENT_QUESTION, garment.label, task=GARMENT_TASK, label=garment.label, boxes=boxes, **fields),
+                llava_record(stem + ID_SUFFIX[CAPTION_TASK], relative, CAPTION_QUESTION, text, task=CAPTION_TASK, label=text, **fields),
             ]
     return records
+
+
+def garment_question_id(record: dict) -> str:
+    """The id of the garment question about the same scene as ``record`` (any of its records)."""
+    return record["id"].removesuffix(ID_SUFFIX[record["task"]]) + ID_SUFFIX[GARMENT_TASK]
 
 
 def task_info() -> dict[str, dict]:

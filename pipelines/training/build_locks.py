@@ -9,7 +9,6 @@ a lock older than ``STALE_AFTER_S`` is named, with what to do, before the wait s
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from pathlib import Path
@@ -26,11 +25,11 @@ def build_lock(name: str = OP) -> Path:
     return Path(_get_build_directory(name, verbose=False)) / "lock"
 
 
-def warn_if_stale(lock: Path | None = None, now: float | None = None) -> str | None:
-    """Warn (and return the message) when ``lock`` exists and was last touched over STALE_AFTER_S ago."""
-    lock = build_lock() if lock is None else lock
+def warn_if_stale() -> str | None:
+    """Warn (and return the message) when the build lock exists and was last touched over STALE_AFTER_S ago."""
+    lock = build_lock()
     try:
-        age = (time.time() if now is None else now) - lock.stat().st_mtime
+        age = time.time() - lock.stat().st_mtime
     except FileNotFoundError:
         return None
     if age < STALE_AFTER_S:

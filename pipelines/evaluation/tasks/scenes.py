@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from pipelines.corpora.common import balanced_subset
-from pipelines.corpora.scenes import CAPTION_TASK, GARMENT_TASK
+from pipelines.corpora.scenes import CAPTION_TASK, GARMENT_TASK, garment_question_id
 from pipelines.evaluation.tasks.base import Task, TaskContext, heldout_records, manifest_choices, record_example
 
 NAME = "scenes_garment"
@@ -36,13 +36,8 @@ def load(ctx: TaskContext) -> Task:
     )
 
 
-def garment_id(record: dict) -> str:
-    """The id of the garment question about the same scene as ``record`` (a caption's split key)."""
-    return record["id"].removesuffix("-caption") + "-garment"
-
-
 def load_captions(ctx: TaskContext) -> Task:
-    records = [r for r in heldout_records(ctx, "scenes", split_key=garment_id) if r["task"] == CAPTION_TASK]
+    records = [r for r in heldout_records(ctx, "scenes", split_key=garment_question_id) if r["task"] == CAPTION_TASK]
     return Task(
         name=CAPTION_NAME,
         kind="nll",
