@@ -2,10 +2,14 @@
 
     python -m pipelines.promote --model autoselect-scorer --version 3 --require retention_avg>=0.95
     python -m pipelines.promote --model autoselect-scorer --version latest --alias challenger
+    python -m pipelines.promote --model autoselect-scorer --version 4 --require "retention_avg>@champion"
     python -m pipelines.promote --model autoselect-scorer --list
 
 Metric values come from the version's tags (`pipelines/evaluate.py --tag-version` writes its
-results there) and then from the metrics of the run that logged it. Aliases only: MLflow stages are deprecated.
+results there) and then from the metrics of the run that logged it. A threshold ``@ALIAS`` is that
+alias's version's value of the same metric (champion/challenger), compared only when both versions
+carry the same evaluation settings (every ``eval_*`` tag but the scorer: split, n, tasks, budgets,
+dtype, policy, backbone, seed). Aliases only: MLflow stages are deprecated.
 Exit status: 0 promoted (or would be, with --dry-run), 1 a gate failed or a metric is missing,
 2 bad arguments or an unknown model/version.
 """
@@ -30,39 +34,49 @@ OPERATORS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq,
 }
 _REQUIREMENT = re.compile(r"^\s*([^<>=!\s]+)\s*(>=|<=|==|>|<)\s*(\S+)\s*$")
+SCORER_TAG = "eval_scorer"  # the one evaluation tag two compared versions must differ in
 
 
 @dataclass(frozen=True)
 class Requirement:
-    """``metric OP threshold``, e.g. ``retention_avg>=0.95``."""
+    """``metric OP threshold``, e.g. ``retention_avg>=0.95``, or ``retention_avg>@champion``: the
+    threshold is then the value the ``champion`` version has for the same metric (`resolve_aliases`)."""
 
     metric: str
     op: str
     threshold: float
+    against: str | None = None  # the alias whose version set ``threshold``
 
     @classmethod
     def parse(cls, text: str) -> "Requirement":
         match = _REQUIREMENT.match(text)
         if not match:
-            raise ValueError(f"--require expects METRIC(>=|<=|>|<|==)NUMBER, got {text!r}")
+            raise ValueError(f"--require expects METRIC(>=|<=|>|<|==)NUMBER or @ALIAS, got {text!r}")
+        metric, op, threshold = match.groups()
+        if threshold.startswith("@"):
+            if len(threshold) == 1:
+                raise ValueError(f"--require {text!r}: '@' needs an alias name (e.g. @champion)")
+            return cls(metric, op, math.nan, against=threshold[1:])
         try:
-            threshold = float(match.group(3))
+            return cls(metric, op, float(threshold))
         except ValueError:
-            raise ValueError(f"--require {text!r}: {match.group(3)!r} is not a number") from None
-        return cls(match.group(1), match.group(2), threshold)
+            raise ValueError(f"--require {text!r}: {threshold!r} is not a number or @ALIAS") from None
 
     def failure(self, value: float | None, source: str) -> str | None:
         """Why ``value`` fails this gate, or None when it passes."""
         if value is None:
-            return f"{self.metric}: not found (required {self.op} {self.threshold:g})"
+            return f"{self.metric}: not found (required {self.op} {self._threshold()})"
         if not math.isnan(value) and OPERATORS[self.op](value, self.threshold):
             return None
         gap = {">": "short", ">=": "short", "<": "over", "<=": "over"}.get(self.op, "off")
-        return (f"{self.metric} = {value:g} ({source}) fails {self.op} {self.threshold:g}"
+        return (f"{self.metric} = {value:g} ({source}) fails {self.op} {self._threshold()}"
                 f" ({gap} by {abs(value - self.threshold):.6g})")
 
+    def _threshold(self) -> str:
+        return f"{self.threshold:g}" + (f" (@{self.against}'s)" if self.against else "")
+
     def __str__(self) -> str:
-        return f"{self.metric}{self.op}{self.threshold:g}"
+        return f"{self.metric}{self.op}" + (f"@{self.against}" if self.against else f"{self.threshold:g}")
 
 
 def version_values(client: MlflowClient, version) -> dict[str, tuple[float, str]]:
@@ -88,6 +102,41 @@ def check(requirements: list[Requirement], values: dict[str, tuple[float, str]])
         if message:
             failures.append(message)
     return failures
+
+
+def evaluation_settings(version) -> dict[str, str]:
+    """The ``eval_*`` tags `evaluate --tag-version` wrote, less the scorer's name: what makes two
+    versions' metrics comparable."""
+    return {k: v for k, v in version.tags.items() if k.startswith("eval_") and k != SCORER_TAG}
+
+
+def resolve_aliases(client: MlflowClient, name: str, target, requirements: list[Requirement]) -> tuple[list[Requirement], list[str]]:
+    """``@ALIAS`` thresholds replaced by that version's value, and one message per gate that cannot be
+    compared: the alias is not set, lacks the metric, or was evaluated under other settings."""
+    resolved, failures = [], []
+    for requirement in requirements:
+        if requirement.against is None:
+            resolved.append(requirement)
+            continue
+        alias = requirement.against
+        try:
+            other = client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            failures.append(f"{requirement}: {name} has no alias {alias!r} to compare with")
+            continue
+        value, _ = version_values(client, other).get(requirement.metric, (None, ""))
+        if value is None:
+            failures.append(f"{requirement}: {name}@{alias} (v{other.version}) has no {requirement.metric}")
+            continue
+        ours, theirs = evaluation_settings(target), evaluation_settings(other)
+        differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        if differ or not ours:
+            why = ", ".join(f"{k}: {ours.get(k)} vs {theirs.get(k)}" for k in differ) or "no eval_* tags on either"
+            failures.append(f"{requirement}: v{target.version} and {name}@{alias} (v{other.version}) were not "
+                            f"evaluated alike ({why}); evaluate both with the same settings (evaluate.py --tag-version)")
+            continue
+        resolved.append(Requirement(requirement.metric, requirement.op, value, against=f"{alias} v{other.version}"))
+    return resolved, failures
 
 
 def get_version(client: MlflowClient, name: str, version: str):
@@ -122,7 +171,8 @@ def promote(client: MlflowClient, name: str, version: str, alias: str, requireme
             dry_run: bool = False) -> tuple[bool, str]:
     """Check the gates; move ``alias`` to the version when they pass. Returns (passed, report)."""
     target = get_version(client, name, version)
-    failures = check(requirements, version_values(client, target))
+    resolved, failures = resolve_aliases(client, name, target, requirements)
+    failures += check(resolved, version_values(client, target))
     gates = ", ".join(map(str, requirements)) or "no gates"
     if failures:
         return False, (f"refused: {name} v{target.version} does not meet {gates}; alias {alias!r} unchanged\n  "
@@ -143,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", help="version number, or 'latest'")
     parser.add_argument("--alias", default="champion", help="alias to move (default: %(default)s)")
     parser.add_argument("--require", action="append", default=[], metavar="METRIC>=VALUE",
-                        help="gate on a run metric or version tag; repeatable (ops: >= <= > < ==)")
+                        help="gate on a run metric or version tag; repeatable (ops: >= <= > < ==); the value may be "
+                             "@ALIAS: that alias's value of the metric (e.g. retention_avg>@champion)")
     parser.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db")
     parser.add_argument("--list", action="store_true", help="list versions with aliases, metrics and tags")
     parser.add_argument("--dry-run", action="store_true", help="check the gates without moving the alias")

@@ -172,3 +172,31 @@ def test_version_tags_average_the_budgets_and_leave_undefined_values_out():
     report["results"]["random[repack]"] = report["results"].pop("random")
     with pytest.raises(ValueError, match="two position policies"):
         version_tags(report)
+
+
+def test_a_challenger_is_gated_on_the_champions_value_only_when_evaluated_alike(store, tagged, tmp_path, capsys):
+    """``--require retention_avg>@incumbent``: the threshold is the incumbent's own tag, and versions
+    evaluated under other settings (here fewer examples) are refused rather than compared."""
+    client = MlflowClient(store["tracking"])
+    first, second = store["versions"]
+    client.set_registered_model_alias(MODEL, "incumbent", first)
+    gate = ["--model", MODEL, "--version", second, "--tracking-uri", store["tracking"]]
+    uri = f"models:/{MODEL}/{second}"
+
+    assert evaluate(store, tmp_path / "fewer", uri, uri, "--limit", "6") == 0
+    assert promote.main([*gate, "--alias", "contender", "--require", "retention_avg>=@incumbent"]) == 1
+    assert "not evaluated alike (eval_n: 6 vs 8" in capsys.readouterr().err
+
+    assert evaluate(store, tmp_path / "alike", uri, uri) == 0  # same settings as v1's: the same untrained weights
+    ours = float(client.get_model_version(MODEL, second).tags["retention_avg"])
+    assert ours == float(tagged["tags"]["retention_avg"])
+    assert promote.main([*gate, "--alias", "contender", "--require", "retention_avg>@incumbent"]) == 1
+    assert f"fails > {ours:g} (@incumbent v{first}'s)" in capsys.readouterr().err  # a tie does not win
+    assert promote.main([*gate, "--alias", "contender", "--require", "retention_avg>=@incumbent"]) == 0
+    assert str(client.get_model_version_by_alias(MODEL, "contender").version) == second
+
+    assert promote.main([*gate, "--require", "retention_avg>@no-such-alias"]) == 1
+    assert "has no alias 'no-such-alias'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        promote.main([*gate, "--require", "retention_avg>@"])
+    assert "'@' needs an alias name" in capsys.readouterr().err
