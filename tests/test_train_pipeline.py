@@ -211,6 +211,16 @@ def test_config_k28_sampled_recipe_is_the_committed_scorers_config():
     assert config == load_train_config(root / "pipelines" / "configs" / "mini-llava.yaml", historical)
 
 
+def test_config_scenes_recipe_is_the_committed_scenes_scorers_config():
+    """``pipelines/configs/mini-llava-scenes.yaml`` and ``artifacts/mini-llava-scenes/scorer`` agree,
+    the val-chosen decode included, so a retrained scorer serves what docs/results.md measured."""
+    root = Path(__file__).resolve().parent.parent
+    config = load_train_config(root / "pipelines" / "configs" / "mini-llava-scenes.yaml")
+    saved = AutoSelectConfig.load(root / "artifacts" / "mini-llava-scenes" / "scorer" / "config.json")
+    assert config.autoselect == AutoSelectConfig(**{**vars(saved), "vision_width": None, "backbone": None})
+    assert (saved.inference.decode, saved.inference.dpp_quality_scale) == ("dpp", 0.5)
+
+
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parent.parent.glob("pipelines/configs/*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load_and_validate(path):
     config = load_train_config(path)
