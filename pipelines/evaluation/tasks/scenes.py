@@ -30,7 +30,7 @@ def load(ctx: TaskContext) -> Task:
         name=NAME,
         kind="choice",
         examples=[replace(record_example(ctx, r), boxes=tuple(tuple(box) for box in r["boxes"])) for r in chosen],
-        description="Fashion-MNIST garment among clip-art drawings on a photo (10-way multiple choice)",
+        description="Fashion-MNIST garment among clip-art drawings on a photo or a plain background (10-way multiple choice)",
         source=f"{ctx.corpora_dir}/scenes.heldout.jsonl, {ctx.split} half",
         choices=choices,
     )
