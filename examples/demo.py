@@ -79,13 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def file_sha(*paths: Path) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
 def champion_step(args) -> str:
     """Register the committed scorer once (found again by its sha256) and make it the `champion`
     unless a champion is already set (a challenger that won an earlier demo keeps its title)."""
@@ -95,8 +88,10 @@ def champion_step(args) -> str:
 
     from mlops import registry
 
+    from minillava.assets import file_sha256
+
     folder = SCENES / "scorer"
-    sha = file_sha(folder / "config.json", folder / "model.safetensors")
+    sha = ":".join(file_sha256(folder / name) for name in ("config.json", "model.safetensors"))
     client = MlflowClient(args.tracking_uri)
     name = args.registered_model
     known = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get("scorer_sha256") == sha]
@@ -118,12 +113,12 @@ def champion_step(args) -> str:
     return champion
 
 
-def preprocess_step(args, corpora: Path) -> dict:
+def preprocess_step(args, corpora: Path, source_sha: str) -> dict:
     from pipelines import preprocess
 
     out = args.out / "preprocessed"
     source = corpora / "scenes.train.jsonl"
-    key = {"input": file_sha(source), "model": str(BACKBONE), "tasks": ["scenes_caption"]}
+    key = {"input": source_sha, "model": str(BACKBONE), "tasks": ["scenes_caption"]}
     done = out / "demo_key.json"
     if not args.fresh and done.is_file() and json.loads(done.read_text()).get("key") == key:
         stats = json.loads(done.read_text())["stats"]
@@ -254,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from minillava.aligned import build_aligned_mini_llava
+    from minillava.assets import file_sha256
     from mlops.tracking import resolve_tracking_uri
     from pipelines.corpora import ExportSettings, export_corpora
 
@@ -276,11 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     try:
         progress.step(4, "preprocess the train split's scene captions with Ray Data")
-        stats = preprocess_step(args, corpora)
+        source_sha = file_sha256(corpora / "scenes.train.jsonl")  # keys the shards and the challenger
+        stats = preprocess_step(args, corpora, source_sha)
         print(f"      in {stats['rows_in']}, written {stats['rows_written']}, quarantined {stats['rows_quarantined']}")
 
         progress.step(5, f"challenger: the recipe for {args.train_steps} steps with Ray Train + DeepSpeed (2 workers)")
-        challenger = challenger_step(args, stats["data"], file_sha(corpora / "scenes.train.jsonl"))
+        challenger = challenger_step(args, stats["data"], source_sha)
 
         progress.step(6, f"evaluate on {args.eval_limit} val scenes: the champion with the baselines, then the challenger")
         report = evaluate_step(args, champion, PRUNERS, args.out / "eval-champion")
