@@ -95,7 +95,7 @@ def training_subset(corpora: Path, count: int, out: Path) -> Path:
 def preprocess_step(subset: Path, model: Path, corpora: Path, out: Path, fresh: bool) -> dict:
     from pipelines import preprocess
 
-    key = {"subset": file_sha(subset), "model": str(model)}
+    key = {"subset": file_sha(subset), "model": str(model), "shards": "image-bytes"}  # not the older pixel shards
     done = out / "demo_key.json"
     if not fresh and done.is_file() and json.loads(done.read_text()).get("key") == key:
         stats = json.loads(done.read_text())["stats"]
