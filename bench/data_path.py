@@ -42,7 +42,7 @@ import torch
 from autoselect.data import collate, encode_example
 from autoselect.training import compute_loss
 from mlops.backbone import load_processor, load_vlm
-from pipelines.corpora import DEFAULT_OUT, load_records
+from pipelines.corpora import DEFAULT_OUT, load_records, record_messages
 from pipelines.preprocessing.encode import Encoder
 from pipelines.preprocessing.samples import chat_messages, decode_image
 from pipelines.preprocessing.shards import (
@@ -65,8 +65,6 @@ def demo_mix(corpora: Path, rows: int) -> list[dict]:
     """Half Fashion-MNIST, half clip-art category questions (the demo's training mix), train split."""
     fmnist = load_records(corpora, "fashion_mnist", "train")[: rows - rows // 2]
     clipart = [r for r in load_records(corpora, "openclipart", "train") if r["task"] == "clipart_category"][: rows // 2]
-    from pipelines.corpora import record_messages
-
     return [sample_row(r["id"], (corpora / r["image"]).read_bytes(), record_messages(r)) for r in fmnist + clipart]
 
 

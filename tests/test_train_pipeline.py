@@ -154,6 +154,9 @@ def test_config_errors_are_named(tmp_path):
     bad.write_text("name: x\nray: {num_workers: two}\n")
     with pytest.raises(ValueError, match="ray.num_workers: expected int"):
         load_train_config(bad)
+    bad.write_text("name: x\ndata: {decode_cpus: 0}\n")
+    with pytest.raises(ValueError, match="decode_cpus must be > 0"):
+        load_train_config(bad)
     good = tmp_path / "good.yaml"
     good.write_text("name: x\n")
     assert load_train_config(good, ["deepspeed.zero_stage=3"]).deepspeed.zero_stage == 3

@@ -21,7 +21,7 @@ IMAGE_TOO_LARGE = "image_too_large"  # over --max-image-bytes even as a JPEG (se
 REASONS = (BAD_RECORD, MISSING_IMAGE, CORRUPT_IMAGE, EMPTY_TEXT, TOO_LONG, ENCODE_ERROR, IMAGE_TOO_LARGE)
 
 #: image formats a shard keeps as the source file's bytes; others are re-encoded as PNG (lossless)
-KEPT_FORMATS = ("JPEG", "PNG", "WEBP")
+KEPT_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")  # MPO: a camera JPEG with extra frames
 #: how a shard row's image bytes came to be (its ``image_encoding`` column)
 SOURCE, LOSSLESS_PNG, LOSSY_JPEG = "source", "png", "jpeg"
 IMAGE_ENCODINGS = (SOURCE, LOSSLESS_PNG, LOSSY_JPEG)
