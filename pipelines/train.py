@@ -57,14 +57,18 @@ def run_config(config: TrainConfig, run_name: str) -> RunConfig:
     )
 
 
+READ_CPUS = 0.1
+
+
 def training_input(config: TrainConfig) -> ray.data.Dataset:
     """The shards as the workers stream them. Shards holding image bytes go through
-    ``ImageTensors`` on ``data.decode_actors`` CPU actors (the read is fused into them), which
+    ``ImageTensors`` on ``data.decode_actors`` CPU actors, which
     decode each image and run the backbone's processor (``model.path``), before Ray Train splits
     the stream between the workers; shards that stored the pixels are read as they are."""
     fs, data_path = storage.resolve(config.data.train, config.data.s3_endpoint)
-    remote_args = {"num_cpus": config.data.decode_cpus}
-    dataset = ray.data.read_parquet(data_path, filesystem=fs, ray_remote_args=remote_args)
+    # reading is I/O: a small CPU share, so the reads still get scheduled beside actors that hold
+    # the CPUs Ray Train leaves to Ray Data (a whole CPU each would wait on them for ever)
+    dataset = ray.data.read_parquet(data_path, filesystem=fs, ray_remote_args={"num_cpus": READ_CPUS})
     if not has_encoded_images(dataset.schema()):
         return dataset
     return dataset.map_batches(
@@ -73,8 +77,8 @@ def training_input(config: TrainConfig) -> ray.data.Dataset:
         batch_format="pyarrow",
         batch_size=config.data.batch_size,
         compute=ActorPoolStrategy(size=config.data.decode_actors),
+        num_cpus=config.data.decode_cpus,
         udf_modifying_row_count=False,
-        **remote_args,
     )
 
 
