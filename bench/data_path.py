@@ -3,7 +3,7 @@
 For the mini-LLaVA's processor (224 px) and the same processor at LLaVA-1.5's 336 px (CLIP's
 resize + centre crop to 336 and CLIP's mean/std; the tokenizer unchanged, 576 image tokens), on
 two image sets: the demo's training mix (Fashion-MNIST + clip-art PNGs from ``--corpora``) and
-real photos (scikit-learn's two sample JPEG files, 640x427, the size of an ImageNet photo):
+distinct photo JPEGs the size of an ImageNet photo (500x375 crops of scikit-learn's samples):
 
 - bytes per row of a parquet shard holding the float32 pixels (the format before) and of one
   holding the image file's bytes (now), and their ratio;
@@ -69,12 +69,23 @@ def demo_mix(corpora: Path, rows: int) -> list[dict]:
 
 
 def photos(rows: int) -> list[dict]:
-    """scikit-learn's sample photos (JPEG files as they ship), repeated to ``rows``."""
+    """Distinct ImageNet-sized JPEG files (500x375, quality 90): crops of scikit-learn's two sample
+    photos at different offsets (repeating one file would let parquet's dictionary encoding
+    store it once and flatter both formats)."""
     import sklearn.datasets
+    from PIL import Image
+
+    from pipelines.preprocessing.samples import encode_image
 
     files = sorted((Path(sklearn.datasets.__file__).parent / "images").glob("*.jpg"))
     messages = chat_messages([("Describe the image in one sentence.", "A photo.")])
-    return [sample_row(f"photo-{n}", files[n % len(files)].read_bytes(), messages) for n in range(rows)]
+    out = []
+    for n in range(rows):
+        with Image.open(files[n % len(files)]) as photo:
+            left, top = (n * 7) % (photo.width - 500), (n * 5) % (photo.height - 375)
+            crop = photo.convert("RGB").crop((left, top, left + 500, top + 375))
+        out.append(sample_row(f"photo-{n}", encode_image(crop, "JPEG", quality=90), messages))
+    return out
 
 
 def processor_at(model: str, pixels: int, out: Path) -> str:
