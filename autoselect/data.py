@@ -16,6 +16,8 @@ from autoselect.placeholders import IGNORE_INDEX
 #: processor outputs with one value per text token: they follow ``input_ids`` (joined along the
 #: sequence, padded like it) instead of being stacked like image tensors
 TOKEN_KEYS = ("token_type_ids", "mm_token_type_ids")
+#: processor outputs that are text, not image tensors
+TEXT_KEYS = ("input_ids", "attention_mask", *TOKEN_KEYS)
 
 
 def _render(processor, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -64,7 +66,7 @@ def encode_example(processor, messages: list[dict], images: Sequence[Any] = ()) 
         for key, value in out.items():
             if key in TOKEN_KEYS:
                 token_inputs.setdefault(key, []).append(value[0])
-            elif key not in ("input_ids", "attention_mask"):
+            elif key not in TEXT_KEYS:
                 image_inputs.setdefault(key, []).append(value)
     if images:
         raise ValueError(f"{len(images)} image(s) were given but the conversation has no <image> for them")
@@ -72,6 +74,17 @@ def encode_example(processor, messages: list[dict], images: Sequence[Any] = ()) 
     example.update({k: torch.cat(v) for k, v in token_inputs.items()})
     example.update({k: stack_images(v) for k, v in image_inputs.items()})
     return example
+
+
+def image_inputs(processor, images: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """The processor's image tensors for ``images`` alone (``pixel_values``, ``image_grid_thw``...):
+    what :func:`encode_example` gets from the one segment holding them, so training can rebuild
+    them from stored image bytes. The processor runs on just the placeholders: its image part
+    does not read the text (``pipelines.preprocessing.encode`` checks that per backbone)."""
+    image_token = getattr(processor, "image_token", "<image>")
+    images = list(images)
+    out = processor(text=[image_token * len(images)], images=images, return_tensors="pt")
+    return {key: value for key, value in out.items() if key not in TEXT_KEYS}
 
 
 def stack_images(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -118,7 +118,8 @@ def preprocess_step(args, corpora: Path, source_sha: str) -> dict:
 
     out = args.out / "preprocessed"
     source = corpora / "scenes.train.jsonl"
-    key = {"input": source_sha, "model": str(BACKBONE), "tasks": ["scenes_caption"]}
+    key = {"input": source_sha, "model": str(BACKBONE), "tasks": ["scenes_caption"],
+           "shards": "image-bytes"}  # not the older pixel shards
     done = out / "demo_key.json"
     if not args.fresh and done.is_file() and json.loads(done.read_text()).get("key") == key:
         stats = json.loads(done.read_text())["stats"]

@@ -5,7 +5,7 @@
 
 Reads LLaVA JSON/JSONL + an image folder, parquet, or WebDataset tars (local or ``s3://``),
 validates and encodes every sample with the backbone's processor, and writes
-``<output>/data/*.parquet`` (training rows, see ``pipelines.preprocessing.shards``),
+``<output>/data/*.parquet`` (training rows holding the image bytes, see ``pipelines.preprocessing.shards``),
 ``<output>/quarantine/*.parquet`` (``id, source, reason, detail``) and ``<output>/stats.json``.
 Every input row ends up in exactly one of the two tables; the run checks that and says so.
 """
@@ -27,7 +27,7 @@ from ray.data import ActorPoolStrategy
 from mlops import storage
 from pipelines.preprocessing.corpus import FORMATS, RecordSpec, infer_format, read_corpus
 from pipelines.preprocessing.encode import Encoder
-from pipelines.preprocessing.samples import REASONS
+from pipelines.preprocessing.samples import IMAGE_ENCODINGS, REASONS
 from pipelines.preprocessing.shards import OK, SplitParquetSink
 
 REQUIRED = ("input", "output", "model")
@@ -50,7 +50,8 @@ class PreprocessConfig:
     s3_endpoint: str | None = None
     concurrency: int = 1
     batch_size: int = 16
-    rows_per_shard: int = 256  # a write task holds this many rows; ~1.4 MB each at 336 px
+    rows_per_shard: int = 256  # a write task holds at least this many rows (an image's bytes plus tokens each)
+    max_image_bytes: int = 8 * 2**20  # bigger images are re-encoded as JPEG (samples.stored_image)
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -60,7 +61,7 @@ class PreprocessConfig:
             raise ValueError("input: give at least one file or folder")
         if self.format not in ("auto", *FORMATS):
             raise ValueError(f"format: {self.format!r} is not one of auto, {', '.join(FORMATS)}")
-        for name in ("max_length", "concurrency", "batch_size", "rows_per_shard"):
+        for name in ("max_length", "concurrency", "batch_size", "rows_per_shard", "max_image_bytes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
         if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1:
@@ -93,7 +94,8 @@ def run(config: PreprocessConfig) -> dict[str, Any]:
     sink = SplitParquetSink(out_fs, data_dir, quarantine_dir, rows_per_file=config.rows_per_shard)
     corpus.samples.map_batches(
         Encoder,
-        fn_constructor_kwargs={"model": config.model, "max_length": config.max_length, "image_fs": corpus.image_fs},
+        fn_constructor_kwargs={"model": config.model, "max_length": config.max_length, "image_fs": corpus.image_fs,
+                               "max_image_bytes": config.max_image_bytes},
         batch_format="pyarrow",
         batch_size=config.batch_size,
         compute=ActorPoolStrategy(size=config.concurrency),
@@ -114,6 +116,7 @@ def run(config: PreprocessConfig) -> dict[str, Any]:
         "rows_written": counts.get(OK, 0),
         "rows_quarantined": sum(by_reason.values()),
         "quarantined_by_reason": by_reason,
+        "images_stored": {encoding: (sink.image_encodings or {}).get(encoding, 0) for encoding in IMAGE_ENCODINGS},
         "seconds": round(time.time() - started, 1),
     }
     storage.write_json(out_fs, f"{out_path}/stats.json", {**stats, "config": dataclasses.asdict(config)})
@@ -157,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch-size", dest="batch_size", type=int, help=f"samples per encoder call (default {default['batch_size']})")
     add("--rows-per-shard", dest="rows_per_shard", type=int,
         help=f"minimum rows per output parquet file (default {default['rows_per_shard']})")
+    add("--max-image-bytes", dest="max_image_bytes", type=int,
+        help="images whose file is bigger are stored re-encoded as JPEG (quality 95), and rejected as image_too_large "
+        f"if still bigger; JPEG/PNG/WebP files under it are stored as they are (default {default['max_image_bytes']})")
     add("--overwrite", action="store_true", help="empty a non-empty output folder first")
     return parser
 

@@ -4,8 +4,8 @@
     ray job submit --working-dir . -- python pipelines/train.py --config pipelines/configs/mini-llava.yaml
     python pipelines/train.py --config cfg.yaml --set ray.num_workers=4 --set optim.steps=2000
 
-Reads the shards of ``pipelines/preprocess.py`` as a Ray Dataset (each worker streams its
-split), runs ``pipelines/training/loop.py`` on ``ray.num_workers`` workers with DeepSpeed ZeRO,
+Reads the shards of ``pipelines/preprocess.py`` as a Ray Dataset whose CPU actors decode the
+images and run the backbone's processor (each worker streams its split of ready tensors), runs ``pipelines/training/loop.py`` on ``ray.num_workers`` workers with DeepSpeed ZeRO,
 checkpoints to ``ray.storage_path`` (local or ``s3://``), resumes from the last checkpoint when
 a worker dies (``ray.max_failures``), logs to MLflow (sqlite by default, or a server) and
 registers the scorer as a new version of ``mlflow.registered_model``.
@@ -23,6 +23,7 @@ from typing import Any
 import mlflow
 import ray
 import ray.data
+from ray.data import ActorPoolStrategy
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -30,6 +31,7 @@ from safetensors import safe_open
 
 from autoselect.model import WEIGHTS_NAME
 from mlops import registry, storage
+from pipelines.preprocessing.shards import ImageTensors, has_encoded_images
 from pipelines.training.config import TrainConfig, load_train_config
 from pipelines.training.loop import AUTOSELECT_DIR, train_loop_per_worker
 from pipelines.training.progress import TrainingProgress
@@ -55,14 +57,38 @@ def run_config(config: TrainConfig, run_name: str) -> RunConfig:
     )
 
 
+READ_CPUS = 0.1
+
+
+def training_input(config: TrainConfig) -> ray.data.Dataset:
+    """The shards as the workers stream them. Shards holding image bytes go through
+    ``ImageTensors`` on ``data.decode_actors`` CPU actors, which
+    decode each image and run the backbone's processor (``model.path``), before Ray Train splits
+    the stream between the workers; shards that stored the pixels are read as they are."""
+    fs, data_path = storage.resolve(config.data.train, config.data.s3_endpoint)
+    # reading is I/O: a small CPU share, so the reads still get scheduled beside actors that hold
+    # the CPUs Ray Train leaves to Ray Data (a whole CPU each would wait on them for ever)
+    dataset = ray.data.read_parquet(data_path, filesystem=fs, ray_remote_args={"num_cpus": READ_CPUS})
+    if not has_encoded_images(dataset.schema()):
+        return dataset
+    return dataset.map_batches(
+        ImageTensors,
+        fn_constructor_kwargs={"model": config.model.path},
+        batch_format="pyarrow",
+        batch_size=config.data.batch_size,
+        compute=ActorPoolStrategy(size=config.data.decode_actors),
+        num_cpus=config.data.decode_cpus,
+        udf_modifying_row_count=False,
+    )
+
+
 def train(config: TrainConfig, config_path: str | None = None) -> dict[str, Any]:
     """Run the job; returns a summary (run id, checkpoint, registered version, final metrics)."""
     if not config.data.train:
         raise ValueError("data.train is empty: point it at the data/ folder written by pipelines/preprocess.py")
     if Path(config.model.path).exists():  # workers run in their own folders: pass local paths absolute
         config.model.path = str(Path(config.model.path).resolve())
-    fs, data_path = storage.resolve(config.data.train, config.data.s3_endpoint)
-    dataset = ray.data.read_parquet(data_path, filesystem=fs)
+    dataset = training_input(config)
 
     tracking_uri = config.tracking_uri()
     experiment_id = registry.setup_tracking(tracking_uri, config.mlflow.experiment, config.mlflow.artifact_location)

@@ -25,7 +25,7 @@ from mlops import storage
 from pipelines.preprocessing.corpus import RecordSpec, in_subset, sample_from_record
 from pipelines.preprocess import PreprocessConfig, main, parse_config, run
 from pipelines.preprocessing.samples import CORRUPT_IMAGE, Rejected, decode_image
-from pipelines.preprocessing.shards import example_from_row
+from pipelines.preprocessing.shards import ImageTensors, examples_from_table
 
 
 def image_bytes(fmt: str = "JPEG", color: str = "red") -> bytes:
@@ -86,6 +86,12 @@ def write_llava_corpus(root: Path) -> dict[str, str]:
     }
 
 
+def training_examples(rows: list[dict], model: Path | str) -> dict[str, dict[str, torch.Tensor]]:
+    """What training gets from these shard rows: images decoded and processed, tensors rebuilt."""
+    table = ImageTensors(str(model))(pa.Table.from_pylist(rows))
+    return dict(zip(table["id"].to_pylist(), examples_from_table(table)))
+
+
 def check_run(stats: dict, expected: dict[str, str], fs: pafs.FileSystem, output: str) -> list[dict]:
     """Exact counts per reason, the right ids in each table; returns the training rows."""
     want = Counter(expected.values())
@@ -121,7 +127,11 @@ def test_llava_json_and_jsonl_with_broken_inputs(ray_local, tiny_llava_dir, tmp_
 
     # The stored tensors are exactly what the processor gives for the same conversation.
     processor = AutoProcessor.from_pretrained(tiny_llava_dir)
-    examples = {row["id"]: example_from_row(row) for row in data}
+    # Shards keep the source files' bytes; training rebuilds exactly what the processor gives.
+    assert {row["id"]: (row["image"], row["image_encoding"]) for row in data} == {
+        "good-1": (JPEG, "source"), "good-2": (JPEG, "source"), "good-multi": (PNG, "source")}
+    assert stats["images_stored"] == {"source": 3, "png": 0, "jpeg": 0}
+    examples = training_examples(data, tiny_llava_dir)
     multi = examples["good-multi"]
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
@@ -167,8 +177,7 @@ def test_parquet_with_custom_columns_through_the_cli(ray_local, tiny_llava_dir, 
     expected = {"good-jpeg": "ok", "good-png": "ok", "not-image": "corrupt_image", "no-image": "missing_image",
                 "empty-answer": "empty_text", "blank-question": "empty_text", "too-long": "too_long"}
     data = check_run(stats, expected, pafs.LocalFileSystem(), str(tmp_path / "out"))
-    for row in data:
-        example = example_from_row(row)
+    for example in training_examples(data, tiny_llava_dir).values():
         assert example["pixel_values"].shape == (1, 3, 32, 32) and len(example["input_ids"]) <= MAX_LENGTH
         assert (example["labels"] != IGNORE_INDEX).any()
 
@@ -207,7 +216,7 @@ def test_webdataset_shards_with_captions_and_json(ray_local, tiny_llava_dir, tmp
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llava_dir)
-    caption = example_from_row(next(row for row in data if row["id"] == "000"))
+    caption = training_examples(data, tiny_llava_dir)["000"]
     assert "Caption this picture." in tokenizer.decode(caption["input_ids"])
     assert "a red square" in tokenizer.decode(caption["input_ids"][caption["labels"] != IGNORE_INDEX])
 
@@ -234,7 +243,7 @@ def test_llava_from_s3_to_s3(ray_local, moto_s3, tiny_llava_dir, tmp_path, monke
     assert all(row["source"].startswith("s3://corpora/llava/annotations.json") for row in data)
     keys = [o["Key"] for o in moto_s3.client.list_objects_v2(Bucket="corpora", Prefix="preprocessed/")["Contents"]]
     assert "preprocessed/stats.json" in keys
-    assert example_from_row(data[0])["pixel_values"].shape == (1, 3, 32, 32)
+    assert all(e["pixel_values"].shape == (1, 3, 32, 32) for e in training_examples(data, tiny_llava_dir).values())
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -298,8 +307,9 @@ def test_paper_data_from_hf_parquet_on_s3_through_the_shipped_config(
     # Every training row asks the config's fixed prompt and learns exactly its caption.
     tokenizer = AutoTokenizer.from_pretrained(tiny_llava_dir)
     captions = {i: c for i, _, _, c in rows}
+    examples = training_examples(data, tiny_llava_dir)
     for row in data:
-        example = example_from_row(row)
+        example = examples[row["id"]]
         target = example["labels"] != IGNORE_INDEX
         prompt = tokenizer.decode(example["input_ids"][~target], skip_special_tokens=True)
         assert shipped.caption_prompt in prompt and captions[row["id"]] not in prompt

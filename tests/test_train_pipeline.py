@@ -65,7 +65,7 @@ def test_train_resumes_after_worker_death_and_registers(ray_local, s3_env, tiny_
         "name": "tiny-ft",
         "model": {"path": TINY_LLAVA, "dtype": "float32"},  # compared with float32 models below
         "autoselect": {"budget": 16, "temperature_steps": 6},
-        "data": {"train": stats["data"], "batch_size": 2},
+        "data": {"train": stats["data"], "batch_size": 2, "decode_cpus": 0},  # 2 CPUs: Ray Data gets 1
         "optim": {"steps": 6, "lr": 1e-3, "checkpoint_every": 2, "fail_at_step": 3},
         "ray": {"num_workers": 2, "cpus_per_worker": 0.5, "storage_path": f"s3://{BUCKET}/ray", "max_failures": 1},
         "deepspeed": {"zero_stage": 2},
@@ -153,6 +153,9 @@ def test_config_errors_are_named(tmp_path):
         load_train_config(bad)
     bad.write_text("name: x\nray: {num_workers: two}\n")
     with pytest.raises(ValueError, match="ray.num_workers: expected int"):
+        load_train_config(bad)
+    bad.write_text("name: x\ndata: {decode_cpus: -1}\n")
+    with pytest.raises(ValueError, match="decode_cpus must be >= 0"):
         load_train_config(bad)
     good = tmp_path / "good.yaml"
     good.write_text("name: x\n")
@@ -255,7 +258,7 @@ def test_native_resolution_backbone_trains_through_the_pipeline(ray_local, tmp_p
         "name": "tiny-qwen",
         "model": {"path": model, "dtype": "float32"},
         "autoselect": {"budget": 0.5, "temperature_steps": 3},
-        "data": {"train": stats["data"], "batch_size": 2},
+        "data": {"train": stats["data"], "batch_size": 2, "decode_cpus": 0},  # 2 CPUs: Ray Data gets 1
         "optim": {"steps": 3, "lr": 1e-3, "checkpoint_every": 3},
         "ray": {"num_workers": 2, "cpus_per_worker": 0.5, "storage_path": str(tmp_path / "ray"), "max_failures": 0},
         "deepspeed": {"zero_stage": 2},

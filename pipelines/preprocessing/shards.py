@@ -4,20 +4,30 @@ Training shards (``data/*.parquet``) hold one example per row:
 
     id, source            where the example came from
     input_ids, labels     list<int32>; labels are -100 outside the assistant answers
+    image                 the image file's bytes: the source file's own (JPEG, PNG, WebP), re-encoded
+                          only for other formats (as PNG, same pixels) or over a size cap
+                          (``samples.stored_image``)
+    image_encoding        how those bytes came to be: source, png or jpeg
+    <tensor>_shape        the shape of each image tensor the processor gave at preprocessing
+                          (``pixel_values``; also ``image_grid_thw`` for Qwen-VL), checked in training
     <tensor>, <tensor>_shape
-                          every other processor output (``pixel_values`` for LLaVA,
-                          also ``image_grid_thw`` for Qwen-VL) as a flat list plus its shape
+                          other per-token processor outputs (``mm_token_type_ids``), a flat list
+                          plus its shape
 
-Flat lists plus shapes are plain parquet, so pandas, pyarrow or Ray can read them without
-Ray's tensor extension. :func:`example_from_row` rebuilds the tensors ``collate`` expects.
-The quarantine table (``quarantine/*.parquet``) has ``id, source, reason, detail``.
+Pixels are not stored (float32 pixels were ~0.6 MB a row at 224 px, ~1.35 MB at 336 px): the
+training input decodes the image and runs the backbone's processor (:class:`ImageTensors`, a Ray
+Data ``map_batches`` on CPU actors), which adds each image tensor as a flat list beside its shape.
+Shards written before this format stored the image tensors that way already (no ``image``
+column) and are read as they are. Flat lists plus shapes are plain parquet, so pandas, pyarrow or
+Ray can read them without Ray's tensor extension; :func:`examples_from_table` rebuilds the tensors
+``collate`` expects. The quarantine table (``quarantine/*.parquet``) has ``id, source, reason, detail``.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections import Counter
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -25,12 +35,18 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
+
+from autoselect.data import image_inputs
+from mlops.backbone import load_processor
+from pipelines.preprocessing.samples import Rejected, decode_image
 
 OK = "ok"
 SHAPE_SUFFIX = "_shape"
 TOKEN_COLUMNS = ("input_ids", "labels")
+IMAGE, IMAGE_ENCODING = "image", "image_encoding"
 QUARANTINE_SCHEMA = pa.schema([(name, pa.string()) for name in ("id", "source", "reason", "detail")])
 
 
@@ -39,39 +55,125 @@ def tensor_type(tensor: torch.Tensor) -> pa.DataType:
     return pa.float32() if tensor.is_floating_point() else pa.int64()
 
 
-def encoded_schema(tensor_types: Mapping[str, pa.DataType]) -> pa.Schema:
-    """Schema of the encoder's output: status/detail plus every training column."""
+def encoded_schema(tensor_types: Mapping[str, pa.DataType], image_tensors: Sequence[str] = ()) -> pa.Schema:
+    """Schema of the encoder's output: status/detail plus every training column. ``tensor_types``
+    are stored as values plus shape; ``image_tensors`` only as a shape, beside the image bytes
+    (none: the layout of shards that stored every tensor)."""
     columns = [("id", pa.string()), ("source", pa.string()), ("status", pa.string()), ("detail", pa.string())]
     columns += [(name, pa.list_(pa.int32())) for name in TOKEN_COLUMNS]
     for name, dtype in tensor_types.items():
         columns += [(name, pa.list_(dtype)), (name + SHAPE_SUFFIX, pa.list_(pa.int32()))]
+    columns += [(name + SHAPE_SUFFIX, pa.list_(pa.int32())) for name in image_tensors]
+    if image_tensors:
+        columns += [(IMAGE, pa.binary()), (IMAGE_ENCODING, pa.string())]
     return pa.schema(columns)
 
 
-def example_columns(example: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Flatten an ``encode_example`` result into the training columns."""
+def example_columns(example: Mapping[str, torch.Tensor], shape_only: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Flatten an ``encode_example`` result into the training columns; tensors named in
+    ``shape_only`` (the image tensors training rebuilds from the image) keep only their shape."""
     row: dict[str, np.ndarray] = {}
     for name, tensor in example.items():
         flat = tensor.detach().reshape(-1)
         if name in TOKEN_COLUMNS:
             row[name] = flat.numpy().astype(np.int32)
-        else:
+            continue
+        if name not in shape_only:
             row[name] = flat.float().numpy() if tensor.is_floating_point() else flat.long().numpy()
-            row[name + SHAPE_SUFFIX] = np.asarray(tensor.shape, dtype=np.int32)
+        row[name + SHAPE_SUFFIX] = np.asarray(tensor.shape, dtype=np.int32)
     return row
 
 
-def example_from_row(row: Mapping) -> dict[str, torch.Tensor]:
-    """Tensors for one training row, ready for ``autoselect.data.collate``."""
-    example = {name: torch.as_tensor(np.asarray(row[name], dtype=np.int64)) for name in TOKEN_COLUMNS}
-    for column in row:
+def has_encoded_images(schema: pa.Schema | Sequence[str]) -> bool:
+    """Whether shards hold image bytes (training must decode them) rather than the image tensors."""
+    return IMAGE in (schema.names if hasattr(schema, "names") else schema)
+
+
+def image_tensor_names(names: Sequence[str]) -> list[str]:
+    """The tensors a table records only the shape of: what :class:`ImageTensors` adds."""
+    return [c[: -len(SHAPE_SUFFIX)] for c in names if c.endswith(SHAPE_SUFFIX) and c[: -len(SHAPE_SUFFIX)] not in names]
+
+
+class ImageTensors:
+    """``map_batches`` UDF of the training input, pyarrow in and out, one processor per actor:
+    decodes each row's image, runs the backbone's processor on it (``autoselect.data.image_inputs``)
+    and adds the image tensors as flat columns beside the shapes preprocessing recorded, so rows
+    leave it as a shard that stored the tensors would have given them, tensor for tensor.
+
+    The images decoded at preprocessing (undecodable ones were quarantined there), so a row that
+    fails now means a damaged shard: it raises, naming the row, instead of dropping it. A processor
+    whose tensors have other shapes than the recorded ones (another backbone or resolution than
+    the shards were preprocessed for) raises too.
+    """
+
+    def __init__(self, model: str):
+        self.model = model
+        self.processor = load_processor(model)
+        probe = image_inputs(self.processor, [Image.new("RGB", (32, 32))])
+        self.types = {name: tensor_type(tensor) for name, tensor in probe.items()}
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        names = image_tensor_names(table.column_names)
+        if set(names) != set(self.types):
+            raise ValueError(f"the shards record image tensors {sorted(names)} but {self.model!r}'s processor "
+                             f"gives {sorted(self.types)}: train with the backbone the shards were preprocessed for")
+        values: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        recorded = [table[name + SHAPE_SUFFIX].to_pylist() for name in names]
+        for index, (row_id, data) in enumerate(zip(table["id"].to_pylist(), table[IMAGE].to_pylist())):
+            try:
+                image = decode_image(data)
+            except Rejected as rejected:
+                raise ValueError(f"training row {row_id!r}: its image does not decode ({rejected.detail}); it decoded "
+                                 "at preprocessing, so the shard is damaged: preprocess the corpus again") from None
+            columns = example_columns(image_inputs(self.processor, [image]))
+            for name, shapes in zip(names, recorded):
+                shape = columns[name + SHAPE_SUFFIX].tolist()
+                if shape != shapes[index]:
+                    raise ValueError(
+                        f"training row {row_id!r}: {self.model!r}'s processor gives {name} of shape {shape}, "
+                        f"but the shard was preprocessed to {shapes[index]}: "
+                        "train with the backbone (model.path) the shards were preprocessed for, or preprocess again")
+                values[name].append(columns[name])
+        out = table.drop_columns([IMAGE, IMAGE_ENCODING])
+        for name in names:
+            out = out.append_column(name, list_array(values[name], self.types[name]))
+        return out
+
+
+def list_array(rows: Sequence[np.ndarray], dtype: pa.DataType) -> pa.ListArray:
+    """One list per row from numpy arrays, copied once (no Python object per element)."""
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum([len(row) for row in rows], out=offsets[1:])
+    flat = np.concatenate(rows) if rows else np.zeros(0, dtype=dtype.to_pandas_dtype())
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat, type=dtype))
+
+
+def list_values(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
+    """Each row's list as a numpy view (no Python object per element)."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = array.offsets.to_numpy()
+    flat = array.values.to_numpy(zero_copy_only=False)  # the unsliced values: offsets index into them
+    return [flat[offsets[i]: offsets[i + 1]] for i in range(len(array))]
+
+
+def examples_from_table(table: pa.Table) -> list[dict[str, torch.Tensor]]:
+    """Tensors for each training row, ready for ``autoselect.data.collate``: ``input_ids``/``labels``
+    as int64, every ``<tensor>`` reshaped to ``<tensor>_shape`` (float32 or int64)."""
+    names = table.column_names
+    if has_encoded_images(names) or image_tensor_names(names):
+        raise ValueError(f"rows without their image tensors {image_tensor_names(names)}: shards with image "
+                         "bytes go through ImageTensors (the training input's map_batches) first")
+    examples: list[dict[str, torch.Tensor]] = [{} for _ in range(table.num_rows)]
+    for name in TOKEN_COLUMNS:
+        for example, values in zip(examples, list_values(table[name])):
+            example[name] = torch.from_numpy(values.astype(np.int64))
+    for column in names:
         if column.endswith(SHAPE_SUFFIX):
             name = column[: -len(SHAPE_SUFFIX)]
-            shape = [int(n) for n in row[column]]
-            values = np.asarray(row[name])
-            values = values.astype(np.float32) if values.dtype.kind == "f" else values.astype(np.int64)
-            example[name] = torch.as_tensor(values).reshape(shape)
-    return example
+            for example, shape, values in zip(examples, table[column].to_pylist(), list_values(table[name])):
+                dtype = np.float32 if values.dtype.kind == "f" else np.int64
+                example[name] = torch.from_numpy(values.astype(dtype)).reshape(shape)
+    return examples
 
 
 def to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
@@ -95,7 +197,8 @@ class SplitParquetSink(Datasink[dict]):
     """Write good rows to ``data/`` and rejected rows to ``quarantine/`` in one streaming pass.
 
     Each write task returns its per-status counts; after the write, ``counts`` holds the totals
-    (``"ok"`` plus one key per quarantine reason). Both tables always exist, possibly empty.
+    (``"ok"`` plus one key per quarantine reason) and ``image_encodings`` how many good rows'
+    images were kept as their source bytes or re-encoded. Both tables always exist, possibly empty.
     """
 
     def __init__(self, fs: pafs.FileSystem, data_dir: str, quarantine_dir: str, rows_per_file: int):
@@ -104,6 +207,7 @@ class SplitParquetSink(Datasink[dict]):
         self.run_id = uuid.uuid4().hex[:8]
         self.data_schema: pa.Schema | None = None
         self.counts: dict[str, int] | None = None
+        self.image_encodings: dict[str, int] | None = None
 
     @property
     def min_rows_per_write(self) -> int:
@@ -127,13 +231,16 @@ class SplitParquetSink(Datasink[dict]):
         if bad.num_rows:
             bad = bad.select(["id", "source", "status", "detail"]).rename_columns(QUARANTINE_SCHEMA.names)
             self._write(bad, self.quarantine_dir, name)
-        return dict(Counter(table["status"].to_pylist()))
+        encodings = good[IMAGE_ENCODING].to_pylist() if IMAGE_ENCODING in good.column_names else []
+        return {"status": dict(Counter(table["status"].to_pylist())), "image_encoding": dict(Counter(encodings))}
 
     def on_write_complete(self, write_result) -> None:
         counts: Counter = Counter()
+        encodings: Counter = Counter()
         for task_counts in write_result.write_returns:
-            counts.update(task_counts)
-        self.counts = dict(counts)
+            counts.update(task_counts.get("status", {}))
+            encodings.update(task_counts.get("image_encoding", {}))
+        self.counts, self.image_encodings = dict(counts), dict(encodings)
         if not counts.get(OK) and self.data_schema is not None:
             self._write(self.data_schema.empty_table(), self.data_dir, f"part-{self.run_id}-empty.parquet")
         if not sum(n for status, n in counts.items() if status != OK):

@@ -48,10 +48,21 @@ class DataSection:
     train: str = ""
     batch_size: int = 4  # per worker (DeepSpeed's micro batch)
     s3_endpoint: str | None = None
+    # the training input's CPU actors (Ray Data): each reads shards, decodes the images and runs the
+    # backbone's processor, so the GPUs get ready tensors; give enough that they never wait
+    # (bench/data_path.py measures one actor's rows/s against the training step rate)
+    decode_actors: int = 1
+    # per actor; 0 on a small machine where Ray Train leaves Ray Data one CPU: the read's file
+    # listing task needs a whole one, and an actor holding any of it would leave the read waiting
+    decode_cpus: float = 1.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.decode_actors < 1:
+            raise ValueError(f"decode_actors must be >= 1, got {self.decode_actors}")
+        if self.decode_cpus < 0:
+            raise ValueError(f"decode_cpus must be >= 0, got {self.decode_cpus}")
 
 
 @dataclass

@@ -28,7 +28,7 @@ from autoselect.training import compute_loss, lr_schedule
 from mlops import backbone
 from pipelines.training.build_locks import warn_if_stale
 from pipelines.training.config_io import from_mapping
-from pipelines.preprocessing.shards import example_from_row
+from pipelines.preprocessing.shards import examples_from_table
 from pipelines.training.config import TrainConfig
 
 CHECKPOINT_TAG = "state"
@@ -73,11 +73,12 @@ def deepspeed_config(config: TrainConfig) -> dict[str, Any]:
 
 
 def batches(shard, batch_size: int, pad_token_id: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
-    """One epoch of collated batches from this worker's shard, skipping the first ``skip``."""
+    """One epoch of collated batches from this worker's shard, skipping the first ``skip``; the
+    rows come with their image tensors (``pipelines.train.training_input``)."""
     for index, table in enumerate(shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True)):
         if index < skip:
             continue
-        yield collate([example_from_row(row) for row in table.to_pylist()], pad_token_id)
+        yield collate(examples_from_table(table), pad_token_id)
 
 
 @contextlib.contextmanager
