@@ -126,8 +126,13 @@ class LoopbackCluster:
     def node_id(self, name: str) -> str:
         """The alive node started as ``name`` (LookupError until it has joined)."""
         from ray.util.state import list_nodes
+        from ray.util.state.exception import RayStateApiException
 
-        for node in list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False):
+        try:
+            nodes = list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+        except (OSError, RayStateApiException) as exc:  # the state API not up yet
+            raise LookupError(str(exc)) from exc
+        for node in nodes:
             if (node.is_head_node if name == "head" else name in (node.resources_total or {})):
                 return node.node_id
         raise LookupError(name)
@@ -210,9 +215,13 @@ STEPS, EVERY = 10, 2  # planned steps, checkpoint interval
 def train_worker_nodes(dashboard: str, state: str) -> list[str]:
     """The node of every Ray Train worker actor in ``state`` (ALIVE, DEAD)."""
     from ray.util.state import list_actors
+    from ray.util.state.exception import RayStateApiException
 
-    actors = list_actors(address=dashboard, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", state)],
-                         raise_on_missing_output=False)
+    try:
+        actors = list_actors(address=dashboard, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", state)],
+                             raise_on_missing_output=False)
+    except (OSError, RayStateApiException) as exc:  # a busy dashboard: ask again
+        raise LookupError(str(exc)) from exc
     return [actor.node_id for actor in actors]
 
 
@@ -306,7 +315,7 @@ def test_training_across_two_nodes_resumes_after_one_is_lost(cluster, moto_s3, t
     assert {int(m.value) for m in after} == {resumed}  # one restart
     assert client.get_run(run_id).data.tags["resumed_from_step"] == str(resumed)
     killed_step = max(m.step for m in before)  # the last step the first group finished
-    assert checkpointed <= resumed < killed_step < STEPS and resumed % EVERY == 0
+    assert checkpointed <= resumed <= killed_step < STEPS and resumed % EVERY == 0
     assert after[0].step == resumed + 1  # training went on from the checkpoint's step
     assert sorted({m.step for m in client.get_metric_history(run_id, "loss")}) == list(range(1, STEPS + 1))
     assert max(m.step for m in after) == STEPS
