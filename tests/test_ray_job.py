@@ -1,5 +1,5 @@
-"""`ray job submit` of pipelines/train.py against `ray start` clusters on loopback: one node, and
-two nodes of which one is killed mid-run.
+"""`ray job submit` of pipelines/train.py against `ray start` clusters on this machine: one node,
+and two nodes of which one is lost mid-run.
 
 Every node is its own `ray start --block` process group, started here and stopped by signalling
 exactly that process (never `ray stop`, which would end every Ray on the machine).
@@ -71,10 +71,14 @@ def wait_for(probe: Callable[[], T], what: str, timeout: float, alive: Callable[
 
 
 class LoopbackCluster:
-    """Ray nodes on 127.0.0.1, each a `ray start --block` in its own session, stopped by its own PID."""
+    """Ray nodes on this machine, each a `ray start --block` in its own session, stopped by its own PID.
+
+    The dashboard (job API) listens on 127.0.0.1. The nodes take the machine's address: the switch that
+    pins a node to 127.0.0.1 (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`) also makes `ray start --address`
+    refuse to add a node, and a 127.0.0.1 address is rewritten to the machine's own by Ray."""
 
     def __init__(self, log_dir: Path) -> None:
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
                     "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
         self.log_dir = log_dir
         self.nodes: dict[str, subprocess.Popen] = {}
@@ -101,7 +105,7 @@ class LoopbackCluster:
                         context=lambda: self.log(name))
 
     def start_head(self, num_cpus: int) -> str:
-        """The head node; returns its dashboard (job submission) address."""
+        """The head node (its dashboard, the job submission address, is ``self.dashboard``); returns its node id."""
         port, dashboard = free_port(), free_port()
         self._start("head", [
             "--head", "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
@@ -116,7 +120,7 @@ class LoopbackCluster:
                 raise LookupError(str(exc)) from exc
 
         self._wait_up("head", api_up)
-        return self.dashboard
+        return self._wait_up("head", lambda: self.node_id("head"))
 
     def add_node(self, name: str, num_cpus: int) -> str:
         """A node joining the head, carrying a custom resource ``{name: 1}``; returns its node id."""
@@ -192,10 +196,10 @@ def submit_command(address: str, tmp_path: Path, data: Path, overrides: list[str
 
 
 def test_ray_job_submit_runs_training_to_completion(cluster, tmp_path):
-    address = cluster.start_head(num_cpus=2)
+    cluster.start_head(num_cpus=2)
     data = tmp_path / "shards"
     write_shards(data, 16)
-    command = submit_command(address, tmp_path, data, [
+    command = submit_command(cluster.dashboard, tmp_path, data, [
         "optim.steps=4", "optim.checkpoint_every=2", f"ray.storage_path={tmp_path / 'ray'}",
     ])
     done = subprocess.run(command, env=cluster.env, capture_output=True, text=True, timeout=420)
@@ -254,8 +258,8 @@ def test_training_across_two_nodes_resumes_after_one_is_lost(cluster, moto_s3, t
     SIGKILLed (the node is gone, its worker with it) and a replacement node joins, as an autoscaler
     would start one: the job restarts its worker group on the head and the new node from the last
     checkpoint on S3 and ends at the planned step. Prints steps lost and time to resume."""
-    cluster.start_head(num_cpus=2)  # 0.5 for a worker, the rest for Ray Data's read tasks
-    head, second = cluster.node_id("head"), cluster.add_node("second", num_cpus=1)
+    head = cluster.start_head(num_cpus=2)  # 0.5 for a worker, the rest for Ray Data's read tasks
+    second = cluster.add_node("second", num_cpus=1)
     data = tmp_path / "shards"
     write_shards(data, 16)
     moto_s3.client.create_bucket(Bucket=BUCKET)
@@ -282,8 +286,8 @@ def test_training_across_two_nodes_resumes_after_one_is_lost(cluster, moto_s3, t
         job = subprocess.Popen(command, env=cluster.env, stdout=log, stderr=subprocess.STDOUT)
     running, output = (lambda: job.poll() is None), job_log.read_text
     try:
-        assert sorted(wait_for(spread_group, "the worker group", 240, running, output)) == sorted([head, second])
-        checkpointed = wait_for(past_a_checkpoint, "a step after a checkpoint", 240, running, output)
+        assert sorted(wait_for(spread_group, "the worker group", 480, running, output)) == sorted([head, second])
+        checkpointed = wait_for(past_a_checkpoint, "a step after a checkpoint", 480, running, output)
         raylet = cluster.raylet_pid("second")
         killed_at = time.time()
         os.kill(raylet, signal.SIGKILL)
@@ -292,7 +296,7 @@ def test_training_across_two_nodes_resumes_after_one_is_lost(cluster, moto_s3, t
         cluster.stop("second")
         replacement = cluster.add_node("replacement", num_cpus=1)
         joined = time.time() - killed_at
-        assert job.wait(timeout=300) == 0, output()[-4000:]
+        assert job.wait(timeout=600) == 0, output()[-4000:]
     finally:
         if running():
             job.kill()  # the submitting client only; the job itself ends with the cluster
