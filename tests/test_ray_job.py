@@ -70,7 +70,7 @@ def wait_for(probe: Callable[[], T], what: str, timeout: float, alive: Callable[
             time.sleep(0.25)
 
 
-class LoopbackCluster:
+class LocalCluster:
     """Ray nodes on this machine, each a `ray start --block` in its own session, stopped by its own PID.
 
     The dashboard (job API) listens on 127.0.0.1. The nodes take the machine's address: the switch that
@@ -173,7 +173,7 @@ class LoopbackCluster:
 
 @pytest.fixture
 def cluster(tmp_path):
-    cluster = LoopbackCluster(tmp_path)
+    cluster = LocalCluster(tmp_path)
     try:
         yield cluster
     finally:
