@@ -77,9 +77,10 @@ class LocalCluster:
     pins a node to 127.0.0.1 (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`) also makes `ray start --address`
     refuse to add a node, and a 127.0.0.1 address is rewritten to the machine's own by Ray."""
 
-    def __init__(self, log_dir: Path) -> None:
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
-                    "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    def __init__(self, log_dir: Path, multi_node: bool = False) -> None:
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+        if multi_node:  # else a one-node cluster keeps the caller's setting (the Makefile pins 127.0.0.1)
+            self.env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
         self.log_dir = log_dir
         self.nodes: dict[str, subprocess.Popen] = {}
         self.temp_dirs: list[Path] = []
@@ -172,8 +173,8 @@ class LocalCluster:
 
 
 @pytest.fixture
-def cluster(tmp_path):
-    cluster = LocalCluster(tmp_path)
+def cluster(tmp_path, request):
+    cluster = LocalCluster(tmp_path, multi_node=request.node.get_closest_marker("multi_node") is not None)
     try:
         yield cluster
     finally:
@@ -253,6 +254,7 @@ def registered_checkpoint_step(s3) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.multi_node
 def test_training_across_two_nodes_resumes_after_one_is_lost(cluster, moto_s3, tmp_path):
     """One worker per node (STRICT_SPREAD). Between two checkpoints the second node's raylet is
     SIGKILLed (the node is gone, its worker with it) and a replacement node joins, as an autoscaler
