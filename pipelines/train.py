@@ -46,6 +46,16 @@ def flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def scaling_config(config: TrainConfig) -> ScalingConfig:
+    """The worker group: how many, what each reserves, how the group is spread over nodes."""
+    return ScalingConfig(
+        num_workers=config.ray.num_workers,
+        use_gpu=config.ray.use_gpu,
+        resources_per_worker={"CPU": config.ray.cpus_per_worker, **({"GPU": 1} if config.ray.use_gpu else {})},
+        placement_strategy=config.ray.placement_strategy,
+    )
+
+
 def run_config(config: TrainConfig, run_name: str) -> RunConfig:
     fs, path = storage.resolve(config.ray.storage_path, config.data.s3_endpoint)
     return RunConfig(
@@ -101,11 +111,7 @@ def train(config: TrainConfig, config_path: str | None = None) -> dict[str, Any]
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"config": config.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri},
-            scaling_config=ScalingConfig(
-                num_workers=config.ray.num_workers,
-                use_gpu=config.ray.use_gpu,
-                resources_per_worker={"CPU": config.ray.cpus_per_worker, **({"GPU": 1} if config.ray.use_gpu else {})},
-            ),
+            scaling_config=scaling_config(config),
             torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo"),
             run_config=run_config(config, f"{config.name}-{run_id[:8]}"),
             datasets={"train": dataset},

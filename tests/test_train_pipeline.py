@@ -357,3 +357,16 @@ def test_config_gradient_checkpointing_trains_under_zero3_with_the_same_steps():
            "LOCAL_RANK": "0", "WORLD_SIZE": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", ZERO3_STEPS], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert "ZERO3-CHECKPOINTING-OK" in result.stdout, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+def test_placement_strategy_reaches_ray_train_and_bad_values_are_named(tmp_path):
+    from pipelines.train import scaling_config
+
+    good = tmp_path / "good.yaml"
+    good.write_text("name: x\n")
+    assert scaling_config(load_train_config(good)).placement_strategy == "PACK"  # Ray Train's default
+    spread = load_train_config(good, ["ray.placement_strategy=STRICT_SPREAD", "ray.num_workers=3"])
+    assert (scaling_config(spread).placement_strategy, scaling_config(spread).num_workers) == ("STRICT_SPREAD", 3)
+    with pytest.raises(ValueError, match=r"ray: placement_strategy must be one of \['PACK', 'SPREAD', "
+                                         r"'STRICT_PACK', 'STRICT_SPREAD'\], got 'SPRED'"):
+        load_train_config(good, ["ray.placement_strategy=SPRED"])

@@ -99,10 +99,21 @@ class RaySection:
     storage_path: str = "outputs/ray"  # local folder or s3://bucket/prefix (checkpoints)
     max_failures: int = 1
     num_to_keep: int = 2
+    # how the workers' placement group is laid out over nodes (Ray Train's ScalingConfig):
+    # PACK (default: as few nodes as possible), SPREAD, STRICT_PACK (one node) or
+    # STRICT_SPREAD (one worker per node; waits until there are num_workers nodes)
+    placement_strategy: str = "PACK"
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        # Ray's own list, imported here so that importing this module (pipelines/evaluate.py does,
+        # for DTYPES) does not import Ray
+        from ray.util.placement_group import VALID_PLACEMENT_GROUP_STRATEGIES
+
+        if self.placement_strategy not in VALID_PLACEMENT_GROUP_STRATEGIES:
+            raise ValueError(f"placement_strategy must be one of {sorted(VALID_PLACEMENT_GROUP_STRATEGIES)}, "
+                             f"got {self.placement_strategy!r}")
 
 
 @dataclass
