@@ -293,3 +293,30 @@ def test_two_images_of_different_sizes_keep_their_own_k_and_usage_counts_the_pre
     assert calls == [[results[0].prompt_tokens, results[1].prompt_tokens], [results[2].prompt_tokens]]
     length = len(results[0].prepared.example["input_ids"])
     assert results[0].prompt_tokens == length - (16 - 8) - (36 - 18)
+
+
+def test_serve_cost_bench_splits_a_request_with_the_apps_own_code(tmp_path):
+    """bench/serve_cost.py (the per-request cost breakdown behind docs/benchmarks.md) starts and
+    reports each part for both budgets; the prompt it measures is the app's own pruned prompt."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "cost.json"
+    done = subprocess.run(
+        [sys.executable, str(root / "bench" / "serve_cost.py"), "--backbone", TINY_LLAVA, "--dtype", "float32",
+         "--batch-sizes", "1,2", "--repeats", "1", "--max-tokens", "3", "--json-out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {(r["batch_size"], r["budget"]): r for r in report["rows"]}
+    assert set(rows) == {(1, 1.0), (1, 1 / 9), (2, 1.0), (2, 1 / 9)}
+    assert rows[1, 1.0]["visual_tokens"] == "64/64" and rows[1, 1 / 9]["visual_tokens"] == "7/64"
+    assert rows[1, 1.0]["prompt_tokens"] - rows[1, 1 / 9]["prompt_tokens"] == 64 - 7
+    for row in rows.values():
+        for key in ("prepare_ms_per_request", "vision_ms_per_batch", "prefill_ms_per_batch", "generate_ms_per_batch"):
+            assert row[key] > 0, (key, row)
+    assert set(report["pruned_over_full"]) == {"1", "2"} and report["max_tokens"] == 3
+    assert "| 2 | 0.1111 |" in done.stdout and "does not depend on K" in done.stdout
