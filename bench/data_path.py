@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-threads", type=int, default=2, help="torch threads of the training step (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.model is None:
-        from autoselect.convert.aligned import build_aligned_mini_llava
+        from minillava.aligned import build_aligned_mini_llava
 
         args.model = str(build_aligned_mini_llava().path)
     torch.set_num_threads(1)  # one actor, one CPU
