@@ -111,7 +111,8 @@ def resolve_version(model_uri: str, client: MlflowClient | None = None):
 
 # --- the evaluation as version tags (pipelines/evaluate.py --tag-version; the demo goes through it)
 
-EVALUATION_TAG_PREFIXES = ("retention", "paired_vs_", "eval_")  # tags an evaluation owns and replaces
+SETTINGS_TAG_PREFIX = "eval_"  # the evaluation's settings (split, n, dtype, policy, model, scorer, ...)
+EVALUATION_TAG_PREFIXES = ("retention", "paired_vs_", SETTINGS_TAG_PREFIX)  # tags an evaluation owns and replaces
 _VERSION_URI = re.compile(r"^models:/[^/@]+(/\d+|/latest|@[^/@]+)$")  # a version, latest, or an alias
 
 

@@ -25,7 +25,6 @@ LlavaForConditionalGeneration. The same weights, built later from the two files:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -40,6 +39,7 @@ import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from minillava.aligned import backbone_identity, load_projector, projector_module, save_aligned_model, save_projector
+from minillava.assets import file_sha256
 from minillava.cache import read_manifest as read_build_manifest
 from minillava.mini_llava import DEFAULT_CACHE_DIR, build_mini_llava
 from pipelines.align.evaluate import choice_accuracy, greedy_answers
@@ -103,10 +103,6 @@ def _git_commit() -> str | None:
     except OSError:
         return None
     return out.stdout.strip() or None
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _made_by(projector: Path) -> dict | None:
@@ -187,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     init = None
     if args.init_projector is not None:
         load_projector(vlm, args.init_projector, identity)
-        init = {"path": str(args.init_projector), "sha256": _sha256(args.init_projector), "made_by": _made_by(args.init_projector)}
+        init = {"path": str(args.init_projector), "sha256": file_sha256(args.init_projector), "made_by": _made_by(args.init_projector)}
         print(f"  continuing from {args.init_projector}")
     init_lora = None
     if args.init_lora is not None:
@@ -196,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
         init_path = lora_file(args.init_lora)
         load_lora(vlm, init_path, identity)
-        init_lora = {"path": str(init_path), "sha256": _sha256(init_path), "made_by": _made_by(init_path)}
+        init_lora = {"path": str(init_path), "sha256": file_sha256(init_path), "made_by": _made_by(init_path)}
         print(f"  continuing the LM's LoRA from {init_path}")
 
     initial = None
@@ -241,11 +237,11 @@ def main(argv: list[str] | None = None) -> int:
 
         settings = attached_settings(vlm)
         lora_path = save_lora(vlm, args.out_dir / ADAPTER_FILE, identity,
-                              {"command": command, "steps": config.steps, "projector_sha256": _sha256(projector_path)})
+                              {"command": command, "steps": config.steps, "projector_sha256": file_sha256(projector_path)})
         run["trainable_parameters"]["lora"] = sum(p.numel() for p in lora_parameters(vlm))
         run["lora"] = {"rank": settings.rank, "alpha": settings.alpha, "targets": list(settings.targets),
                        "lr": config.lr if config.lora_lr is None else config.lora_lr, "file": str(lora_path),
-                       "sha256": _sha256(lora_path), "init_lora": init_lora, "merged_for_eval_and_out_model": True}
+                       "sha256": file_sha256(lora_path), "init_lora": init_lora, "merged_for_eval_and_out_model": True}
         print(f"  saved the LM's LoRA ({run['trainable_parameters']['lora']:,} parameters) to {lora_path}")
 
     print(f"[5/6] scoring the aligned {'projector + merged LoRA' if lora_path else 'projector'} on held-out records (float32, full 256 visual tokens)")

@@ -28,13 +28,14 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mlops.registry import SETTINGS_TAG_PREFIX
 from mlops.tracking import MlflowSection, resolve_tracking_uri
 
 OPERATORS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq,
 }
 _REQUIREMENT = re.compile(r"^\s*([^<>=!\s]+)\s*(>=|<=|==|>|<)\s*(\S+)\s*$")
-SCORER_TAG = "eval_scorer"  # the one evaluation tag two compared versions must differ in
+SCORER_TAG = SETTINGS_TAG_PREFIX + "scorer"  # the one evaluation tag two compared versions must differ in
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def check(requirements: list[Requirement], values: dict[str, tuple[float, str]])
 def evaluation_settings(version) -> dict[str, str]:
     """The ``eval_*`` tags `evaluate --tag-version` wrote, less the scorer's name: what makes two
     versions' metrics comparable."""
-    return {k: v for k, v in version.tags.items() if k.startswith("eval_") and k != SCORER_TAG}
+    return {k: v for k, v in version.tags.items() if k.startswith(SETTINGS_TAG_PREFIX) and k != SCORER_TAG}
 
 
 def resolve_aliases(client: MlflowClient, name: str, target, requirements: list[Requirement]) -> tuple[list[Requirement], list[str]]:
