@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -32,18 +30,8 @@ from serve.engine import Scorer, load_backbone, prepare
 from serve.images import ImageLoader
 from serve.schemas import ChatCompletionRequest
 
-from serve_load import image_url  # same image as the load bench (bench/ is on sys.path when run as a script)
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from prefill import median_times  # bench/ is on sys.path when run as a script
+from serve_load import image_url  # the load bench's image
 
 
 def measure(backbone, scorer: Scorer, args, budget: float, batch_size: int) -> dict:
@@ -53,25 +41,21 @@ def measure(backbone, scorer: Scorer, args, budget: float, batch_size: int) -> d
         "model": "bench", "temperature": 0, "max_tokens": args.max_tokens, "autoselect": {"budget": budget},
         "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url()}},
                                                   {"type": "text", "text": "Describe the picture."}]}]})
-    prepare_s = timed(lambda: prepare(request, scorer, backbone, loader, serve_args), args.repeats)
     prepared = prepare(request, scorer, backbone, loader, serve_args)
     model = scorer.model
     batch = collate([prepared.example] * batch_size, model.adapter.pad_token_id, padding_side="left")
     batch.pop("labels")
 
-    def generate(tokens: int):
-        with torch.inference_mode():
-            # min = max: every row runs all steps, as a batch's longest request makes it
-            return model.generate(budget=budget, **batch, do_sample=False, max_new_tokens=tokens,
-                                  min_new_tokens=tokens, pad_token_id=model.adapter.pad_token_id)
+    def generate(tokens: int):  # min = max: every row runs all steps, as a batch's longest request makes it
+        return model.generate(budget=budget, **batch, do_sample=False, max_new_tokens=tokens,
+                              min_new_tokens=tokens, pad_token_id=model.adapter.pad_token_id)
 
     def vision():
-        with torch.inference_mode():
-            return backbone.vlm.get_image_features(pixel_values=batch["pixel_values"])
+        return backbone.vlm.get_image_features(pixel_values=batch["pixel_values"])
 
-    vision_s = timed(vision, args.repeats)
-    prefill_s = timed(lambda: generate(1), args.repeats)
-    full_s = timed(lambda: generate(args.max_tokens), args.repeats)
+    ms = median_times({"prepare": lambda: prepare(request, scorer, backbone, loader, serve_args), "vision": vision,
+                       "prefill": lambda: generate(1), "full": lambda: generate(args.max_tokens)}, args.repeats, "cpu")
+    prepare_s, vision_s, prefill_s, full_s = (ms[name] / 1e3 for name in ("prepare", "vision", "prefill", "full"))
     decode_step_s = (full_s - prefill_s) / max(args.max_tokens - 1, 1)
     per_batch_s = batch_size * prepare_s + full_s  # one replica thread does both, one after the other
     return {
