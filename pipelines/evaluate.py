@@ -48,6 +48,7 @@ from pipelines.corpora import DEFAULT_OUT
 from pipelines.evaluation.methods import AUTOSELECT, baseline_settings, build_methods, decode_variants
 from pipelines.evaluation.oracle import ORACLE
 from pipelines.evaluation.plots import kept_patches_plot, processed_image, retention_plot
+from pipelines.evaluation import reuse
 from pipelines.evaluation.report import Budget, build_report, markdown, parse_budget, version_tags
 from pipelines.evaluation.runner import evaluate, to_device
 from pipelines.evaluation.scoring import SCORING, probe_prompt, prompt_inputs, task_context
@@ -94,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", choices=DTYPES, default="auto", help="model dtype (auto: bfloat16 on GPU and on CPUs with native bf16, else float32)")
     add("--tracking-uri", default=None, help="MLflow tracking URI for models:/ and --tag-version (default: $MLFLOW_TRACKING_URI, else outputs/mlflow.db)")
     add("--out", type=Path, default=Path("outputs/eval"), help="output folder (default: %(default)s)")
+    add("--baselines-from", type=Path, default=None, metavar="REPORT_JSON",
+        help="take every training-free baseline (and the oracle) from this earlier report.json instead of running it "
+        "again, to pair a new scorer with them; refused unless model, split, limit, seed, dtype, position policy, "
+        "batch size, budgets and each baseline's settings match, and the all-token scores (always run) equal the "
+        "report's example for example")
     add("--tag-version", metavar="models:/NAME/VERSION", default=None,
         help="write AutoSelect's results to this registered version as tags that `promote --require` gates on "
         "(fractions: retention_avg, retention_margin_vs_random, retention.TASK.kK, ...; plus eval_split, eval_n, "
@@ -269,21 +275,39 @@ def main(argv: list[str] | None = None) -> int:
         settings[name] = {"inference": dataclasses.asdict(variant.config.inference)}
         print(f"{name}: the same scorer with inference {settings[name]['inference']}")
 
+    run = {"model": args.model, "split": args.split, "limit": args.limit, "seed": args.seed,
+           "dtype": str(dtype).removeprefix("torch."), "position_policy": policy, "batch_size": args.batch_size,
+           "visual_tokens_per_image": num_tokens, "budgets": [{"budget": b.label, "k": b.k} for b in budgets]}
+    earlier, reused = None, set()
+    if args.baselines_from:
+        try:
+            earlier = reuse.load(args.baselines_from)
+            reuse.check_settings(earlier, run, settings, [t.name for t in tasks])
+        except reuse.ReuseError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        args.pruners = [*args.pruners, *(p for p in reuse.baselines(earlier) if p not in args.pruners)]
+        reused = reuse.labels(earlier)
+        print(f"baselines from {args.baselines_from}: {', '.join(reuse.baselines(earlier))} (not run again)")
+
     def make_methods():
         return build_methods(vlm, args.pruners, budget_args, autoselect, settings, policies, variants)
 
-    scores = evaluate(tasks, make_methods, processor, image_token_id, args.batch_size, device, dtype)
+    scores = evaluate(tasks, lambda: [m for m in make_methods() if m.label not in reused], processor, image_token_id,
+                      args.batch_size, device, dtype)
+    if earlier is not None:
+        try:
+            reuse.merge(scores, earlier)
+        except reuse.ReuseError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     meta = {
-        "model": args.model,
+        **{k: run[k] for k in ("model", "seed", "split", "position_policy", "limit", "batch_size")},
         "autoselect": autoselect_info,
         "pruners": {p: settings.get(p, {}) for p in [*args.pruners, *variants]},
-        "seed": args.seed,
-        "split": args.split,
-        "position_policy": policy,
-        "limit": args.limit,
-        "batch_size": args.batch_size,
+        "baselines_from": str(args.baselines_from) if args.baselines_from else None,
         "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": run["dtype"],
         "scoring": SCORING,
         "seconds": round(time.time() - started, 1),
     }

@@ -548,3 +548,39 @@ def test_compare_scorers_pairs_reports_of_the_same_examples_and_refuses_others(t
         compare.main([str(a), str(report("c", [1.0] * 4, [0.1] * 4, full=(0.0, 1.0, 0.0, 1.0)))])
     with pytest.raises(SystemExit, match="split"):
         compare.main([str(a), str(report("d", [1.0] * 4, [0.1] * 4, split="test"))])
+
+
+def test_baselines_from_an_earlier_report_give_the_report_that_running_them_gives(report, out_dir, taught, tmp_path, monkeypatch, capsys):
+    """``--baselines-from``: only all tokens and AutoSelect run; every baseline's cells (and so the
+    paired differences and the oracle check) come from the earlier report and equal what running
+    them gave. Refused, naming why, when a setting or the all-token scores differ."""
+    import pipelines.evaluation.runner as runner
+
+    ran: set[str] = set()
+    real = runner.answer_log_likelihoods
+
+    def spy(method, *args, **kwargs):
+        ran.add(method.label)
+        return real(method, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "answer_log_likelihoods", spy)
+    earlier = out_dir / "report.json"
+    again = run_cli(taught, tmp_path / "reused", "--pruners", "autoselect", "--baselines-from", str(earlier))
+    assert {label.split("@")[0] for label in ran} == {FULL, "autoselect"}
+    assert set(again["results"]) == set(report["results"]) and "oracle" in again["results"]
+    for key in ("results", "paired", "selection_check", "per_example", "per_example_answer_nll"):
+        assert again[key] == report[key], key
+    assert again["baselines_from"] == str(earlier)
+    assert f"come from `{earlier}`" in (tmp_path / "reused" / "report.md").read_text()
+
+    changed = json.loads(earlier.read_text())
+    changed["per_example"]["markers"][FULL][0] = 1.0 - changed["per_example"]["markers"][FULL][0]
+    (tmp_path / "changed.json").write_text(json.dumps(changed))
+    base = ["--model", str(taught["model_dir"]), "--autoselect", str(taught["scorer_dir"]), "--pruners", "autoselect",
+            "--budgets", *BUDGETS, "--tasks", "markers", "--limit", "16", "--out", str(tmp_path / "bad")]
+    for extra, why in ((["--baselines-from", str(tmp_path / "changed.json")], "all-token scores on markers differ"),
+                       (["--baselines-from", str(earlier), "--limit", "8"], "limit is 16 there and 8 here"),
+                       (["--baselines-from", str(earlier), "--budgets", "8"], "budgets is"),
+                       (["--baselines-from", str(tmp_path / "missing.json")], "cannot read a report.json")):
+        assert main([*base, *extra]) == 2
+        assert why in capsys.readouterr().err

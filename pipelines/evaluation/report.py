@@ -339,6 +339,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"seed {report['seed']}, {report.get('split', '?')} split, position policy {report.get('position_policy', '?')} "
         "for every pre-LLM method (FastV keeps original positions: its method). "
         "Cells: score ± standard error over examples (retention); — where a method cannot run the task.",
+        *([f"The training-free baselines' cells come from `{report['baselines_from']}` (the same examples, settings "
+           "and all-token scores; not run again)."] if report.get("baselines_from") else []),
         "",
         f"_{report['retention_definition'][0].upper()}{report['retention_definition'][1:]}._",
         "",

@@ -1,0 +1,94 @@
+"""Training-free baselines taken from an earlier report, so a new scorer is paired with them
+without running them again (``evaluate.py --baselines-from REPORT``).
+
+A baseline's scores depend on the backbone, the examples, the budgets, the position policy, the
+dtype, the batching and its own settings (a seed, FastV's layer), never on the scorer: re-running
+its cells to compare one more scorer costs over an hour on a CPU and changes nothing. The
+earlier report is used only when all of those match this run, and when its all-token scores equal
+this run's example for example (the proof that the examples, and how they are scored, are the
+same); otherwise it is refused, naming what differs. AutoSelect and its decode variants are never
+taken from it: they are what the run is for.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipelines.evaluation.methods import AUTOSELECT, FULL
+from pipelines.evaluation.runner import Tally
+
+# what a baseline's scores depend on, besides its own settings (report["pruners"][name])
+SAME = ("model", "split", "limit", "seed", "dtype", "position_policy", "batch_size", "visual_tokens_per_image", "budgets")
+
+
+class ReuseError(ValueError):
+    """The earlier report cannot stand in for running its baselines in this run."""
+
+
+def load(path: Path) -> dict[str, Any]:
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ReuseError(f"--baselines-from {path}: cannot read a report.json ({exc})") from None
+    if not isinstance(report, dict) or "per_example" not in report or "pruners" not in report:
+        raise ReuseError(f"--baselines-from {path}: not an evaluate.py report.json (no per-example scores)")
+    return report
+
+
+def is_ours(name: str) -> bool:
+    return name == AUTOSELECT or name.startswith(AUTOSELECT + "-")
+
+
+def baselines(report: dict[str, Any]) -> list[str]:
+    """The pruners whose cells the earlier report can give (not AutoSelect or its variants)."""
+    return [name for name in report["pruners"] if not is_ours(name)]
+
+
+def check_settings(report: dict[str, Any], run: dict[str, Any], settings: dict[str, dict], tasks: list[str]) -> None:
+    """Refuse when this run's settings (``run``, keyed as the report's) or a reused baseline's own
+    settings differ from the report's, or when the report lacks one of this run's tasks."""
+    for key in SAME:
+        if report.get(key) != run.get(key):
+            raise ReuseError(f"--baselines-from: {key} is {report.get(key)!r} there and {run.get(key)!r} here")
+    for name in baselines(report):
+        if report["pruners"][name] != settings.get(name, {}):
+            raise ReuseError(f"--baselines-from: {name} ran with {report['pruners'][name]} there and {settings.get(name, {})} here")
+    missing = [task for task in tasks if task not in report["per_example"]]
+    if missing:
+        raise ReuseError(f"--baselines-from: the report has no scores for task(s) {missing} (it has {sorted(report['per_example'])})")
+
+
+def labels(report: dict[str, Any]) -> set[str]:
+    """Method labels (``name@budget``, with the policy where both ran) the report gives."""
+    names = set(baselines(report))
+    return {label for per_task in report["per_example"].values() for label in per_task
+            if label != FULL and label.split("@")[0].split("[")[0] in names}
+
+
+def merge(scores: dict[str, dict[str, dict]], report: dict[str, Any]) -> list[str]:
+    """Add the report's baseline cells to this run's ``scores`` (``runner.evaluate``'s form), each
+    rebuilt from its per-example values as the run would have tallied them, after checking that each
+    task's all-token scores are the report's, example for example. Returns what was added."""
+    added = []
+    wanted = labels(report)
+    for task, by_label in scores.items():
+        theirs = report["per_example"][task]
+        if theirs.get(FULL) != by_label[FULL]["per_example"]:
+            raise ReuseError(f"--baselines-from: the all-token scores on {task} differ from this run's, so the examples "
+                             "or their scoring are not the same; run the baselines instead")
+        choice = task in report.get("per_example_answer_nll", {})
+        for label in sorted(wanted & set(theirs)):
+            values = theirs[label]
+            if values is None:
+                continue
+            if choice:
+                tally = Tally(n=len(values), correct=int(sum(values)), per_example=list(values),
+                              answer_nll=list(report["per_example_answer_nll"][task][label]))
+            else:
+                tokens = list(report["per_example_tokens"][task])
+                tally = Tally(n=len(values), nll=float(sum(values)), tokens=sum(tokens), per_example=list(values), per_example_tokens=tokens)
+            by_label[label] = tally.summary("choice" if choice else "nll")
+            added.append(f"{task}/{label}")
+    return added
