@@ -122,8 +122,14 @@ class InferenceOptions:
     # Only with decode="dpp": theta in q = exp(theta * z). Larger follows the logits more (the
     # top-K as theta -> inf), smaller favours diversity (0 would ignore the scorer).
     dpp_quality_scale: float = 1.0
+    # Beyond the paper: this share of K (rounded) is an even grid over a square patch grid (the
+    # uniform baseline's lattice), the rest is the decode's choice among the other tokens, so the
+    # kept set always covers the image and the scorer spends the rest where it ranks highest.
+    grid_reserve: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.grid_reserve <= 1.0:
+            raise ConfigError(f"inference.grid_reserve must be in [0, 1], got {self.grid_reserve}")
         if not self.noise >= 0:
             raise ConfigError(f"inference.noise must be >= 0, got {self.noise}")
         if self.seed != 0 and not self.noise:

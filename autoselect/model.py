@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from autoselect.config import AutoSelectConfig, InferenceOptions, ScoreMass
 from autoselect.denoiser import Denoiser
 from autoselect.gate import straight_through_topk, throttled_attention_mask, vp_noise_gate
 from autoselect.pruned import PrunedVLM, Selection
+from autoselect.pruners.uniform import grid_indices
 from autoselect.scorer import Scorer
 from autoselect.selection import (
     candidate_indices,
@@ -240,7 +242,28 @@ class AutoSelectModel(PrunedVLM):
     def decode(self, scores: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
         """The ``k`` kept indices ``[num_images, k]`` (sorted) of ``tokens [num_images, N, D]`` given
         their logits ``scores``: the top K of `ranking`, or with ``inference.decode="dpp"`` the greedy
-        DPP-MAP over the tokens' cosine kernel weighted by the logits (`dpp_indices`)."""
+        DPP-MAP over the tokens' cosine kernel weighted by the logits (`dpp_indices`); with
+        ``inference.grid_reserve`` an even grid of that share of K first (the uniform baseline's
+        lattice), the decode choosing the rest among the other tokens."""
+        options = self.config.inference
+        reserve = round(options.grid_reserve * k)
+        if reserve:  # the grid's tokens first, then the decode among the others
+            n = tokens.shape[1]
+            side = math.isqrt(n)
+            if side * side != n:
+                raise ValueError(f"inference.grid_reserve needs a square patch grid; this image has {n} visual tokens")
+            fixed = grid_indices(reserve, side, side).to(scores.device)
+            if reserve == k:
+                return fixed.expand(scores.shape[0], -1).clone()
+            others = torch.ones(n, dtype=torch.bool, device=scores.device)
+            others[fixed] = False
+            others = others.nonzero()[:, 0]
+            picked = others[self.decode_among(scores[:, others], tokens[:, others], k - reserve)]
+            return torch.cat([fixed.expand(scores.shape[0], -1), picked], dim=1).sort(-1).values
+        return self.decode_among(scores, tokens, k)
+
+    def decode_among(self, scores: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
+        """The decode itself (top-K or DPP) over the tokens given."""
         options = self.config.inference
         if options.decode == "dpp":
             return dpp_indices(scores, tokens, k, options.dpp_quality_scale)

@@ -45,6 +45,10 @@ class AutoSelectScorerModel(mlflow.pyfunc.PythonModel):
             raise ValueError(
                 f"visual_tokens must have shape [images, N, {self.config.vision_width}], got {list(tokens.shape)}"
             )
+        if self.config.inference.grid_reserve:
+            raise ValueError(f"this scorer keeps an even grid of {self.config.inference.grid_reserve} of K first "
+                             "(inference.grid_reserve), a different grid at every K, so no one ranking gives its choice "
+                             "for every K: select with AutoSelectModel.from_pretrained(...).select(K, ...)")
         with torch.no_grad():
             features = torch.from_numpy(tokens)
             scores = self.scorer(features)

@@ -155,3 +155,47 @@ def test_the_registered_pyfunc_ranks_a_dpp_scorer_as_the_model_decodes(tmp_path)
     ranked = torch.from_numpy(pyfunc.predict(None, {"visual_tokens": tokens.numpy()}))
     with torch.no_grad():
         assert torch.equal(topk_indices(ranked, 16), model.choose(tokens, 16, {}).indices)
+
+
+def test_a_grid_reserve_keeps_the_uniform_lattice_and_decodes_the_rest_among_the_others():
+    """``inference.grid_reserve``: round(share x K) tokens on the uniform baseline's lattice, then the
+    decode (top-K or DPP) over the remaining tokens only; 1.0 is the uniform baseline itself."""
+    from autoselect.pruners.uniform import grid_indices
+
+    vlm, _ = build_tiny_llava(seed=0)
+    torch.manual_seed(3)
+    tokens = torch.randn(2, 64, vlm.config.vision_config.hidden_size)
+    for decode, scale in (("topk", 1.0), ("dpp", 0.5)):
+        options = InferenceOptions(decode=decode, dpp_quality_scale=scale, grid_reserve=0.5)
+        model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, inference=options)).eval()
+        with torch.no_grad():
+            scores = model.scorer(tokens)
+            kept = model.choose(tokens, 10, {}).indices
+        grid = grid_indices(5, 8, 8)  # round(0.5 x 10) on the 8 x 8 patch grid
+        others = torch.tensor([i for i in range(64) if i not in set(grid.tolist())])
+        rest = (topk_indices(scores[:, others], 5) if decode == "topk" else dpp_indices(scores[:, others], tokens[:, others], 5, 0.5))
+        assert kept.shape == (2, 10) and torch.equal(kept, torch.cat([grid.expand(2, -1), others[rest]], 1).sort(-1).values), decode
+        assert all(len(set(row.tolist())) == 10 for row in kept)
+    uniform = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, inference=InferenceOptions(grid_reserve=1.0))).eval()
+    with torch.no_grad():
+        assert torch.equal(uniform.choose(tokens, 16, {}).indices, grid_indices(16, 8, 8).expand(2, -1))
+        with pytest.raises(ValueError, match="needs a square patch grid; this image has 60 visual tokens"):
+            uniform.choose(tokens[:, :60], 16, {})
+    with pytest.raises(ConfigError, match=r"inference.grid_reserve must be in \[0, 1\], got 1.5"):
+        InferenceOptions(grid_reserve=1.5)
+    config = AutoSelectConfig(inference=InferenceOptions(grid_reserve=0.25))
+    assert AutoSelectConfig.from_json_string(config.to_json_string()) == config
+
+
+def test_the_registered_pyfunc_refuses_a_grid_reserve_scorer_naming_why(tmp_path):
+    from types import SimpleNamespace
+
+    from mlops.registry import ARTIFACT_KEY, AutoSelectScorerModel
+
+    vlm, _ = build_tiny_llava(seed=0)
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, inference=InferenceOptions(grid_reserve=0.5)))
+    model.save_pretrained(tmp_path / "s")
+    pyfunc = AutoSelectScorerModel()
+    pyfunc.load_context(SimpleNamespace(artifacts={ARTIFACT_KEY: str(tmp_path / "s")}))
+    with pytest.raises(ValueError, match="a different grid at every K"):
+        pyfunc.predict(None, {"visual_tokens": torch.randn(1, 64, model.config.vision_width).numpy()})
