@@ -45,10 +45,10 @@ from autoselect.config import DECODES, POSITION_POLICIES
 from autoselect.pruners import available_pruners
 from mlops.backbone import MINI_LLAVA, TINY_LLAVA
 from pipelines.corpora import DEFAULT_OUT
+from pipelines.evaluation import reuse
 from pipelines.evaluation.methods import AUTOSELECT, baseline_settings, build_methods, decode_variants
 from pipelines.evaluation.oracle import ORACLE
 from pipelines.evaluation.plots import kept_patches_plot, processed_image, retention_plot
-from pipelines.evaluation import reuse
 from pipelines.evaluation.report import Budget, build_report, markdown, parse_budget, version_tags
 from pipelines.evaluation.runner import evaluate, to_device
 from pipelines.evaluation.scoring import SCORING, probe_prompt, prompt_inputs, task_context

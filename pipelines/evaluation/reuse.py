@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipelines.evaluation.methods import AUTOSELECT, FULL
+from pipelines.evaluation.methods import AUTOSELECT, AUTOSELECT_VARIANT, FULL
 from pipelines.evaluation.runner import Tally
 
 # what a baseline's scores depend on, besides its own settings (report["pruners"][name])
@@ -37,13 +37,9 @@ def load(path: Path) -> dict[str, Any]:
     return report
 
 
-def is_ours(name: str) -> bool:
-    return name == AUTOSELECT or name.startswith(AUTOSELECT + "-")
-
-
 def baselines(report: dict[str, Any]) -> list[str]:
     """The pruners whose cells the earlier report can give (not AutoSelect or its variants)."""
-    return [name for name in report["pruners"] if not is_ours(name)]
+    return [name for name in report["pruners"] if name != AUTOSELECT and not name.startswith(AUTOSELECT_VARIANT)]
 
 
 def check_settings(report: dict[str, Any], run: dict[str, Any], settings: dict[str, dict], tasks: list[str]) -> None:
@@ -67,11 +63,10 @@ def labels(report: dict[str, Any]) -> set[str]:
             if label != FULL and label.split("@")[0].split("[")[0] in names}
 
 
-def merge(scores: dict[str, dict[str, dict]], report: dict[str, Any]) -> list[str]:
+def merge(scores: dict[str, dict[str, dict]], report: dict[str, Any]) -> None:
     """Add the report's baseline cells to this run's ``scores`` (``runner.evaluate``'s form), each
     rebuilt from its per-example values as the run would have tallied them, after checking that each
-    task's all-token scores are the report's, example for example. Returns what was added."""
-    added = []
+    task's all-token scores are the report's, example for example."""
     wanted = labels(report)
     for task, by_label in scores.items():
         theirs = report["per_example"][task]
@@ -90,5 +85,3 @@ def merge(scores: dict[str, dict[str, dict]], report: dict[str, Any]) -> list[st
                 tokens = list(report["per_example_tokens"][task])
                 tally = Tally(n=len(values), nll=float(sum(values)), tokens=sum(tokens), per_example=list(values), per_example_tokens=tokens)
             by_label[label] = tally.summary("choice" if choice else "nll")
-            added.append(f"{task}/{label}")
-    return added
