@@ -20,6 +20,10 @@ into the LM weights (minillava.lora, no PEFT) for scoring and --out-model, which
 LlavaForConditionalGeneration. The same weights, built later from the two files:
 
     python pipelines/build_backbone.py --projector OUT_DIR/projector.safetensors --lora OUT_DIR/lm_lora.safetensors
+
+--token-drop P shows a share P of the training examples only a subset of their visual tokens
+(--token-keep LOW,HIGH, fractions of N; scattered or a grid window, re-packed as at inference;
+pipelines/align/token_drop.py), so the shared backbone learns to read a pruned image at all.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from minillava.cache import read_manifest as read_build_manifest
 from minillava.mini_llava import DEFAULT_CACHE_DIR, build_mini_llava
 from pipelines.align.evaluate import choice_accuracy, greedy_answers
 from pipelines.align.features import cached_features, encode_records, features_key, source_key
+from pipelines.align.token_drop import TokenDrop
 from pipelines.align.train import TrainConfig, train_projector
 from pipelines.corpora import DEFAULT_OUT, FILES, export_corpora, load_records, read_manifest
 from pipelines.corpora.common import balanced_subset
@@ -57,6 +62,15 @@ def parse_weights(text: str) -> dict[str, float]:
     if any(len(p) != 2 for p in pairs):
         raise argparse.ArgumentTypeError(f"expected TASK=WEIGHT,..., got {text!r}")
     return {task.strip(): float(weight) for task, weight in pairs}
+
+
+def parse_range(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    try:
+        low, high = (float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH (fractions of the visual tokens), got {text!r}") from None
+    return low, high
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--init-lora", type=Path, default=None,
         help="continue from this LoRA adapter (lm_lora.safetensors, or the run folder holding it); "
         "its rank and alpha apply unless --lora-rank / --lora-alpha say otherwise, which is an error")
+    add("--token-drop", type=float, default=0.0,
+        help="share of training examples that see only a subset of their visual tokens (default: %(default)s, off)")
+    add("--token-keep", type=parse_range, default=(TokenDrop.keep_min, TokenDrop.keep_max),
+        help="fewest,most tokens a dropped example keeps, as fractions of N (default: 1/16,1/2)")
     add("--eval-initial", action="store_true", help="also score the untrained projector first")
     add("--initial-eval-limit", type=int, default=100, help="records per task for --eval-initial (default: %(default)s)")
     add("--eval-batch-size", type=int, default=16, help="(default: %(default)s)")
@@ -154,6 +172,10 @@ def evaluate(vlm, processor, corpora: Path, manifest: dict, limit: int | None, b
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     lora = lora_settings(args)  # before any slow step: a bad combination fails at once
+    try:
+        token_drop = TokenDrop(args.token_drop, *args.token_keep)
+    except ValueError as err:
+        raise SystemExit(f"--token-drop / --token-keep: {err}") from None
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     started = time.time()
@@ -203,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, seed=args.seed, compute_dtype=args.compute_dtype, task_weights=args.task_weights,
-        **lora,
+        token_drop=token_drop, **lora,
     )
     what = f"the projector + a rank-{config.lora_rank} LoRA on the LM" if config.lora_rank else "the projector"
     print(f"[4/6] training {what}: {config.steps} steps x batch {config.batch_size}, {args.threads} thread(s)")

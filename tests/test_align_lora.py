@@ -286,3 +286,22 @@ def test_freezing_in_bf16_keeps_the_projectors_exact_float32_weights():
     assert all(p.dtype == torch.float32 and p.requires_grad for p in params)
     assert all(torch.equal(projector.state_dict()[k], v) for k, v in before.items())
     assert vlm.model.language_model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_token_drop_trains_on_subsets_deterministically(data, monkeypatch):
+    import pipelines.align.train as loop
+    from pipelines.align.token_drop import TokenDrop
+
+    seen = []
+    real = loop.answer_loss
+    monkeypatch.setattr(loop, "answer_loss", lambda vlm, batch, projected: seen.append([len(p) for p in projected]) or real(vlm, batch, projected))
+    config = replace(CONFIG, token_drop=TokenDrop(prob=1.0, keep_min=0.25, keep_max=0.5))
+    vlm, before, history = trained(data, config)
+    n = data["encoded"].features.shape[1]
+    assert all(n // 4 - 2 <= k <= n // 2 + 2 for step in seen for k in step)  # every example saw a subset
+    assert all(math.isfinite(h["loss"]) for h in history)
+    assert not torch.equal(projector_module(vlm).linear_1.weight, before["model.multi_modal_projector.linear_1.weight"])
+    full = trained(data, CONFIG)[2]
+    assert [h["loss"] for h in history] != [h["loss"] for h in full]
+    again = trained(data, config)[2]
+    assert [h["loss"] for h in again] == [h["loss"] for h in history]

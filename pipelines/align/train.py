@@ -7,6 +7,8 @@ LM head then runs only on the tail that holds answers (``logits_to_keep``) inste
 
 With ``lora_rank > 0`` a LoRA on the LM's attention (``pipelines/align/lora.py``, PEFT) trains
 jointly with the projector, in its own AdamW group (``lora_lr``); the base LM stays frozen.
+With ``token_drop.prob > 0`` that share of examples sees a subset of its visual tokens
+(``pipelines/align/token_drop.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from autoselect.data import collate
 from autoselect.placeholders import IGNORE_INDEX
 from autoselect.training import cosine_schedule
 from pipelines.align.features import EncodedRecords
+from pipelines.align.token_drop import TokenDrop, drop_tokens, sample_subsets
 
 
 @dataclass
@@ -44,6 +47,7 @@ class TrainConfig:
     lora_alpha: float | None = None  # LoRA scale alpha / rank; None: 2 x rank (16 for rank 8)
     lora_lr: float | None = None  # peak LR of the LoRA group (same schedule); None: ``lr``
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # linears of the LM's layers to adapt
+    token_drop: TokenDrop = field(default_factory=TokenDrop)  # examples that see only some visual tokens
 
 
 def task_batches(records: Sequence[dict], weights: dict[str, float], batch_size: int, seed: int) -> Iterator[list[int]]:
@@ -163,6 +167,8 @@ def train_projector(
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(config.steps, config.warmup_steps))
     batches = task_batches(encoded.records, config.task_weights, config.batch_size, config.seed)
+    drop_rng = random.Random(f"token-drop-{config.seed}")  # its own stream: batches stay those of a run without it
+    image_token_id = get_adapter(vlm).image_token_id
     history: list[dict[str, float]] = []
     progress = tqdm(range(config.steps), desc="align", unit="step")
     for step in progress:
@@ -172,7 +178,11 @@ def train_projector(
             [{"input_ids": encoded.input_ids[i], "labels": encoded.labels[i]} for i in rows], pad_token_id, padding_side="left"
         )
         features = encoded.features[[encoded.image_index[i] for i in rows]].to(torch.float32)
-        loss = answer_loss(vlm, batch, projector(features).to(dtype))
+        projected = projector(features).to(dtype)
+        if config.token_drop.prob > 0:
+            subsets = sample_subsets(drop_rng, len(rows), projected.shape[1], config.token_drop)
+            batch, projected = drop_tokens(batch, projected, subsets, image_token_id, pad_token_id)
+        loss = answer_loss(vlm, batch, projected)
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
         lora_lr = optimizer.param_groups[-1]["lr"]
         optimizer.zero_grad(set_to_none=True)
