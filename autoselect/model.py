@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,19 +24,16 @@ from torch import nn
 from autoselect.backbones import BackboneAdapter, get_adapter
 from autoselect.checkpointing import checkpoint_layers, decoder_layers, is_checkpointed
 from autoselect.config import AutoSelectConfig, InferenceOptions, ScoreMass
+from autoselect.decode import kept_indices
 from autoselect.denoiser import Denoiser
 from autoselect.gate import straight_through_topk, throttled_attention_mask, vp_noise_gate
 from autoselect.pruned import PrunedVLM, Selection
-from autoselect.pruners.uniform import grid_indices
 from autoselect.scorer import Scorer
 from autoselect.selection import (
     candidate_indices,
-    dpp_indices,
     gather_tokens,
     mass_budget,
     pad_tokens,
-    seeded_ranking,
-    topk_indices,
 )
 from autoselect.soft_topk import soft_topk
 
@@ -240,38 +236,9 @@ class AutoSelectModel(PrunedVLM):
         return Selection(indices=self.decode(scores, tokens, k), num_tokens=tokens.shape[1], scores=scores)
 
     def decode(self, scores: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
-        """The ``k`` kept indices ``[num_images, k]`` (sorted) of ``tokens [num_images, N, D]`` given
-        their logits ``scores``: the top K of `ranking`, or with ``inference.decode="dpp"`` the greedy
-        DPP-MAP over the tokens' cosine kernel weighted by the logits (`dpp_indices`); with
-        ``inference.grid_reserve`` an even grid of that share of K first (the uniform baseline's
-        lattice), the decode choosing the rest among the other tokens."""
-        options = self.config.inference
-        reserve = round(options.grid_reserve * k)
-        if reserve:  # the grid's tokens first, then the decode among the others
-            n = tokens.shape[1]
-            side = math.isqrt(n)
-            if side * side != n:
-                raise ValueError(f"inference.grid_reserve needs a square patch grid; this image has {n} visual tokens")
-            fixed = grid_indices(reserve, side, side).to(scores.device)
-            if reserve == k:
-                return fixed.expand(scores.shape[0], -1).clone()
-            others = torch.ones(n, dtype=torch.bool, device=scores.device)
-            others[fixed] = False
-            others = others.nonzero()[:, 0]
-            picked = others[self.decode_among(scores[:, others], tokens[:, others], k - reserve)]
-            return torch.cat([fixed.expand(scores.shape[0], -1), picked], dim=1).sort(-1).values
-        return self.decode_among(scores, tokens, k)
-
-    def decode_among(self, scores: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
-        """The decode itself (top-K or DPP) over the tokens given."""
-        options = self.config.inference
-        if options.decode == "dpp":
-            return dpp_indices(scores, tokens, k, options.dpp_quality_scale)
-        return topk_indices(self.ranking(scores), k)
-
-    def ranking(self, scores: torch.Tensor) -> torch.Tensor:
-        """What the top-K decode keeps the top K of: the logits, or with ``inference.noise`` a seeded sample."""
-        return seeded_ranking(scores, self.config.inference.noise, self.config.inference.seed)
+        """The ``k`` kept indices ``[num_images, k]`` (sorted) as ``config.inference`` says
+        (`autoselect.decode.kept_indices`: top-K, DPP, grid reserve)."""
+        return kept_indices(scores, tokens, k, self.config.inference)
 
     def select(self, budget=None, **image_inputs: Any):
         """As `PrunedVLM.select`; a `ScoreMass` budget picks K per image from the scores."""

@@ -3,7 +3,8 @@ evaluation written back to the version it scored (``tag_target`` + ``tag_evaluat
 
 MLflow's transformers flavour does not support transformers 5, and the frozen VLM is not ours
 to ship, so the registered model is a small custom pyfunc that holds only the AutoSelect folder
-(``config.json`` + ``model.safetensors``). ``predict`` scores visual tokens; serving and
+(``config.json`` + ``model.safetensors``). ``predict`` ranks visual tokens, or with
+``params={"k": K}`` returns the K it keeps; serving and
 evaluation load the folder onto their VLM with ``mlops.backbone.load_registered``.
 """
 
@@ -19,16 +20,19 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types import Schema, TensorSpec
+from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 ARTIFACT_KEY = "autoselect"
 MODEL_NAME_IN_RUN = "scorer"
 
 
 class AutoSelectScorerModel(mlflow.pyfunc.PythonModel):
-    """Scores visual tokens ``[images, N, vision_width]`` -> ``[images, N]`` whose top K is what
-    AutoSelect keeps: the logits, plus the seeded Gumbel vector of a scorer with ``inference.noise``;
-    with ``inference.decode="dpp"``, N minus each token's greedy DPP-MAP pick position (`dpp_ranking`)."""
+    """Scores visual tokens ``[images, N, vision_width]``. With ``params={"k": K}``: the K kept
+    indices ``[images, K]`` (sorted, int64), exactly what ``AutoSelectModel`` keeps
+    (`autoselect.decode.kept_indices`: top-K, DPP, grid reserve). Without ``k``: ``[images, N]``
+    values whose top K is that choice for every K (the logits, plus the seeded Gumbel vector of a
+    scorer with ``inference.noise``; with ``decode="dpp"``, N minus each token's greedy pick
+    position), refused for a grid-reserve scorer, whose lattice differs at every K."""
 
     def load_context(self, context) -> None:
         from autoselect.model import load_scorer
@@ -38,23 +42,30 @@ class AutoSelectScorerModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import torch
 
-        from autoselect.selection import dpp_ranking, seeded_ranking
+        from autoselect.decode import kept_indices, ranking
+        from autoselect.selection import dpp_ranking
 
         tokens = np.asarray(model_input["visual_tokens"] if isinstance(model_input, dict) else model_input, dtype=np.float32)
         if tokens.ndim != 3 or tokens.shape[-1] != self.config.vision_width:
             raise ValueError(
                 f"visual_tokens must have shape [images, N, {self.config.vision_width}], got {list(tokens.shape)}"
             )
-        if self.config.inference.grid_reserve:
-            raise ValueError(f"this scorer keeps an even grid of {self.config.inference.grid_reserve} of K first "
-                             "(inference.grid_reserve), a different grid at every K, so no one ranking gives its choice "
-                             "for every K: select with AutoSelectModel.from_pretrained(...).select(K, ...)")
+        k = int((params or {}).get("k") or 0)
+        if k < 0 or k > tokens.shape[1]:
+            raise ValueError(f"params k={k} must be between 1 and the {tokens.shape[1]} visual tokens (0 or absent: a ranking)")
+        options = self.config.inference
         with torch.no_grad():
             features = torch.from_numpy(tokens)
             scores = self.scorer(features)
-            if self.config.inference.decode == "dpp":
-                return dpp_ranking(scores, features, self.config.inference.dpp_quality_scale).numpy()
-            return seeded_ranking(scores, self.config.inference.noise, self.config.inference.seed).float().numpy()
+            if k:
+                return kept_indices(scores, features, k, options).numpy()
+            if options.grid_reserve:
+                raise ValueError(f"this scorer keeps an even grid of {options.grid_reserve} of K first "
+                                 "(inference.grid_reserve), a different grid at every K, so no one ranking gives its choice "
+                                 'for every K: pass params={"k": K} for the K kept indices')
+            if options.decode == "dpp":
+                return dpp_ranking(scores, features, options.dpp_quality_scale).numpy()
+            return ranking(scores, options).float().numpy()
 
 
 def setup_tracking(tracking_uri: str, experiment: str, artifact_location: str | None = None) -> str:
@@ -75,7 +86,8 @@ def log_and_register(autoselect_dir: str | Path, registered_model: str, tags: di
     config = AutoSelectConfig.load(Path(autoselect_dir) / "config.json")
     signature = ModelSignature(  # N varies per image and backbone: only the width is fixed
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, config.vision_width or -1), "visual_tokens")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]),  # a ranking; with params k: int64 indices
+        params=ParamSchema([ParamSpec("k", "long", 0)]),
     )
     info = mlflow.pyfunc.log_model(
         name=MODEL_NAME_IN_RUN,

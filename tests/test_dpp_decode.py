@@ -187,15 +187,26 @@ def test_a_grid_reserve_keeps_the_uniform_lattice_and_decodes_the_rest_among_the
     assert AutoSelectConfig.from_json_string(config.to_json_string()) == config
 
 
-def test_the_registered_pyfunc_refuses_a_grid_reserve_scorer_naming_why(tmp_path):
+def test_the_registered_pyfunc_keeps_what_the_model_keeps_given_k_and_refuses_a_grid_reserve_ranking(tmp_path):
+    """``params={"k": K}``: the pyfunc's K indices are the model's choice (grid reserve + DPP here);
+    without K a grid-reserve scorer has no single ranking, and says so."""
     from types import SimpleNamespace
 
     from mlops.registry import ARTIFACT_KEY, AutoSelectScorerModel
 
     vlm, _ = build_tiny_llava(seed=0)
-    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, inference=InferenceOptions(grid_reserve=0.5)))
+    torch.manual_seed(1)
+    options = InferenceOptions(decode="dpp", dpp_quality_scale=0.5, grid_reserve=0.5)
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, inference=options)).eval()
     model.save_pretrained(tmp_path / "s")
     pyfunc = AutoSelectScorerModel()
     pyfunc.load_context(SimpleNamespace(artifacts={ARTIFACT_KEY: str(tmp_path / "s")}))
+    tokens = torch.randn(2, 64, model.config.vision_width)
+    for k in (5, 10, 16):
+        kept = torch.from_numpy(pyfunc.predict(None, {"visual_tokens": tokens.numpy()}, params={"k": k}))
+        with torch.no_grad():
+            assert torch.equal(kept, model.choose(tokens, k, {}).indices), k
     with pytest.raises(ValueError, match="a different grid at every K"):
-        pyfunc.predict(None, {"visual_tokens": torch.randn(1, 64, model.config.vision_width).numpy()})
+        pyfunc.predict(None, {"visual_tokens": tokens.numpy()})
+    with pytest.raises(ValueError, match="params k=65 must be between 1 and the 64 visual tokens"):
+        pyfunc.predict(None, {"visual_tokens": tokens.numpy()}, params={"k": 65})

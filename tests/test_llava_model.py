@@ -8,6 +8,7 @@ from PIL import Image
 from torch import nn
 
 from autoselect import AutoSelectConfig, AutoSelectModel, InferenceOptions, OptionDependencyError, TrainingOptions
+from autoselect.decode import ranking
 from autoselect.denoiser import Denoiser
 from autoselect.testing import build_tiny_llava
 from tests.support.contract import check_generate_contract
@@ -466,10 +467,10 @@ def test_inference_noise_keeps_a_seeded_sample_the_same_alone_or_in_a_batch(tiny
     assert sampled.shape == (2, 16) and torch.all(sampled[:, 1:] > sampled[:, :-1])
     assert not torch.equal(sampled, plain) and not torch.equal(sampled, other_seed)
     scores = torch.randn(2, N)
-    shift = model.ranking(scores) - scores.double()
+    shift = ranking(scores, model.config.inference) - scores.double()
     assert torch.allclose(shift[0], shift[1]) and shift.std() > 0.5  # one Gumbel vector per position
     model.config.inference = InferenceOptions(noise=0.0)
-    assert torch.equal(model.ranking(scores), scores)
+    assert torch.equal(ranking(scores, model.config.inference), scores)
     model.config.inference = InferenceOptions(noise=1.0, seed=0)
     model.save_pretrained(tmp_path / "s")
     assert AutoSelectModel.from_pretrained(tmp_path / "s", vlm).config.inference == InferenceOptions(noise=1.0, seed=0)

@@ -117,6 +117,9 @@ def test_train_resumes_after_worker_death_and_registers(ray_local, s3_env, tiny_
     tokens = loaded.visual_tokens(pixel_values=pixel_values).numpy()
     scores = scorer_model.predict({"visual_tokens": tokens})
     assert np.allclose(scores, loaded.score(pixel_values=pixel_values).numpy(), atol=1e-6)
+    kept = scorer_model.predict({"visual_tokens": tokens}, params={"k": 4})  # the signature takes K
+    with torch.no_grad():
+        assert np.array_equal(kept, loaded.choose(torch.from_numpy(tokens), 4, {}).indices.numpy())
 
 
 def test_ranks_draw_different_training_noise_from_one_seed():
