@@ -373,3 +373,29 @@ def test_placement_strategy_reaches_ray_train_and_bad_values_are_named(tmp_path)
     with pytest.raises(ValueError, match=r"ray: placement_strategy must be one of \['PACK', 'SPREAD', "
                                          r"'STRICT_PACK', 'STRICT_SPREAD'\], got 'SPRED'"):
         load_train_config(good, ["ray.placement_strategy=SPRED"])
+
+
+def test_a_worker_stream_shuffles_reproducibly_and_a_resume_skips_the_same_batches(ray_local, monkeypatch):
+    """``data.shuffle_buffer``: each worker's rows come shuffled over the buffer, the same for the
+    same seed (a resumed run skips exactly the batches it had seen), differently for another seed
+    (epoch or rank); 0 keeps file order. Every row still comes once per epoch."""
+    import ray
+
+    from pipelines.training import loop
+
+    monkeypatch.setattr(loop, "examples_from_table", lambda table: table.column("row").to_pylist())
+    monkeypatch.setattr(loop, "collate", lambda examples, pad: examples)
+    shard = ray.data.range(64).rename_columns({"id": "row"}).iterator()
+
+    def epoch(skip=0, buffer=0, seed=None):
+        return list(loop.batches(shard, 4, 0, skip, buffer, seed))
+
+    assert [row for batch in epoch() for row in batch] == list(range(64))
+    shuffled = epoch(buffer=32, seed=7)
+    assert sorted(row for batch in shuffled for row in batch) == list(range(64))
+    assert [row for batch in shuffled for row in batch] != list(range(64))
+    assert epoch(buffer=32, seed=7) == shuffled
+    assert epoch(skip=3, buffer=32, seed=7) == shuffled[3:]
+    assert epoch(buffer=32, seed=8) != shuffled
+    with pytest.raises(ValueError, match="shuffle_buffer must be >= 0 rows, got -1"):
+        from_mapping(TrainConfig, {"data": {"train": "x", "shuffle_buffer": -1}})

@@ -55,8 +55,14 @@ class DataSection:
     # per actor; 0 on a small machine where Ray Train leaves Ray Data one CPU: the read's file
     # listing task needs a whole one, and an actor holding any of it would leave the read waiting
     decode_cpus: float = 1.0
+    # rows each worker shuffles its stream over (Ray Data's local shuffle buffer), seeded by
+    # optim.seed, the rank and the epoch, so a resumed run skips the very batches it had seen;
+    # 0 reads the shards in file order
+    shuffle_buffer: int = 0
 
     def __post_init__(self) -> None:
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0 rows, got {self.shuffle_buffer}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.decode_actors < 1:

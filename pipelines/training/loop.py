@@ -72,10 +72,15 @@ def deepspeed_config(config: TrainConfig) -> dict[str, Any]:
     }
 
 
-def batches(shard, batch_size: int, pad_token_id: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+def batches(
+    shard, batch_size: int, pad_token_id: int, skip: int, shuffle_buffer: int = 0, shuffle_seed: int | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of collated batches from this worker's shard, skipping the first ``skip``; the
-    rows come with their image tensors (``pipelines.train.training_input``)."""
-    for index, table in enumerate(shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True)):
+    rows come with their image tensors (``pipelines.train.training_input``). ``shuffle_buffer > 0``
+    shuffles them over that many rows, the same way for the same ``shuffle_seed``."""
+    shuffle = {"local_shuffle_buffer_size": shuffle_buffer, "local_shuffle_seed": shuffle_seed} if shuffle_buffer else {}
+    tables = shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True, **shuffle)
+    for index, table in enumerate(tables):
         if index < skip:
             continue
         yield collate(examples_from_table(table), pad_token_id)
@@ -142,7 +147,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     while step < config.optim.steps:
         batch_in_epoch = skip
         produced = False
-        for batch in batches(shard, config.data.batch_size, pad, skip):
+        seed = (config.optim.seed * 1_000_003 + epoch) * 1_009 + rank  # per run, epoch and rank
+        for batch in batches(shard, config.data.batch_size, pad, skip, config.data.shuffle_buffer, seed):
             produced = True
             maybe_fail(config, step, rank, world, marker)
             started = time.perf_counter()
