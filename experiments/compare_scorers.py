@@ -8,6 +8,11 @@ accuracy and true-answer NLL (choice tasks) or NLL per token (NLL tasks) minus t
 report's, paired, with standard errors:
 
     python experiments/compare_scorers.py A/report.json B/report.json [--method autoselect@28 ...] [--out F.json]
+
+--backbones compares the same methods on different backbones instead (e.g. a re-aligned VLM
+against the one before it): the reports may differ in model, so their all-token scores differ
+too, and the examples are matched by split, limit and seed alone (each task's count is checked);
+every method all the reports ran is compared by default, all tokens included.
 """
 
 from __future__ import annotations
@@ -27,14 +32,21 @@ def load(path: Path) -> dict:
     return report
 
 
-def check_like_for_like(reports: list[dict]) -> None:
+def check_like_for_like(reports: list[dict], backbones: bool = False) -> None:
     first = reports[0]
     for other in reports[1:]:
         for key in SAME:
+            if backbones and key == "model":
+                continue
             if other.get(key) != first.get(key):
                 raise SystemExit(f"{other['_name']}: {key} is {other.get(key)!r}, {first['_name']} has {first.get(key)!r}")
         for task, methods in first["per_example"].items():
-            if other["per_example"].get(task, {}).get("full") != methods.get("full"):
+            full = other["per_example"].get(task, {}).get("full")
+            if backbones:
+                if full is None or len(full) != len(methods["full"]):
+                    raise SystemExit(f"{other['_name']}: {task} has {0 if full is None else len(full)} examples, "
+                                     f"{first['_name']} has {len(methods['full'])}")
+            elif full != methods.get("full"):
                 raise SystemExit(f"{other['_name']}: the all-token scores on {task} differ, so the examples are not the same")
 
 
@@ -46,6 +58,8 @@ def compare(reports: list[dict], methods: list[str]) -> dict:
         choice = task in reports[0].get("per_example_answer_nll", {})
         tokens = None if choice else reports[0]["per_example_tokens"][task]  # the same answers for every method
         for method in methods:
+            if any(method not in r["per_example"][task] for r in reports):
+                continue  # a method run on some tasks only
             base = reports[0]["per_example"][task][method]
             for report in reports:
                 values = report["per_example"][task][method]
@@ -68,13 +82,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("reports", nargs="+", type=Path, help="report.json files; the first is the reference")
     parser.add_argument("--method", action="append", help="method labels to compare (default: every autoselect one that all the reports ran)")
+    parser.add_argument("--backbones", action="store_true", help="the reports ran on different backbones (see above)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     reports = [load(path) for path in args.reports]
-    check_like_for_like(reports)
+    check_like_for_like(reports, args.backbones)
     task = next(iter(reports[0]["per_example"]))
     present = [m for m in reports[0]["per_example"][task] if all(m in r["per_example"][task] for r in reports)]
-    methods = args.method or [m for m in present if m.startswith("autoselect")]
+    methods = args.method or [m for m in present if args.backbones or m.startswith("autoselect")]
     missing = sorted(set(methods) - set(present))
     if missing:
         raise SystemExit(f"{missing} not in every report (in all of them: {present})")

@@ -522,10 +522,10 @@ def test_compare_scorers_pairs_reports_of_the_same_examples_and_refuses_others(t
     compare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(compare)
 
-    def report(name: str, hits: list[float], nll: list[float], full=(1.0, 1.0, 0.0, 1.0), split="val") -> Path:
+    def report(name: str, hits: list[float], nll: list[float], full=(1.0, 1.0, 0.0, 1.0), split="val", model="m") -> Path:
         folder = tmp_path / name
         folder.mkdir()
-        body = {"model": "m", "split": split, "limit": 4, "dtype": "float32", "position_policy": "repack", "seed": 0,
+        body = {"model": model, "split": split, "limit": 4, "dtype": "float32", "position_policy": "repack", "seed": 0,
                 "per_example": {"t": {"full": list(full), "autoselect@2": hits},
                                 "c": {"full": [2.0, 2.0], "autoselect@2": [2.0 + 10 * nll[0], 2.0 + 10 * nll[1]]}},
                 "per_example_answer_nll": {"t": {"full": [0.1] * 4, "autoselect@2": nll}},
@@ -548,6 +548,19 @@ def test_compare_scorers_pairs_reports_of_the_same_examples_and_refuses_others(t
         compare.main([str(a), str(report("c", [1.0] * 4, [0.1] * 4, full=(0.0, 1.0, 0.0, 1.0)))])
     with pytest.raises(SystemExit, match="split"):
         compare.main([str(a), str(report("d", [1.0] * 4, [0.1] * 4, split="test"))])
+    # --backbones: another model, so other all-token scores, paired on the same split/limit/seed
+    other = report("e", [1.0] * 4, [0.1] * 4, full=(0.0, 1.0, 1.0, 1.0), model="m2")
+    with pytest.raises(SystemExit, match="model is 'm2'"):
+        compare.main([str(a), str(other)])
+    compare.main([str(a), str(other), "--backbones", "--out", str(out)])
+    rows = json.loads(out.read_text())["t"]
+    assert set(rows) == {"full", "autoselect@2"}  # every method, all tokens included
+    assert rows["full"]["e"]["accuracy_vs_first"]["difference"] == 0.0 and rows["full"]["e"]["accuracy"] == 0.75
+    assert rows["autoselect@2"]["e"]["accuracy_vs_first"]["difference"] == 0.5
+    short = tmp_path / "f.json"
+    short.write_text(json.dumps({**json.loads(other.read_text()), "per_example": {"t": {"full": [1.0] * 3, "autoselect@2": [1.0] * 3}}}))
+    with pytest.raises(SystemExit, match="t has 3 examples"):
+        compare.main([str(a), str(short), "--backbones"])
 
 
 def test_baselines_from_an_earlier_report_give_the_report_that_running_them_gives(report, out_dir, taught, tmp_path, monkeypatch, capsys):
