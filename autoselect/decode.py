@@ -6,12 +6,10 @@ MLflow pyfunc (``mlops.registry``), which holds the scorer alone.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from autoselect.config import InferenceOptions
-from autoselect.pruners.uniform import grid_indices
+from autoselect.pruners.uniform import grid_indices, square_side
 from autoselect.selection import dpp_indices, seeded_ranking, topk_indices
 
 
@@ -37,9 +35,7 @@ def kept_indices(scores: torch.Tensor, tokens: torch.Tensor, k: int, options: In
     if not reserve:
         return decode_among(scores, tokens, k, options)
     n = tokens.shape[1]
-    side = math.isqrt(n)
-    if side * side != n:
-        raise ValueError(f"inference.grid_reserve needs a square patch grid; this image has {n} visual tokens")
+    side = square_side(n, "inference.grid_reserve")
     fixed = grid_indices(reserve, side, side).to(scores.device)
     if reserve == k:
         return fixed.expand(scores.shape[0], -1).clone()

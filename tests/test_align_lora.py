@@ -292,9 +292,14 @@ def test_token_drop_trains_on_subsets_deterministically(data, monkeypatch):
     import pipelines.align.train as loop
     from pipelines.align.token_drop import TokenDrop
 
-    seen = []
+    seen = []  # per step, the number of visual tokens each example's LM input held
     real = loop.answer_loss
-    monkeypatch.setattr(loop, "answer_loss", lambda vlm, batch, projected: seen.append([len(p) for p in projected]) or real(vlm, batch, projected))
+
+    def recording(vlm, batch, projected):
+        seen.append([len(p) for p in projected])
+        return real(vlm, batch, projected)
+
+    monkeypatch.setattr(loop, "answer_loss", recording)
     config = replace(CONFIG, token_drop=TokenDrop(prob=1.0, keep_min=0.25, keep_max=0.5))
     vlm, before, history = trained(data, config)
     n = data["encoded"].features.shape[1]

@@ -62,7 +62,7 @@ def test_bad_settings_are_refused_by_name(bad):
 
 
 def test_a_grid_that_is_not_square_is_refused():
-    with pytest.raises(ValueError, match="square patch grid, got N = 60"):
+    with pytest.raises(ValueError, match="token drop needs a square patch grid; 60 visual tokens are not one"):
         sample_subsets(random.Random(0), 2, 60, TokenDrop(prob=1.0))
 
 

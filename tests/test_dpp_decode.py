@@ -179,7 +179,7 @@ def test_a_grid_reserve_keeps_the_uniform_lattice_and_decodes_the_rest_among_the
     uniform = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, inference=InferenceOptions(grid_reserve=1.0))).eval()
     with torch.no_grad():
         assert torch.equal(uniform.choose(tokens, 16, {}).indices, grid_indices(16, 8, 8).expand(2, -1))
-        with pytest.raises(ValueError, match="needs a square patch grid; this image has 60 visual tokens"):
+        with pytest.raises(ValueError, match="inference.grid_reserve needs a square patch grid; 60 visual tokens are not one"):
             uniform.choose(tokens[:, :60], 16, {})
     with pytest.raises(ConfigError, match=r"inference.grid_reserve must be in \[0, 1\], got 1.5"):
         InferenceOptions(grid_reserve=1.5)

@@ -18,6 +18,15 @@ from torch import nn
 from autoselect.pruned import PrunedVLM, Selection
 
 
+def square_side(num_tokens: int, needed_by: str) -> int:
+    """The side of a square patch grid of ``num_tokens``; a ``ValueError`` naming ``needed_by``
+    and the count when they are not one (e.g. LLaVA-NeXT's or Qwen-VL's token layouts)."""
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(f"{needed_by} needs a square patch grid; {num_tokens} visual tokens are not one")
+    return side
+
+
 def lattice_counts(k: int, rows: int, cols: int) -> list[int]:
     """How many of ``k`` lattice points each lattice row holds: the lattice splits the grid into
     ``len(counts)`` even bands of rows, band ``i`` into ``counts[i]`` even cells."""
@@ -52,9 +61,7 @@ class UniformPruner(PrunedVLM):
             if self.grid[0] * self.grid[1] != num_tokens:
                 raise ValueError(f"grid {self.grid} does not hold the {num_tokens} visual tokens")
             return self.grid
-        side = math.isqrt(num_tokens)
-        if side * side != num_tokens:
-            raise ValueError(f"{num_tokens} visual tokens are not a square grid; pass grid=(rows, cols)")
+        side = square_side(num_tokens, "the uniform pruner without grid=(rows, cols)")
         return side, side
 
     def choose(self, tokens: torch.Tensor, k: int, image_inputs: dict[str, Any]) -> Selection:

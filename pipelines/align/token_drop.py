@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from autoselect.placeholders import prune_placeholders
+from autoselect.pruners.uniform import square_side
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,7 @@ def window(rng: random.Random, side: int, count: int) -> list[int]:
 
 def sample_subsets(rng: random.Random, batch: int, n_tokens: int, drop: TokenDrop) -> list[torch.Tensor]:
     """Per example, the sorted visual-token indices it keeps (all ``n_tokens`` for those not dropped)."""
-    side = math.isqrt(n_tokens)
-    if side * side != n_tokens:
-        raise ValueError(f"token drop needs a square patch grid, got N = {n_tokens} tokens")
+    side = square_side(n_tokens, "token drop")
     low, high = max(1, round(drop.keep_min * n_tokens)), max(1, round(drop.keep_max * n_tokens))
     subsets = []
     for _ in range(batch):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from autoselect.pruned import PrunedVLM, Selection
+from autoselect.pruners.uniform import square_side
 from autoselect.selection import topk_indices
 
 ORACLE = "oracle"
@@ -57,8 +58,6 @@ class OraclePruner(PrunedVLM):
         if self.boxes is None or len(self.boxes) != tokens.shape[0]:
             raise ValueError(f"the oracle was prepared for {0 if self.boxes is None else len(self.boxes)} "
                              f"images but sees {tokens.shape[0]}: call prepare(examples) first")
-        side = math.isqrt(tokens.shape[1])
-        if side * side != tokens.shape[1]:
-            raise ValueError(f"the oracle needs a square patch grid; {tokens.shape[1]} visual tokens are not one")
+        side = square_side(tokens.shape[1], "the oracle")
         scores = torch.stack([box_scores(b, side, side) for b in self.boxes]).to(tokens.device)
         return Selection(indices=topk_indices(scores, k), num_tokens=tokens.shape[1], scores=scores)

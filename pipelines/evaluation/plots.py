@@ -3,13 +3,13 @@ image (matplotlib, Agg backend: no display needed)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from autoselect.pruners.uniform import square_side
 from pipelines.evaluation.methods import AUTOSELECT, FULL
 
 
@@ -57,9 +57,7 @@ def kept_patches_plot(
     image: np.ndarray, num_tokens: int, panels: Sequence[tuple[str, torch.Tensor | None]], path: Path, title: str
 ) -> Path:
     """``image`` once per panel with the patches outside ``indices`` darkened (None: all kept)."""
-    side = math.isqrt(num_tokens)
-    if side * side != num_tokens:
-        raise ValueError(f"{num_tokens} visual tokens are not a square patch grid")
+    side = square_side(num_tokens, "the kept-patches plot")
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(2.8 * len(panels), 3.2), squeeze=False)
     height, width = image.shape[:2]
