@@ -3,9 +3,9 @@ real-weight VLM on the scenes recipe (`pipelines/configs/mini-llava-scenes.yaml`
 product part running for real on this machine.
 
   1. backbone    mini-LLaVA (DINOv2-S + SmolLM2-135M from PyPI wheels) with the committed scenes
-                 alignment (projector + LM LoRA, artifacts/mini-llava-scenes/)
+                 alignment re-aligned with token drop (projector + LM LoRA, artifacts/mini-llava-scenes-drop/)
   2. corpora     scenes on plain backgrounds (Fashion-MNIST items + Open Clip Art, Debian packages), fixed splits
-  3. champion    the committed scorer (artifacts/mini-llava-scenes/scorer/) registered in MLflow as `champion`
+  3. champion    the committed scorer (artifacts/mini-llava-scenes-drop/scorer/) registered in MLflow as `champion`
   4. preprocess  Ray Data: the train split's scene captions -> parquet shards (+ quarantine counts)
   5. challenger  a short run of the same recipe: Ray Train + DeepSpeed ZeRO-2 on 2 workers, registered
   6. evaluate    the champion with the baselines and the challenger on the same val scenes, each
@@ -34,8 +34,9 @@ from pathlib import Path
 
 STEPS = 9
 RECIPE = Path("pipelines/configs/mini-llava-scenes.yaml")
-SCENES = Path("artifacts/mini-llava-scenes")  # projector + LoRA of the backbone, and the champion scorer
-BACKBONE = Path(".cache/backbones/mini-llava-plain-lora2")  # the recipe's model.path
+ALIGNMENT = Path("artifacts/mini-llava-scenes-drop")  # projector + LM LoRA of the backbone
+BACKBONE = Path(".cache/backbones/mini-llava-plain-drop")  # the recipe's model.path
+CHAMPION = Path("artifacts/mini-llava-scenes-drop/scorer")  # the committed scorer, registered as `champion`
 CORPORA = Path(".cache/corpora-small-plain")
 PRUNERS = "autoselect,random,uniform,pooled,divprune,visionzip,oracle"  # FastV, the slowest to evaluate, is in docs/results.md
 TASK = "scenes_garment"
@@ -90,7 +91,7 @@ def champion_step(args) -> str:
 
     from minillava.assets import file_sha256
 
-    folder = SCENES / "scorer"
+    folder = CHAMPION
     sha = ":".join(file_sha256(folder / name) for name in ("config.json", "model.safetensors"))
     client = MlflowClient(args.tracking_uri)
     name = args.registered_model
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.registered_model
 
     progress.step(1, "backbone: mini-LLaVA (DINOv2-S/14 + SmolLM2-135M) with the committed scenes alignment")
-    build_aligned_mini_llava(SCENES / "projector.safetensors", BACKBONE, lora=SCENES / "lm_lora.safetensors")
+    build_aligned_mini_llava(ALIGNMENT / "projector.safetensors", BACKBONE, lora=ALIGNMENT / "lm_lora.safetensors")
     print(f"      {BACKBONE}")
 
     progress.step(2, "corpora: scenes on plain backgrounds (Fashion-MNIST + Open Clip Art), fixed held-out splits")
