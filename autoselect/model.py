@@ -86,7 +86,7 @@ class AutoSelectModel(PrunedVLM):
         # False after loading an inference-only save of a form that trains a denoiser: it can
         # prune, not train (a straight-through scorer needs none, so it always can).
         self.can_train = True
-        self.trained_vlm_dtype: str | None = None  # the frozen VLM's dtype when the loaded scorer was trained
+        self.trained_vlm_dtype: str | None = None  # the frozen VLM's dtype when the scorer was (last) trained
         # float32 whatever the VLM's dtype: bf16 logits are so coarse that most tokens tie (and the
         # soft top-K then spreads the budget evenly over them), and bf16 weights lose small updates.
         device = next(vlm.parameters()).device
@@ -179,8 +179,10 @@ class AutoSelectModel(PrunedVLM):
         self.config.save(directory / CONFIG_NAME)
         modules = nn.ModuleDict({"scorer": self.scorer}) if inference_only else self.trainable_modules()
         state = {k: v.detach().contiguous().cpu() for k, v in modules.state_dict().items()}
+        # the VLM the weights were trained over: a loaded scorer re-saved from another dtype keeps its own
+        trained_over = self.trained_vlm_dtype or vlm_dtype_name(self.vlm)
         metadata = {"format": "pt", "backbone": str(self.config.backbone), "inference_only": str(inference_only).lower(),
-                    "vlm_dtype": vlm_dtype_name(self.vlm)}
+                    "vlm_dtype": trained_over}
         save_file(state, str(directory / WEIGHTS_NAME), metadata=metadata)
         return directory
 
@@ -206,8 +208,10 @@ class AutoSelectModel(PrunedVLM):
         return any(is_checkpointed(layer) for layer in decoder_layers(self.vlm.get_decoder()))
 
     def set_training_step(self, step: int) -> None:
-        """Tell the model the optimiser step, which drives the temperature schedule."""
+        """Tell the model the optimiser step, which drives the temperature schedule; from now on
+        its weights are trained over this VLM, whose dtype ``save_pretrained`` records."""
         self.training_step = int(step)
+        self.trained_vlm_dtype = vlm_dtype_name(self.vlm)
 
     @property
     def temperature(self) -> float:

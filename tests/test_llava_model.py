@@ -284,6 +284,24 @@ def test_saved_scorer_records_its_vlm_dtype_and_warns_when_loaded_over_another(t
         AutoSelectModel.from_pretrained(tmp_path, build_tiny_llava(seed=0)[0].to(torch.bfloat16))
 
 
+def test_a_resaved_scorer_keeps_the_dtype_it_was_trained_over_until_it_trains_again(tiny, batch, tmp_path):
+    """Exporting a bf16-trained scorer from a float32-loaded VLM must not relabel it float32 (the
+    session-16 export did); a training step over the float32 VLM does make it float32's."""
+    from autoselect.training import compute_loss
+
+    vlm, _ = tiny
+    AutoSelectModel.attach(vlm.to(torch.bfloat16), AutoSelectConfig(budget=16)).save_pretrained(tmp_path / "bf16")
+    with pytest.warns(UserWarning, match="trained over a bfloat16 VLM"):
+        loaded = AutoSelectModel.from_pretrained(tmp_path / "bf16", build_tiny_llava(seed=0)[0])
+    loaded.save_pretrained(tmp_path / "exported", inference_only=True)
+    with safetensors.safe_open(str(tmp_path / "exported" / "model.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["vlm_dtype"] == "bfloat16"
+    compute_loss(loaded, {**batch, "labels": batch["input_ids"].clone()}, step=1)[0].backward()
+    loaded.save_pretrained(tmp_path / "retrained")
+    with safetensors.safe_open(str(tmp_path / "retrained" / "model.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["vlm_dtype"] == "float32"
+
+
 def test_from_pretrained_refuses_other_vision_width(tiny, tmp_path):
     vlm, _ = tiny
     AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16)).save_pretrained(tmp_path)
