@@ -24,7 +24,8 @@ import mlflow
 import ray
 import ray.data
 from ray.data import ActorPoolStrategy
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.data import ExecutionOptions
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from safetensors import safe_open
@@ -68,6 +69,14 @@ def run_config(config: TrainConfig, run_name: str) -> RunConfig:
 
 
 READ_CPUS = 0.1
+
+
+def ingest_options() -> ExecutionOptions:
+    """Ray Train's ingest options with the rows' order kept (Ray Data's reproducibility setting): the
+    same seed gives each worker the same stream, so a resumed run skips exactly the batches it saw."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def training_input(config: TrainConfig) -> ray.data.Dataset:
@@ -115,6 +124,7 @@ def train(config: TrainConfig, config_path: str | None = None) -> dict[str, Any]
             torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo"),
             run_config=run_config(config, f"{config.name}-{run_id[:8]}"),
             datasets={"train": dataset},
+            dataset_config=DataConfig(execution_options=ingest_options()),
         )
         with TrainingProgress(tracking_uri, run_id, config.optim.steps):
             result = trainer.fit()

@@ -381,11 +381,14 @@ def test_a_worker_stream_shuffles_reproducibly_and_a_resume_skips_the_same_batch
     (epoch or rank); 0 keeps file order. Every row still comes once per epoch."""
     import ray
 
+    from pipelines.train import ingest_options
     from pipelines.training import loop
 
     monkeypatch.setattr(loop, "examples_from_table", lambda table: table.column("row").to_pylist())
     monkeypatch.setattr(loop, "collate", lambda examples, pad: examples)
-    shard = ray.data.range(64).rename_columns({"id": "row"}).iterator()
+    dataset = ray.data.range(64).rename_columns({"id": "row"})
+    dataset.context.execution_options = ingest_options()  # what train.py gives Ray Train's ingest
+    shard = dataset.iterator()
 
     def epoch(skip=0, buffer=0, seed=None):
         return list(loop.batches(shard, 4, 0, skip, buffer, seed))
