@@ -72,8 +72,8 @@ READ_CPUS = 0.1
 
 
 def ingest_options() -> ExecutionOptions:
-    """Ray Train's ingest options with the rows' order kept (Ray Data's reproducibility setting): the
-    same seed gives each worker the same stream, so a resumed run skips exactly the batches it saw."""
+    """Ray Train's ingest options with the rows' order kept (Ray Data's reproducibility setting), which
+    a seeded shuffle and a resumed run's skip of the batches it saw rely on."""
     options = DataConfig.default_ingest_options()
     options.preserve_order = True
     return options
