@@ -23,8 +23,7 @@ from typing import Any
 import mlflow
 import ray
 import ray.data
-from ray.data import ActorPoolStrategy
-from ray.data import ExecutionOptions
+from ray.data import ActorPoolStrategy, ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
