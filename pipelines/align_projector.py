@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -67,8 +68,8 @@ def parse_weights(text: str) -> dict[str, float]:
 def parse_range(text: str) -> tuple[float, float]:
     parts = text.split(",")
     try:
-        low, high = (float(p) for p in parts)
-    except ValueError:
+        low, high = (float(Fraction(p.strip())) for p in parts)
+    except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"expected LOW,HIGH (fractions of the visual tokens), got {text!r}") from None
     return low, high
 

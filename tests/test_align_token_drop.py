@@ -71,6 +71,10 @@ def test_cli_flags():
     assert TokenDrop(args.token_drop, *args.token_keep) == TokenDrop(0.5, 0.1, 0.4)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--token-keep", "0.1"])
+    # the help shows the default as fractions of N, so the flag takes that form too
+    assert build_parser().parse_args(["--token-keep", "1/16,1/4"]).token_keep == (0.0625, 0.25)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--token-keep", "1/0,1/4"])
 
 
 def test_a_dropped_batch_keeps_the_text_and_answers_and_the_kept_embeddings():
