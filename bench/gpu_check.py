@@ -71,11 +71,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "scorer, so a CPU smoke run may cut it to 2)")
     parser.add_argument("--budgets", type=int, nargs="+", default=[192, 128, 64], help="(default: %(default)s)")
     parser.add_argument("--text-tokens", type=int, default=98, help="text tokens around the image (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="prompts per timed prefill (default: %(default)s, the paper's setting)")
     parser.add_argument("--repeats", type=int, default=50, help="timed rounds after the warm-up (default: %(default)s)")
     parser.add_argument("--train-steps", type=int, default=5, help="(default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=Path("outputs/gpu_check.json"), help="(default: %(default)s)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    return args
 
 
 def environment(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Any]:
@@ -123,19 +128,20 @@ def run_prefill(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Any]:
     vlm = build_model(args.lm_layers, args.vision_layers, args.device, dtype)
     built_s = time.perf_counter() - started
     model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=max(args.budgets))).eval()
-    cases = prefill_cases(model, args.budgets, args.text_tokens, args.device, dtype)
+    cases = prefill_cases(model, args.budgets, args.text_tokens, args.device, dtype, args.batch_size)
     med = median_times(cases, args.repeats, args.device)
     result = {
         "status": "ok",
         "geometry": {"visual_tokens": VISUAL_TOKENS, "text_tokens": args.text_tokens, "vision": "CLIP-L/336 (width 1024, patch 14)",
                      "vision_layers": args.vision_layers, "lm": "LLaMA-2-7B shape (hidden 4096, MLP 11008, 32 heads, vocab 32064)",
-                     "lm_layers": args.lm_layers, "attention": "sdpa", "weights": "random"},
+                     "lm_layers": args.lm_layers, "batch_size": args.batch_size, "attention": "sdpa", "weights": "random"},
         "repeats": args.repeats, "build_seconds": round(built_s, 1),
         "full_prefill_ms": round(med["full"], 3),
         "full_prefill_ms_32_layers": round(med["full"] * FULL_7B_LAYERS / args.lm_layers, 2),
         "budgets": budget_rows(med, args.budgets, args.text_tokens),
         "scorer_ms": round(med["scorer"], 3),
-        "scorer_measures": f"scorer + top-K + gather on {VISUAL_TOKENS} tokens (K = {min(args.budgets)}), float32 scorer",
+        "scorer_measures": f"scorer + top-K + gather on {VISUAL_TOKENS} tokens (K = {min(args.budgets)}), float32 scorer, "
+                           f"batch {args.batch_size}",
         "scorer_fraction_of_full_prefill": round(med["scorer"] / (med["full"] * FULL_7B_LAYERS / args.lm_layers), 5),
         "peak_memory_gib": peak_memory_gib(args.device),
         "paper": PAPER,
@@ -252,7 +258,8 @@ def print_table(report: dict[str, Any]) -> None:
           f"transformers {env['transformers']}; {report['seconds']} s; ok: {report['ok']}")
     prefill = report["parts"]["prefill"]
     if prefill.get("status") == "ok":
-        print(f"\n| K | prefill ms ({prefill['geometry']['lm_layers']} LM layers) | full / K | token limit |")
+        print(f"\n| K | prefill ms ({prefill['geometry']['lm_layers']} LM layers, batch {prefill['geometry']['batch_size']}) "
+              "| full / K | token limit |")
         print("|---|---|---|---|")
         print(f"| {VISUAL_TOKENS} (full) | {prefill['full_prefill_ms']:.2f} | 1.00x | 1.00x |")
         for k, row in prefill["budgets"].items():

@@ -33,7 +33,7 @@ def test_the_wrapper_runs_every_part_on_cpu_and_writes_the_report(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--device", "cpu", "--lm-layers", "1", "--vision-layers", "2",
-         "--repeats", "1", "--threads", "1"],
+         "--repeats", "1", "--threads", "1", "--batch-size", "2"],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -46,6 +46,7 @@ def test_the_wrapper_runs_every_part_on_cpu_and_writes_the_report(tmp_path):
     prefill = report["parts"]["prefill"]
     assert prefill["status"] == "ok" and prefill["geometry"]["visual_tokens"] == 576
     assert prefill["geometry"]["lm_layers"] == 1 and prefill["full_prefill_ms"] > 0
+    assert prefill["geometry"]["batch_size"] == 2 and "batch 2" in prefill["scorer_measures"]
     assert set(prefill["prefill_speedup"]) == {"192", "128", "64"}
     assert all(ratio > 0 for ratio in prefill["prefill_speedup"].values())
     assert prefill["scorer_ms"] > 0 and prefill["paper"]["speedup_k64"] == 2.85
@@ -57,7 +58,7 @@ def test_the_wrapper_runs_every_part_on_cpu_and_writes_the_report(tmp_path):
 
     assert report["parts"]["deepspeed"]["status"] == "skipped"
     assert report["skipped"] == [{"part": "deepspeed", "reason": report["parts"]["deepspeed"]["reason"]}]
-    assert "| 64 |" in done.stdout and "scorer + top-K + gather" in done.stdout
+    assert "| 64 |" in done.stdout and "batch 2" in done.stdout and "scorer + top-K + gather" in done.stdout
 
 
 def test_cuda_asked_for_without_cuda_fails_loudly(tmp_path, monkeypatch, capsys):
@@ -71,3 +72,13 @@ def test_cuda_asked_for_without_cuda_fails_loudly(tmp_path, monkeypatch, capsys)
     assert "--device cuda was asked for" in message and "sees no CUDA device" in message
     report = json.loads(out.read_text())
     assert report["ok"] is False and "sees no CUDA device" in report["error"] and report["parts"] == {}
+
+
+def test_a_batch_size_below_one_is_refused_before_any_work(tmp_path, capsys):
+    gpu_check = load_gpu_check()
+    out = tmp_path / "gpu_check.json"
+    with pytest.raises(SystemExit) as stopped:
+        gpu_check.main(["--device", "cpu", "--batch-size", "0", "--out", str(out)])
+    assert stopped.value.code == 2
+    assert "--batch-size must be at least 1, got 0" in capsys.readouterr().err
+    assert not out.exists()
