@@ -3,9 +3,9 @@ real-weight VLM on the scenes recipe (`pipelines/configs/mini-llava-scenes.yaml`
 product part running for real on this machine.
 
   1. backbone    mini-LLaVA (DINOv2-S + SmolLM2-135M from PyPI wheels) with the committed scenes
-                 alignment re-aligned with token drop (projector + LM LoRA, artifacts/mini-llava-scenes-drop/)
+                 alignment re-aligned twice with token drop (projector + LM LoRA, artifacts/mini-llava-scenes-drop2/)
   2. corpora     scenes on plain backgrounds (Fashion-MNIST items + Open Clip Art, Debian packages), fixed splits
-  3. champion    the committed scorer (artifacts/mini-llava-scenes-drop/scorer/) registered in MLflow as `champion`
+  3. champion    the committed scorer (artifacts/mini-llava-scenes-drop2/scorer/) registered in MLflow as `champion`
   4. preprocess  Ray Data: the train split's scene captions -> parquet shards (+ quarantine counts)
   5. challenger  a short run of the same recipe: Ray Train + DeepSpeed ZeRO-2 on 2 workers, registered
   6. evaluate    the champion with the baselines and the challenger on the same val scenes, each
@@ -34,8 +34,8 @@ from pathlib import Path
 
 STEPS = 9
 RECIPE = Path("pipelines/configs/mini-llava-scenes.yaml")
-ALIGNMENT = Path("artifacts/mini-llava-scenes-drop")  # projector + LM LoRA of the backbone
-BACKBONE = Path(".cache/backbones/mini-llava-plain-drop")  # the recipe's model.path
+ALIGNMENT = Path("artifacts/mini-llava-scenes-drop2")  # projector + LM LoRA of the backbone
+BACKBONE = Path(".cache/backbones/mini-llava-plain-drop2")  # the recipe's model.path
 CHAMPION = ALIGNMENT / "scorer"  # the scorer trained on that backbone, registered as `champion`
 CORPORA = Path(".cache/corpora-small-plain")
 PRUNERS = "autoselect,random,uniform,pooled,divprune,visionzip,oracle"  # FastV, the slowest to evaluate, is in docs/results.md

@@ -218,11 +218,11 @@ def test_config_k28_sampled_recipe_is_the_committed_scorers_config():
 
 
 def test_config_scenes_recipe_is_the_committed_scenes_scorers_config():
-    """``pipelines/configs/mini-llava-scenes.yaml`` and ``artifacts/mini-llava-scenes-drop/scorer`` agree,
+    """``pipelines/configs/mini-llava-scenes.yaml`` and ``artifacts/mini-llava-scenes-drop2/scorer`` agree,
     the val-chosen decode included, so a retrained scorer serves what docs/results.md measured."""
     root = Path(__file__).resolve().parent.parent
     config = load_train_config(root / "pipelines" / "configs" / "mini-llava-scenes.yaml")
-    saved = AutoSelectConfig.load(root / "artifacts" / "mini-llava-scenes-drop" / "scorer" / "config.json")
+    saved = AutoSelectConfig.load(root / "artifacts" / "mini-llava-scenes-drop2" / "scorer" / "config.json")
     assert config.autoselect == AutoSelectConfig(**{**vars(saved), "vision_width": None, "backbone": None})
     assert (saved.inference.decode, saved.inference.dpp_quality_scale) == ("dpp", 0.5)
 
