@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--text-tokens", type=int, default=98, help="text tokens around the image (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="prompts per timed prefill (default: %(default)s, the paper's setting)")
+    parser.add_argument("--scorer-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the scorer's dtype in the prefill part (default: %(default)s, as the product runs it)")
     parser.add_argument("--repeats", type=int, default=50, help="timed rounds after the warm-up (default: %(default)s)")
     parser.add_argument("--train-steps", type=int, default=5, help="(default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -128,6 +130,7 @@ def run_prefill(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Any]:
     vlm = build_model(args.lm_layers, args.vision_layers, args.device, dtype)
     built_s = time.perf_counter() - started
     model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=max(args.budgets))).eval()
+    model.scorer.to(getattr(torch, args.scorer_dtype))  # the scorer casts its input to its own dtype
     cases = prefill_cases(model, args.budgets, args.text_tokens, args.device, dtype, args.batch_size)
     med = median_times(cases, args.repeats, args.device)
     result = {
@@ -140,7 +143,7 @@ def run_prefill(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Any]:
         "full_prefill_ms_32_layers": round(med["full"] * FULL_7B_LAYERS / args.lm_layers, 2),
         "budgets": budget_rows(med, args.budgets, args.text_tokens),
         "scorer_ms": round(med["scorer"], 3),
-        "scorer_measures": f"scorer + top-K + gather on {VISUAL_TOKENS} tokens (K = {min(args.budgets)}), float32 scorer, "
+        "scorer_measures": f"scorer + top-K + gather on {VISUAL_TOKENS} tokens (K = {min(args.budgets)}), {args.scorer_dtype} scorer, "
                            f"batch {args.batch_size}",
         "scorer_fraction_of_full_prefill": round(med["scorer"] / (med["full"] * FULL_7B_LAYERS / args.lm_layers), 5),
         "peak_memory_gib": peak_memory_gib(args.device),

@@ -33,7 +33,7 @@ def test_the_wrapper_runs_every_part_on_cpu_and_writes_the_report(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--device", "cpu", "--lm-layers", "1", "--vision-layers", "2",
-         "--repeats", "1", "--threads", "1", "--batch-size", "2"],
+         "--repeats", "1", "--threads", "1", "--batch-size", "2", "--scorer-dtype", "bfloat16"],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -47,6 +47,7 @@ def test_the_wrapper_runs_every_part_on_cpu_and_writes_the_report(tmp_path):
     assert prefill["status"] == "ok" and prefill["geometry"]["visual_tokens"] == 576
     assert prefill["geometry"]["lm_layers"] == 1 and prefill["full_prefill_ms"] > 0
     assert prefill["geometry"]["batch_size"] == 2 and "batch 2" in prefill["scorer_measures"]
+    assert "bfloat16 scorer" in prefill["scorer_measures"]
     assert set(prefill["prefill_speedup"]) == {"192", "128", "64"}
     assert all(ratio > 0 for ratio in prefill["prefill_speedup"].values())
     assert prefill["scorer_ms"] > 0 and prefill["paper"]["speedup_k64"] == 2.85
