@@ -2,9 +2,10 @@
 
 DINOv2-S/14 and SmolLM2-135M stay frozen; only ``multi_modal_projector`` learns, with the
 next-token loss on the answers of the packaged corpora's TRAIN splits (pipelines/packaged_corpora.py).
-The frozen encoder's visual tokens are computed once and cached. Then the HELD-OUT splits are
-scored at full tokens (256 per image): Fashion-MNIST 10-way and Open Clip Art categories, each
-answer chosen by the LM's log-likelihood of every candidate answer.
+The frozen encoder's visual tokens are computed once and cached. Then the VAL half of the held-out
+splits (the evaluation CLI's ``split_of``; the test half is left for the reported run) is scored at
+full tokens (256 per image): Fashion-MNIST 10-way and Open Clip Art categories, each answer chosen
+by the LM's log-likelihood of every candidate answer.
 
     python pipelines/align_projector.py --steps 200 --out-dir artifacts/mini-llava --eval-initial
 
@@ -53,6 +54,7 @@ from pipelines.align.token_drop import TokenDrop
 from pipelines.align.train import TrainConfig, train_projector
 from pipelines.corpora import DEFAULT_OUT, FILES, export_corpora, load_records, read_manifest
 from pipelines.corpora.common import balanced_subset
+from pipelines.evaluation.tasks.base import split_of
 
 EVAL_FILES = {"fmnist_class": "fashion_mnist", "clipart_category": "openclipart"}
 DEFAULT_WEIGHTS = "fmnist_class=0.4,clipart_category=0.4,clipart_title=0.2"
@@ -159,14 +161,16 @@ def evaluate(vlm, processor, corpora: Path, manifest: dict, limit: int | None, b
     for task, name in EVAL_FILES.items():
         if task not in manifest["tasks"]:
             continue
-        records = balanced_subset(load_records(corpora, name, "heldout"), limit)
+        val = [r for r in load_records(corpora, name, "heldout") if split_of(r["id"]) == "val"]
+        records = balanced_subset(val, limit)
         started = time.perf_counter()
         result = choice_accuracy(vlm, processor, corpora, records, manifest["tasks"][task]["choices"], batch_size, desc=f"{tag} {task}")
         result["seconds"] = round(time.perf_counter() - started, 1)
+        result["split"] = "val"
         if examples:
             result["greedy_examples"] = greedy_answers(vlm, processor, corpora, balanced_subset(records, examples))
         results[task] = result
-        print(f"  {tag} {task}: accuracy {result['accuracy']:.3f} on {result['n']} held-out (chance {result['chance']:.3f})")
+        print(f"  {tag} {task}: accuracy {result['accuracy']:.3f} on {result['n']} held-out val (chance {result['chance']:.3f})")
     return results
 
 
