@@ -1,0 +1,80 @@
+"""Export a trained AutoSelect scorer as the small folder inference needs (the scorer alone).
+
+A training checkpoint and a registered version hold the scorer *and* the train-only denoiser
+(they can resume training); inference runs the scorer alone, about 70 % of the weights on the
+mini-LLaVA. This writes that part, as ``save_pretrained(..., inference_only=True)`` does, after
+loading the source onto its backbone (which checks that it fits: vision width, backbone, finite
+weights). The folders under ``artifacts/`` were made so.
+
+    python pipelines/export_scorer.py --scorer outputs/ray/<run>/checkpoint_000004 \
+        --model .cache/backbones/mini-llava-plain-drop2 --out artifacts/<name>/scorer
+    python pipelines/export_scorer.py --scorer models:/autoselect-scenes@champion --model ... --out ...
+
+``--scorer`` takes a Ray Train checkpoint (its ``autoselect/`` folder), a ``save_pretrained``
+folder or a registry URI. Prints what it wrote (JSON). Exit status 2 on a bad source or an --out
+that is not empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from mlops.backbone import load_autoselect, load_vlm
+from pipelines.training.loop import AUTOSELECT_DIR
+
+CONFIG_FILE = "config.json"
+
+
+def resolve_source(source: str) -> str:
+    """A registry URI as it is; a checkpoint folder -> its ``autoselect/``; a saved folder as it is."""
+    if source.startswith("models:/"):
+        return source
+    path = Path(source)
+    if (path / AUTOSELECT_DIR / CONFIG_FILE).is_file():
+        return str(path / AUTOSELECT_DIR)
+    if (path / CONFIG_FILE).is_file():
+        return str(path)
+    raise ValueError(f"--scorer {source}: neither a saved AutoSelect folder (no {CONFIG_FILE}) nor a training "
+                     f"checkpoint (no {AUTOSELECT_DIR}/{CONFIG_FILE}) nor a models:/ URI")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export(source: str, model_path: str, out: Path, dtype: str = "auto", tracking_uri: str | None = None) -> dict:
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out} is not empty: export into a new folder")
+    resolved = resolve_source(source)
+    model, origin = load_autoselect(resolved, load_vlm(model_path, dtype), tracking_uri)
+    model.save_pretrained(out, inference_only=True)
+    weights = out / "model.safetensors"
+    return {"source": origin, "out": str(out), "model": model_path, "budget": model.config.budget,
+            "trained_vlm_dtype": model.trained_vlm_dtype, "bytes": weights.stat().st_size, "sha256": sha256(weights),
+            "parameters": sum(p.numel() for p in model.scorer.parameters())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scorer", required=True, help="a training checkpoint, a save_pretrained folder or models:/NAME@ALIAS")
+    parser.add_argument("--model", required=True, help="the backbone the scorer was trained on (a folder or a built-in name)")
+    parser.add_argument("--out", required=True, type=Path, help="a new (or empty) folder")
+    parser.add_argument("--dtype", default="auto", help="the backbone's dtype while loading (default: %(default)s; "
+                                                        "the saved scorer keeps the dtype it was trained over)")
+    parser.add_argument("--tracking-uri", default=None, help="for a models:/ source (default: the project's)")
+    args = parser.parse_args(argv)
+    try:
+        summary = export(args.scorer, args.model, args.out, args.dtype, args.tracking_uri)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"export_scorer: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
