@@ -199,18 +199,18 @@ def margins(report: dict) -> dict:
             for name in ("random", "uniform")}
 
 
-def sample_scene(corpora: Path) -> tuple[bytes, str]:
-    """The first garment scene of the test half: its image and question."""
+def sample_scene(corpora: Path) -> tuple[bytes, str, str]:
+    """The first garment scene of the test half: its image, question and the garment's name."""
     from pipelines.corpora import load_records
     from pipelines.evaluation.tasks.base import split_of
 
     record = next(r for r in load_records(corpora, "scenes", "heldout")
                   if r["task"] == TASK and split_of(r["id"]) == "test")
     question = record["conversations"][0]["value"].replace("<image>", "").strip()
-    return (corpora / record["image"]).read_bytes(), question
+    return (corpora / record["image"]).read_bytes(), question, record["conversations"][1]["value"]
 
 
-def serve_step(args, scorer_uri: str, image: bytes, question: str) -> dict:
+def serve_step(args, scorer_uri: str, image: bytes, question: str, expected: str) -> dict:
     """Start the Serve app on loopback, send one chat request with a scene, stop it."""
     import socket
 
@@ -239,9 +239,10 @@ def serve_step(args, scorer_uri: str, image: bytes, question: str) -> dict:
     finally:
         serve.shutdown()
     print(f"      POST http://127.0.0.1:{port}/v1/chat/completions: {question!r} with a test scene")
-    print(f"      answer: {answer['choices'][0]['message']['content']!r}")
+    text = answer["choices"][0]["message"]["content"]
+    print(f"      answer: {text!r} (the scene's garment: {expected!r}; one free-form answer, not a measure of accuracy)")
     print(f"      usage: {json.dumps(answer['usage'])}")
-    return {"question": question, "answer": answer["choices"][0]["message"]["content"], "usage": answer["usage"]}
+    return {"question": question, "answer": text, "expected": expected, "usage": answer["usage"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         promoted = promote_step(args, challenger)
 
         progress.step(8, "serve the champion with Ray Serve and send one real request")
-        image, question = sample_scene(corpora)
-        served = serve_step(args, f"models:/{name}@champion", image, question)
+        image, question, expected = sample_scene(corpora)
+        served = serve_step(args, f"models:/{name}@champion", image, question, expected)
     finally:
         ray.shutdown()
 
