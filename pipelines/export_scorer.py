@@ -18,15 +18,14 @@ that is not empty.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
 
+from autoselect.model import CONFIG_NAME, WEIGHTS_NAME
+from minillava.assets import file_sha256
 from mlops.backbone import load_autoselect, load_vlm
-from pipelines.training.loop import AUTOSELECT_DIR
-
-CONFIG_FILE = "config.json"
+from pipelines.training import AUTOSELECT_DIR
 
 
 def resolve_source(source: str) -> str:
@@ -34,16 +33,12 @@ def resolve_source(source: str) -> str:
     if source.startswith("models:/"):
         return source
     path = Path(source)
-    if (path / AUTOSELECT_DIR / CONFIG_FILE).is_file():
+    if (path / AUTOSELECT_DIR / CONFIG_NAME).is_file():
         return str(path / AUTOSELECT_DIR)
-    if (path / CONFIG_FILE).is_file():
+    if (path / CONFIG_NAME).is_file():
         return str(path)
-    raise ValueError(f"--scorer {source}: neither a saved AutoSelect folder (no {CONFIG_FILE}) nor a training "
-                     f"checkpoint (no {AUTOSELECT_DIR}/{CONFIG_FILE}) nor a models:/ URI")
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    raise ValueError(f"--scorer {source}: neither a saved AutoSelect folder (no {CONFIG_NAME}) nor a training "
+                     f"checkpoint (no {AUTOSELECT_DIR}/{CONFIG_NAME}) nor a models:/ URI")
 
 
 def export(source: str, model_path: str, out: Path, dtype: str = "auto", tracking_uri: str | None = None) -> dict:
@@ -52,9 +47,9 @@ def export(source: str, model_path: str, out: Path, dtype: str = "auto", trackin
     resolved = resolve_source(source)
     model, origin = load_autoselect(resolved, load_vlm(model_path, dtype), tracking_uri)
     model.save_pretrained(out, inference_only=True)
-    weights = out / "model.safetensors"
+    weights = out / WEIGHTS_NAME
     return {"source": origin, "out": str(out), "model": model_path, "budget": model.config.budget,
-            "trained_vlm_dtype": model.trained_vlm_dtype, "bytes": weights.stat().st_size, "sha256": sha256(weights),
+            "trained_vlm_dtype": model.trained_vlm_dtype, "bytes": weights.stat().st_size, "sha256": file_sha256(weights),
             "parameters": sum(p.numel() for p in model.scorer.parameters())}
 
 

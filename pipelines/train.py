@@ -32,8 +32,9 @@ from safetensors import safe_open
 from autoselect.model import WEIGHTS_NAME
 from mlops import registry, storage
 from pipelines.preprocessing.shards import ImageTensors, has_encoded_images
+from pipelines.training import AUTOSELECT_DIR
 from pipelines.training.config import TrainConfig, load_train_config
-from pipelines.training.loop import AUTOSELECT_DIR, train_loop_per_worker
+from pipelines.training.loop import train_loop_per_worker
 from pipelines.training.progress import TrainingProgress
 
 

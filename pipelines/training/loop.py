@@ -29,10 +29,10 @@ from mlops import backbone
 from pipelines.training.build_locks import warn_if_stale
 from pipelines.training.config_io import from_mapping
 from pipelines.preprocessing.shards import examples_from_table
+from pipelines.training import AUTOSELECT_DIR
 from pipelines.training.config import TrainConfig
 
 CHECKPOINT_TAG = "state"
-AUTOSELECT_DIR = "autoselect"
 
 
 def load_vlm(config: TrainConfig, device: torch.device) -> torch.nn.Module:
