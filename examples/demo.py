@@ -203,11 +203,12 @@ def sample_scene(corpora: Path) -> tuple[bytes, str, str]:
     """The first garment scene of the test half: its image, question and the garment's name."""
     from pipelines.corpora import load_records
     from pipelines.evaluation.tasks.base import split_of
+    from pipelines.preprocessing.corpus import conversation_turns
 
     record = next(r for r in load_records(corpora, "scenes", "heldout")
                   if r["task"] == TASK and split_of(r["id"]) == "test")
-    question = record["conversations"][0]["value"].replace("<image>", "").strip()
-    return (corpora / record["image"]).read_bytes(), question, record["conversations"][1]["value"]
+    question, answer = conversation_turns(record["conversations"])[0]  # as training and evaluation read it
+    return (corpora / record["image"]).read_bytes(), question, answer
 
 
 def serve_step(args, scorer_uri: str, image: bytes, question: str, expected: str) -> dict:
