@@ -1,0 +1,122 @@
+"""Where do trained scorers put their K tokens on a scene: on the garment the question asks about,
+or elsewhere? (a check that needs the vision tower and the scorer only, no LLM).
+
+For each scorer folder, on the first ``--limit`` validation garment scenes of a corpora export:
+the share of the garment box's patches (area share > 0.5) that the scorer keeps at K, under its
+saved decode and under plain top-K, next to random and the uniform lattice at the same K; and the
+AUC of its logits for "patch in the garment box" (0.5: the logits ignore the garment). Validation
+only: it explains val numbers, it chooses nothing.
+
+    python experiments/scorer_box_hits.py --model .cache/backbones/mini-llava-plain-g6 \
+      --corpora .cache/corpora-plain-g6 --scorer F=artifacts/mini-llava-scenes-drop2/scorer --out hits.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from autoselect.config import InferenceOptions
+from autoselect.decode import kept_indices
+from autoselect.model import AutoSelectModel
+from autoselect.pruners.uniform import grid_indices
+from pipelines.corpora import load_records
+from pipelines.evaluation.oracle import box_scores
+from pipelines.evaluation.tasks.base import split_of
+
+
+def val_garment_scenes(corpora: Path, limit: int) -> list[dict]:
+    records = [r for r in load_records(corpora, "scenes", "heldout") if r["task"] == "scenes_garment" and split_of(r["id"]) == "val"]
+    return records[:limit]
+
+
+def auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """P(a box patch outscores a patch outside it), ties counted half."""
+    pos, neg = scores[positive], scores[~positive]
+    if len(pos) == 0 or len(neg) == 0:
+        return math.nan
+    greater = (pos[:, None] > neg[None, :]).float().mean()
+    ties = (pos[:, None] == neg[None, :]).float().mean()
+    return float(greater + 0.5 * ties)
+
+
+def mean_se(values: list[float]) -> dict[str, float]:
+    t = torch.tensor([v for v in values if not math.isnan(v)], dtype=torch.float64)
+    return {"mean": round(float(t.mean()), 4), "stderr": round(float(t.std() / math.sqrt(len(t))), 4), "n": len(t)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="the backbone folder the scorers were trained on")
+    parser.add_argument("--corpora", type=Path, required=True)
+    parser.add_argument("--scorer", action="append", required=True, metavar="NAME=DIR", help="a scorer folder (repeatable)")
+    parser.add_argument("--budget", type=int, default=28)
+    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=25)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="the backbone's dtype: the one the scorers were trained and evaluated over (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    started = time.time()
+    vlm = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
+    processor = AutoProcessor.from_pretrained(args.model)
+    records = val_garment_scenes(args.corpora, args.limit)
+    scorers = {}
+    for spec in args.scorer:
+        name, _, folder = spec.partition("=")
+        model = AutoSelectModel.from_pretrained(folder, vlm).eval()
+        scorers[name] = model
+        scorers[name + "-topk"] = model.with_inference(InferenceOptions())
+    any_model = next(iter(scorers.values()))
+    k = args.budget
+    generator = torch.Generator().manual_seed(args.seed)
+    kept_share: dict[str, list[float]] = {name: [] for name in [*scorers, "random", "uniform"]}
+    aucs: dict[str, list[float]] = {name: [] for name in scorers if not name.endswith("-topk")}
+    box_patches: list[int] = []
+    for start in range(0, len(records), args.batch_size):
+        batch = records[start:start + args.batch_size]
+        images = [Image.open(args.corpora / r["image"]).convert("RGB") for r in batch]
+        pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        tokens = any_model.visual_tokens(pixel_values=pixels)
+        n = tokens.shape[1]
+        side = math.isqrt(n)
+        boxes = torch.stack([box_scores([tuple(r["boxes"][0])], side, side) > 0.5 for r in batch])
+        box_patches += boxes.sum(1).tolist()
+        chosen = {"random": torch.stack([torch.randperm(n, generator=generator)[:k] for _ in batch]),
+                  "uniform": grid_indices(k, side, side)[None].expand(len(batch), -1)}
+        with torch.no_grad():
+            for name, model in scorers.items():
+                logits = model.scorer(tokens)
+                chosen[name] = kept_indices(logits, tokens, k, model.config.inference)
+                if name in aucs:
+                    aucs[name] += [auc(s.float(), b) for s, b in zip(logits, boxes)]
+        for name, index in chosen.items():
+            hits = torch.gather(boxes, 1, index).sum(1).float()
+            kept_share[name] += (hits / boxes.sum(1).clamp(min=1)).tolist()
+    result = {"model": str(args.model), "dtype": args.dtype, "corpora": str(args.corpora), "split": "val", "k": k, "scenes": len(records),
+              "box_patches": mean_se([float(b) for b in box_patches]),
+              "kept_share_of_box": {name: mean_se(v) for name, v in kept_share.items()},
+              "logit_auc_box": {name: mean_se(v) for name, v in aucs.items()},
+              "seconds": round(time.time() - started, 1)}
+    print(f"{len(records)} val garment scenes, K = {k}; the garment box covers {result['box_patches']['mean']:.1f} patches on average")
+    print(f"{'method':22s} {'box patches kept':>18s} {'logit AUC (box)':>16s}")
+    for name, share in result["kept_share_of_box"].items():
+        a = result["logit_auc_box"].get(name)
+        auc_cell = f"{a['mean']:.3f} ± {a['stderr']:.3f}" if a else ""
+        print(f"{name:22s} {share['mean']:10.3f} ± {share['stderr']:.3f} {auc_cell:>16s}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
