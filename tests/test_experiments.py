@@ -1,0 +1,38 @@
+"""The measures behind the session-20 scorer checks (experiments/scorer_box_hits.py,
+experiments/scorer_dtype_agreement.py): the numbers docs/scenes.md reports come from these."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import torch
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_box_auc_is_the_chance_a_box_patch_outscores_one_outside():
+    auc = load("scorer_box_hits").auc
+    box = torch.tensor([True, True, False, False, False])
+    assert auc(torch.tensor([5.0, 4.0, 1.0, 2.0, 3.0]), box) == 1.0  # every box patch above every other
+    assert auc(torch.tensor([0.0, -1.0, 1.0, 2.0, 3.0]), box) == 0.0
+    assert auc(torch.tensor([2.5, 1.5, 1.0, 2.0, 3.0]), box) == 0.5  # 3 of 6 pairs won
+    assert auc(torch.ones(5), box) == 0.5  # ties count half: logits that ignore the box
+    assert math.isnan(auc(torch.ones(5), torch.zeros(5, dtype=torch.bool)))  # no box patch: undefined, not 0
+
+
+def test_dtype_agreement_counts_shared_kept_tokens_per_image():
+    agreement = load("scorer_dtype_agreement").agreement
+    a = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    b = torch.tensor([[3, 2, 1, 0], [4, 5, 8, 9]])  # the same set in another order; half shared
+    shared, identical = agreement(a, b)
+    assert shared == [1.0, 0.5]
+    assert identical == [True, False]
