@@ -36,3 +36,14 @@ def test_dtype_agreement_counts_shared_kept_tokens_per_image():
     shared, identical = agreement(a, b)
     assert shared == [1.0, 0.5]
     assert identical == [True, False]
+
+
+def test_items_oracle_boxes_every_item_and_can_split_k_evenly():
+    items = load("items_oracle_corpora").items_boxes
+    record = {"task": "scenes_garment", "boxes": [[0.0, 0.0, 0.25, 0.25]],
+              "items": [{"box_fraction": [0.0, 0.0, 0.25, 0.25]}, {"box_fraction": [0.5, 0.5, 1.0, 1.0]}]}
+    assert items(record)["boxes"] == [[0.0, 0.0, 0.25, 0.25], [0.5, 0.5, 1.0, 1.0]]
+    # 32 tokens, 2 items, a 16 x 16 grid: a 4-patch (0.25) square each, clipped to its item
+    assert items(record, equal_share=32, grid=16)["boxes"] == [[0.0, 0.0, 0.25, 0.25], [0.625, 0.625, 0.875, 0.875]]
+    caption = {"task": "scenes_caption", "items": record["items"]}
+    assert items(caption) is caption  # only garment questions change
