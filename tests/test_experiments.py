@@ -4,6 +4,7 @@ experiments/scorer_dtype_agreement.py): the numbers docs/scenes.md reports come 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def test_dtype_agreement_counts_shared_kept_tokens_per_image():
 
 
 def test_items_oracle_boxes_every_item_and_can_split_k_evenly():
-    items = load("items_oracle_corpora").items_boxes
+    items = load("scenes_heldout_copy").items_boxes
     record = {"task": "scenes_garment", "boxes": [[0.0, 0.0, 0.25, 0.25]],
               "items": [{"box_fraction": [0.0, 0.0, 0.25, 0.25]}, {"box_fraction": [0.5, 0.5, 1.0, 1.0]}]}
     assert items(record)["boxes"] == [[0.0, 0.0, 0.25, 0.25], [0.5, 0.5, 1.0, 1.0]]
@@ -47,3 +48,21 @@ def test_items_oracle_boxes_every_item_and_can_split_k_evenly():
     assert items(record, equal_share=32, grid=16)["boxes"] == [[0.0, 0.0, 0.25, 0.25], [0.625, 0.625, 0.875, 0.875]]
     caption = {"task": "scenes_caption", "items": record["items"]}
     assert items(caption) is caption  # only garment questions change
+
+
+def test_scenes_heldout_copy_keeps_questions_by_item_count_and_links_the_rest(tmp_path, capsys):
+    copy = load("scenes_heldout_copy")
+    source = tmp_path / "corpora"
+    (source / "images").mkdir(parents=True)
+    item = {"box_fraction": [0.0, 0.0, 0.5, 0.5]}
+    records = [{"id": "q1", "task": "scenes_garment", "boxes": [[0, 0, 0.5, 0.5]], "items": [item]},
+               {"id": "q2", "task": "scenes_garment", "boxes": [[0, 0, 0.5, 0.5]], "items": [item, item]},
+               {"id": "c2", "task": "scenes_caption", "items": [item, item, item]}]
+    (source / "scenes.heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "two"
+    assert copy.main(["--corpora", str(source), "--out", str(out), "--items", "2", "--box-items"]) == 0
+    written = [json.loads(line) for line in (out / "scenes.heldout.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in written] == ["q2", "c2"]  # the one-item question dropped, captions untouched
+    assert written[0]["boxes"] == [item["box_fraction"]] * 2
+    assert (out / "images").is_symlink()
+    assert "1 garment questions kept, 1 dropped" in capsys.readouterr().out
