@@ -20,6 +20,7 @@ from pipelines.evaluate import main
 from pipelines.evaluation.methods import FULL, PreLLM, baseline_settings, build_methods
 from pipelines.evaluation.scoring import answer_log_likelihoods, choice_batch, encode_rows
 from pipelines.evaluation.tasks import TaskContext, load_tasks
+from tests.support.scripts import load_script
 
 N = 64  # tiny LLaVA: 32 px, patch 4
 CAPTIONS_IN_VAL = 9  # of the 16 held-out caption records write_captions makes, by split_of's hash
@@ -322,12 +323,7 @@ def test_scorer_from_the_mlflow_registry(taught, tmp_path):
 def test_budget_sampling_bench_compares_scorers_on_the_same_examples(taught, tmp_path, capsys):
     """experiments/budget_sampling_mini_llava.py on the tiny model: a scorer against itself differs by
     exactly 0; against another scorer the paired difference is the difference of accuracies."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "experiments" / "budget_sampling_mini_llava.py"
-    spec = importlib.util.spec_from_file_location("budget_sampling_mini_llava", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("experiments/budget_sampling_mini_llava.py")
     untrained = tmp_path / "untrained"
     AutoSelectModel.attach(build_tiny_llava(seed=0)[0], AutoSelectConfig(budget=8)).save_pretrained(untrained)
     out = tmp_path / "bench.json"
@@ -515,12 +511,7 @@ def test_decode_variants_run_the_same_scorer_under_dpp_and_are_paired_with_autos
 def test_compare_scorers_pairs_reports_of_the_same_examples_and_refuses_others(tmp_path, capsys):
     """experiments/compare_scorers.py: scorers from separate evaluate runs, paired per example; runs
     on other examples (the all-token scores differ) or another split are refused."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "experiments" / "compare_scorers.py"
-    spec = importlib.util.spec_from_file_location("compare_scorers", path)
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
+    compare = load_script("experiments/compare_scorers.py")
 
     def report(name: str, hits: list[float], nll: list[float], full=(1.0, 1.0, 0.0, 1.0), split="val", model="m") -> Path:
         folder = tmp_path / name

@@ -3,21 +3,15 @@ experiments/scorer_dtype_agreement.py): the numbers docs/scenes.md reports come 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
-
 import torch
 
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+from tests.support.scripts import load_script
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"experiments/{name}.py")
 
 
 def test_box_auc_is_the_chance_a_box_patch_outscores_one_outside():

@@ -3,7 +3,6 @@ the 576-token / width-1024 geometry with one 7B-shaped LM layer and a 2-layer vi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support.scripts import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow  # ~40 s on one thread: the 7B-shaped layer dominates
@@ -23,10 +24,7 @@ def load_gpu_check():
     """The script in this process: its sibling ``prefill`` is importable as it is when run as a script."""
     if str(ROOT / "bench") not in sys.path:
         sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/gpu_check.py")
 
 
 def test_the_wrapper_runs_every_part_on_cpu_and_writes_the_report(tmp_path):
