@@ -1,7 +1,8 @@
 """Where do trained scorers put their K tokens on a scene: on the garment the question asks about,
 or elsewhere? (a check that needs the vision tower and the scorer only, no LLM).
 
-For each scorer folder, on the first ``--limit`` validation garment scenes of a corpora export:
+For each scorer folder, on the validation garment scenes `pipelines/evaluate.py --limit` scores (the
+same class-balanced pick, through the evaluation's own task loader):
 the share of the garment box's patches (area share > 0.5) that the scorer keeps at K, under its
 saved decode and under plain top-K, next to random and the uniform lattice at the same K; and the
 AUC of its logits for "patch in the garment box" (0.5: the logits ignore the garment). Validation
@@ -20,21 +21,14 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from autoselect.config import InferenceOptions
 from autoselect.decode import kept_indices
 from autoselect.model import AutoSelectModel
 from autoselect.pruners.uniform import grid_indices
-from pipelines.corpora import load_records
 from pipelines.evaluation.oracle import box_scores
-from pipelines.evaluation.tasks.base import split_of
-
-
-def val_garment_scenes(corpora: Path, limit: int) -> list[dict]:
-    records = [r for r in load_records(corpora, "scenes", "heldout") if r["task"] == "scenes_garment" and split_of(r["id"]) == "val"]
-    return records[:limit]
+from pipelines.evaluation.scoring import heldout_task
 
 
 def auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
@@ -68,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     vlm = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
     processor = AutoProcessor.from_pretrained(args.model)
-    records = val_garment_scenes(args.corpora, args.limit)
+    examples = heldout_task(vlm, processor, "scenes_garment", args.corpora, args.limit).examples
     scorers = {}
     for spec in args.scorer:
         name, _, folder = spec.partition("=")
@@ -81,14 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     kept_share: dict[str, list[float]] = {name: [] for name in [*scorers, "random", "uniform"]}
     aucs: dict[str, list[float]] = {name: [] for name in scorers if not name.endswith("-topk")}
     box_patches: list[int] = []
-    for start in range(0, len(records), args.batch_size):
-        batch = records[start:start + args.batch_size]
-        images = [Image.open(args.corpora / r["image"]).convert("RGB") for r in batch]
-        pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    for start in range(0, len(examples), args.batch_size):
+        batch = examples[start:start + args.batch_size]
+        pixels = processor.image_processor([e.image for e in batch], return_tensors="pt")["pixel_values"]
         tokens = any_model.visual_tokens(pixel_values=pixels)
         n = tokens.shape[1]
         side = math.isqrt(n)
-        boxes = torch.stack([box_scores([tuple(r["boxes"][0])], side, side) > 0.5 for r in batch])
+        boxes = torch.stack([box_scores(e.boxes, side, side) > 0.5 for e in batch])
         box_patches += boxes.sum(1).tolist()
         chosen = {"random": torch.stack([torch.randperm(n, generator=generator)[:k] for _ in batch]),
                   "uniform": grid_indices(k, side, side)[None].expand(len(batch), -1)}
@@ -101,12 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, index in chosen.items():
             hits = torch.gather(boxes, 1, index).sum(1).float()
             kept_share[name] += (hits / boxes.sum(1).clamp(min=1)).tolist()
-    result = {"model": str(args.model), "dtype": args.dtype, "corpora": str(args.corpora), "split": "val", "k": k, "scenes": len(records),
+    result = {"model": str(args.model), "dtype": args.dtype, "corpora": str(args.corpora), "split": "val", "k": k, "scenes": len(examples),
               "box_patches": mean_se([float(b) for b in box_patches]),
               "kept_share_of_box": {name: mean_se(v) for name, v in kept_share.items()},
               "logit_auc_box": {name: mean_se(v) for name, v in aucs.items()},
               "seconds": round(time.time() - started, 1)}
-    print(f"{len(records)} val garment scenes, K = {k}; the garment box covers {result['box_patches']['mean']:.1f} patches on average")
+    print(f"{len(examples)} val garment scenes, K = {k}; the garment box covers {result['box_patches']['mean']:.1f} patches on average")
     print(f"{'method':22s} {'box patches kept':>18s} {'logit AUC (box)':>16s}")
     for name, share in result["kept_share_of_box"].items():
         a = result["logit_auc_box"].get(name)

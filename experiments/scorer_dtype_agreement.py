@@ -5,7 +5,8 @@ before that is a serving option, the kept tokens must match. This runs one saved
 over the same visual tokens (the backbone in ``--dtype``), once as saved (float32) and once cast
 to bf16, and reports per decode (the scorer's own and plain top-K) the mean share of the K kept
 tokens the two agree on and the share of images whose kept sets are identical, on validation
-images only (scenes garment questions and centered Fashion-MNIST).
+images only: the scenes garment questions and centered Fashion-MNIST questions that
+`pipelines/evaluate.py --limit` scores (its own task loader).
 
     python experiments/scorer_dtype_agreement.py --model .cache/backbones/mini-llava-plain-drop2 \
       --scorer artifacts/mini-llava-scenes-drop2/scorer --corpora .cache/corpora-small-plain --out agreement.json
@@ -14,6 +15,7 @@ images only (scenes garment questions and centered Fashion-MNIST).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -21,24 +23,14 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from autoselect.config import InferenceOptions
 from autoselect.decode import kept_indices
 from autoselect.model import AutoSelectModel
-from pipelines.corpora import load_records
-from pipelines.evaluation.tasks.base import split_of
+from pipelines.evaluation.scoring import heldout_task
 
-SOURCES = {"scenes": "scenes_garment", "fashion_mnist": None}  # corpus file -> task kept (None: every record)
-
-
-def val_images(corpora: Path, limit: int) -> dict[str, list[Path]]:
-    images = {}
-    for name, task in SOURCES.items():
-        records = [r for r in load_records(corpora, name, "heldout") if split_of(r["id"]) == "val" and (task is None or r.get("task") == task)]
-        images[name] = [corpora / r["image"] for r in records[:limit]]
-    return images
+TASKS = ("scenes_garment", "fmnist_vqa")
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[list[float], list[bool]]:
@@ -53,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scorer", type=Path, required=True)
     parser.add_argument("--corpora", type=Path, required=True)
     parser.add_argument("--budgets", type=int, nargs="+", default=[16, 28, 57])
-    parser.add_argument("--limit", type=int, default=200, help="val images per source (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=200, help="val questions per task (default: %(default)s)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="the backbone's (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=25)
     parser.add_argument("--out", type=Path, default=None)
@@ -62,19 +54,19 @@ def main(argv: list[str] | None = None) -> int:
     vlm = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
     processor = AutoProcessor.from_pretrained(args.model)
     saved = AutoSelectModel.from_pretrained(args.scorer, vlm).eval()
-    cast = AutoSelectModel.from_pretrained(args.scorer, vlm).eval()
-    cast.scorer.to(torch.bfloat16)  # the scorer casts its input to its own dtype
+    cast = copy.deepcopy(saved.scorer).to(torch.bfloat16)  # the scorer casts its input to its own dtype
     decodes = {"saved": saved.config.inference, "topk": InferenceOptions()}
     rows = []
-    for source, paths in val_images(args.corpora, args.limit).items():
+    for source in TASKS:
+        examples = heldout_task(vlm, processor, source, args.corpora, args.limit).examples
         shared = {(d, k): [] for d in decodes for k in args.budgets}
         same = {(d, k): [] for d in decodes for k in args.budgets}
-        for start in range(0, len(paths), args.batch_size):
-            images = [Image.open(p).convert("RGB") for p in paths[start:start + args.batch_size]]
+        for start in range(0, len(examples), args.batch_size):
+            images = [e.image for e in examples[start:start + args.batch_size]]
             pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
             with torch.no_grad():
                 tokens = saved.visual_tokens(pixel_values=pixels)
-                logits = {"float32": saved.scorer(tokens).float(), "bfloat16": cast.scorer(tokens).float()}
+                logits = {"float32": saved.scorer(tokens).float(), "bfloat16": cast(tokens).float()}
             for (decode, k), values in shared.items():
                 a = kept_indices(logits["float32"], tokens, k, decodes[decode])
                 b = kept_indices(logits["bfloat16"], tokens, k, decodes[decode])
