@@ -1,0 +1,234 @@
+"""What the scorer's training objective rewards on a backbone, region by region of a scene.
+
+Session 20 (docs/scenes.md) found that the recipe, on identical training captions and seed, taught
+the scorer to keep a scene's garment over one backbone (E: logit AUC 0.94 for the garment's
+patches) and to avoid it over a closely related one (G, which is E plus 150 alignment steps: AUC
+0.19). This asks whether that preference is already in the objective, the frozen VLM's next-token
+loss of the training captions, or arises during training. On training-split captions of a scenes
+export, with each item's box known:
+
+A. **Inference-like.** K tokens kept hard and re-packed (as evaluated), chosen by a rule that knows
+   the boxes: the garment first, every item with an equal share, the drawings first, the background
+   only, random, the uniform lattice; beside all tokens. Mean NLL per token of the whole caption and
+   of the garment's name within it, per rule (the evaluation's exact scorer, `answer_log_likelihoods`).
+B. **Training-like, at the start of a run.** The paper's training forward (every token through the
+   noise gate, a fresh near-identity denoiser, the start temperature) with equal logits, so every
+   retention weight is K/N: the gradient of the same two losses with respect to the scorer's
+   logits, averaged over noise draws. Per image, the AUC of "raising this logit lowers the loss"
+   (minus the gradient) for the garment's patches, and for the drawings' patches, against the rest.
+   (The recipe's step sends the LLM only 2K candidates; here all N go, so every token has a gradient.)
+
+It describes the signal the recipe trains on; it chooses nothing.
+
+    python experiments/training_signal.py --model .cache/backbones/mini-llava-plain-g6 \
+      --corpora .cache/corpora-small-plain --limit 64 --out signal.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autoselect.config import AutoSelectConfig
+from autoselect.data import collate, encode_example
+from autoselect.model import AutoSelectModel
+from autoselect.placeholders import IGNORE_INDEX
+from autoselect.pruned import PrunedVLM, Selection
+from autoselect.pruners.uniform import grid_indices
+from autoselect.selection import topk_indices
+from mlops.backbone import load_vlm_and_processor
+from pipelines.corpora import load_records, open_image
+from pipelines.corpora.scenes import CAPTION_TASK
+from pipelines.evaluation.methods import FullTokens, PreLLM
+from pipelines.evaluation.oracle import box_scores
+from pipelines.evaluation.scoring import answer_log_likelihoods
+from pipelines.preprocessing.corpus import conversation_turns
+from pipelines.preprocessing.samples import chat_messages
+from scorer_box_hits import auc, mean_se
+
+RULES = ("garment first", "items, equal share", "drawings first", "background only", "random", "uniform lattice")
+REGIONS = ("garment", "drawings")
+
+
+def region_masks(record: dict, side: int) -> dict[str, torch.Tensor]:
+    """``[side * side]`` bool masks of the patches mostly inside the garment's box / a drawing's box."""
+    def inside(boxes: list) -> torch.Tensor:
+        return box_scores(boxes, side, side) > 0.5 if boxes else torch.zeros(side * side, dtype=torch.bool)
+    items = record["items"]
+    garment = inside([i["box_fraction"] for i in items if i["kind"] == "garment"])
+    return {"garment": garment, "drawings": inside([i["box_fraction"] for i in items if i["kind"] != "garment"]) & ~garment}
+
+
+def equal_share_order(record: dict, side: int) -> torch.Tensor:
+    """Patch scores that take each item's patches in turn, nearest its centre first (the items
+    oracle with an equal share per item); the background after every item's box is exhausted."""
+    per_item = [torch.argsort(box_scores([i["box_fraction"]], side, side), descending=True, stable=True) for i in record["items"]]
+    inside = [int((box_scores([i["box_fraction"]], side, side) > 0.5).sum()) for i in record["items"]]
+    scores, rank, taken = torch.full((side * side,), -1.0), side * side, set()
+    for depth in range(max(inside, default=0)):
+        for order, size in zip(per_item, inside):
+            if depth < size and int(order[depth]) not in taken:
+                taken.add(int(order[depth]))
+                scores[order[depth]] = rank
+                rank -= 1
+    return scores
+
+
+def rule_scores(rule: str, record: dict, side: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Scores whose top K is ``rule``'s choice (random among equals)."""
+    noise = torch.rand(side * side, generator=generator) * 1e-3
+    masks = region_masks(record, side)
+    if rule == "garment first":
+        return masks["garment"].float() + noise
+    if rule == "items, equal share":
+        return equal_share_order(record, side) + noise
+    if rule == "drawings first":
+        return masks["drawings"].float() + noise
+    if rule == "background only":
+        return -(masks["garment"] | masks["drawings"]).float() + noise
+    if rule == "random":
+        return noise
+    if rule == "uniform lattice":
+        lattice = torch.zeros(side * side)
+        lattice[grid_indices(k, side, side)] = 1.0
+        return lattice + noise
+    raise ValueError(f"unknown rule {rule!r}; choose from {RULES}")
+
+
+class RankPruner(PrunedVLM):
+    """Keeps the top K of per-image scores set before each call (`prepare`)."""
+
+    scores: torch.Tensor | None = None
+
+    def choose(self, tokens: torch.Tensor, k: int, image_inputs: dict[str, Any]) -> Selection:
+        if self.scores is None or self.scores.shape != tokens.shape[:2]:
+            raise ValueError("RankPruner: call prepare with one score per token of every image first")
+        return Selection(indices=topk_indices(self.scores.to(tokens.device), k), num_tokens=tokens.shape[1], scores=self.scores)
+
+
+def name_labels(batch: dict[str, torch.Tensor], tokenizer, names: list[str]) -> torch.Tensor:
+    """``batch["labels"]`` with only the tokens of each row's garment name kept (its first
+    occurrence within the answer, as " name" or "name"); a row whose name is not found keeps none."""
+    labels = torch.full_like(batch["labels"], IGNORE_INDEX)
+    for row, name in enumerate(names):
+        answer = (batch["labels"][row] != IGNORE_INDEX).nonzero().flatten().tolist()
+        ids = batch["input_ids"][row].tolist()
+        for variant in (" " + name, name):
+            needle = tokenizer.encode(variant, add_special_tokens=False)
+            hits = [s for s in answer if ids[s:s + len(needle)] == needle and s + len(needle) - 1 in answer]
+            if hits:
+                labels[row, hits[0]:hits[0] + len(needle)] = batch["labels"][row, hits[0]:hits[0] + len(needle)]
+                break
+    return labels
+
+
+def per_token_nll(method, batch: dict[str, torch.Tensor], image_token_id: int) -> tuple[float, int]:
+    """Summed NLL and count of ``batch``'s labelled tokens under ``method`` (rows without labels add 0)."""
+    if not bool(batch["labels"].ne(IGNORE_INDEX).any()):
+        return 0.0, 0
+    sums, counts = answer_log_likelihoods(method, batch, 1, image_token_id, share_prompts=False)
+    return -float(sums.sum()), int(counts.sum())
+
+
+def logit_gradients(model: AutoSelectModel, batch: dict[str, torch.Tensor], labels: torch.Tensor, draws: int, seed: int) -> torch.Tensor:
+    """d loss / d logits ``[B, N]`` at equal logits, mean over ``draws`` noise draws."""
+    tokens = model.visual_tokens(**model.split_inputs(dict(batch))[0])
+    total = torch.zeros(tokens.shape[:2])
+    for draw in range(draws):
+        leaf = torch.zeros(tokens.shape[:2], requires_grad=True)
+        model.training_scores = lambda padded, valid=None, leaf=leaf: leaf  # the logits under test, no Gumbel noise
+        torch.manual_seed(seed + draw)  # the same gate noise for every loss
+        model.train()
+        model.set_training_step(0)
+        model(**{**batch, "labels": labels}).loss.backward()
+        total += leaf.grad.float()
+    return total / draws
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="the backbone folder")
+    parser.add_argument("--corpora", type=Path, required=True, help="a scenes export (its train captions are read)")
+    parser.add_argument("--limit", type=int, default=64, help="the first N train captions")
+    parser.add_argument("--budget", type=int, default=28)
+    parser.add_argument("--draws", type=int, default=4, help="noise draws per gradient (B)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="the backbone's dtype (default: the one the recipe trains in on a native-bf16 CPU)")
+    parser.add_argument("--temperature-start", type=float, default=AutoSelectConfig.temperature_start)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    started = time.time()
+    records = [r for r in load_records(args.corpora, "scenes", "train") if r["task"] == CAPTION_TASK][: args.limit]
+    if not records:
+        print(f"error: {args.corpora}/scenes.train.jsonl has no {CAPTION_TASK} records", file=sys.stderr)
+        return 2
+    vlm, processor = load_vlm_and_processor(str(args.model), args.dtype, torch.device("cpu"))
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=args.budget, temperature_start=args.temperature_start))
+    image_token_id = model.adapter.image_token_id
+    pruner = RankPruner(vlm, args.budget, position_policy="repack")
+    methods = {"all tokens": FullTokens(vlm), **{rule: PreLLM(rule, None, args.budget, pruner) for rule in RULES}}
+    generator = torch.Generator().manual_seed(args.seed)
+    nll = {name: {"caption": [0.0, 0], "garment name": [0.0, 0]} for name in methods}
+    aucs = {f"{loss}: {region}": [] for loss in ("caption", "garment name") for region in REGIONS}
+    missing_names = 0
+    for start in range(0, len(records), args.batch_size):
+        chunk = records[start:start + args.batch_size]
+        encoded = []
+        for record in chunk:
+            question, caption = conversation_turns(record["conversations"])[0]
+            encoded.append(encode_example(processor, chat_messages([(question, caption)]), [open_image(args.corpora, record)]))
+        batch = collate(encoded, processor.tokenizer.pad_token_id, padding_side="right")
+        garment_names = [next(i["label"] for i in r["items"] if i["kind"] == "garment") for r in chunk]
+        labels = {"caption": batch["labels"], "garment name": name_labels(batch, processor.tokenizer, garment_names)}
+        missing_names += int((~labels["garment name"].ne(IGNORE_INDEX).any(-1)).sum())
+        side = math.isqrt(int((batch["input_ids"][0] == image_token_id).sum()))  # one square image per row
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        for name, method in methods.items():
+            if name in RULES:
+                pruner.scores = torch.stack([rule_scores(name, r, side, args.budget, generator) for r in chunk])
+            for loss, target in labels.items():
+                total, count = per_token_nll(method, {**inputs, "labels": target}, image_token_id)
+                nll[name][loss][0] += total
+                nll[name][loss][1] += count
+        masks = [region_masks(r, side) for r in chunk]
+        for loss, target in labels.items():
+            if not bool(target.ne(IGNORE_INDEX).any()):
+                continue
+            gradient = logit_gradients(model, batch, target, args.draws, args.seed)
+            for row, mask in enumerate(masks):
+                if not bool(target[row].ne(IGNORE_INDEX).any()):
+                    continue
+                for region in REGIONS:
+                    aucs[f"{loss}: {region}"].append(auc(-gradient[row], mask[region]))
+        print(f"{start + len(chunk)}/{len(records)} captions, {time.time() - started:.0f} s", flush=True)
+    result = {
+        "model": str(args.model), "corpora": str(args.corpora), "split": "train", "captions": len(records), "k": args.budget,
+        "dtype": args.dtype, "draws": args.draws, "garment_name_not_found": missing_names,
+        "nll_per_token": {name: {loss: round(total / max(count, 1), 4) for loss, (total, count) in v.items()} for name, v in nll.items()},
+        "start_gradient_auc": {name: mean_se(v) for name, v in aucs.items()},
+        "seconds": round(time.time() - started, 1),
+    }
+    print(f"\n{len(records)} train captions, K = {args.budget}, {args.dtype}; garment name not found in {missing_names}")
+    print(f"| kept (K = {args.budget}, re-packed) | caption NLL/token | garment-name NLL/token |\n|---|---|---|")
+    for name, v in result["nll_per_token"].items():
+        print(f"| {name} | {v['caption']:.3f} | {v['garment name']:.3f} |")
+    print("\n| start-of-training gradient: AUC of -dL/dlogit for | mean ± SE (n) |\n|---|---|")
+    for name, v in result["start_gradient_auc"].items():
+        print(f"| {name} patches vs the rest | {v['mean']:.3f} ± {v['stderr']:.3f} ({v['n']}) |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
