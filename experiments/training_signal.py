@@ -129,12 +129,27 @@ def name_labels(batch: dict[str, torch.Tensor], tokenizer, names: list[str]) -> 
     return labels
 
 
-def per_token_nll(method, batch: dict[str, torch.Tensor], image_token_id: int) -> tuple[float, int]:
-    """Summed NLL and count of ``batch``'s labelled tokens under ``method`` (rows without labels add 0)."""
+def row_nll(method, batch: dict[str, torch.Tensor], image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``batch``: the summed NLL of its labelled tokens under ``method`` and their count."""
     if not bool(batch["labels"].ne(IGNORE_INDEX).any()):
-        return 0.0, 0
+        return torch.zeros(len(batch["labels"]), dtype=torch.float64), torch.zeros(len(batch["labels"]), dtype=torch.long)
     sums, counts = answer_log_likelihoods(method, batch, 1, image_token_id, share_prompts=False)
-    return -float(sums.sum()), int(counts.sum())
+    return -sums, counts
+
+
+def nll_summary(rows: dict[str, tuple[torch.Tensor, torch.Tensor]], reference: str) -> dict[str, dict[str, float]]:
+    """Per method: the NLL per token pooled over the rows, and minus ``reference``'s, paired by row
+    (each row's NLL per token; rows without labelled tokens left out)."""
+    sums, counts = rows[reference]
+    scored = counts > 0
+    base = sums[scored] / counts[scored]
+    summary = {}
+    for name, (s, c) in rows.items():
+        diff = s[scored] / c[scored] - base
+        summary[name] = {"per_token": round(float(s.sum() / c.sum().clamp(min=1)), 4),
+                         f"minus_{reference}": round(float(diff.mean()), 4),
+                         "stderr": round(float(diff.std() / math.sqrt(len(diff))), 4) if name != reference else 0.0}
+    return summary
 
 
 def logit_gradients(model: AutoSelectModel, batch: dict[str, torch.Tensor], labels: torch.Tensor, draws: int, seed: int) -> torch.Tensor:
@@ -163,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="the backbone's dtype (default: the one the recipe trains in on a native-bf16 CPU)")
     parser.add_argument("--temperature-start", type=float, default=AutoSelectConfig.temperature_start)
+    parser.add_argument("--no-gradients", action="store_true", help="part A only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -177,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     pruner = RankPruner(vlm, args.budget, position_policy="repack")
     methods = {"all tokens": FullTokens(vlm), **{rule: PreLLM(rule, None, args.budget, pruner) for rule in RULES}}
     generator = torch.Generator().manual_seed(args.seed)
-    nll = {name: {"caption": [0.0, 0], "garment name": [0.0, 0]} for name in methods}
+    nll: dict[str, dict[str, list]] = {loss: {name: [] for name in methods} for loss in ("caption", "garment name")}
     aucs = {f"{loss}: {region}": [] for loss in ("caption", "garment name") for region in REGIONS}
     missing_names = 0
     for start in range(0, len(records), args.batch_size):
@@ -196,12 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             if name in RULES:
                 pruner.scores = torch.stack([rule_scores(name, r, side, args.budget, generator) for r in chunk])
             for loss, target in labels.items():
-                total, count = per_token_nll(method, {**inputs, "labels": target}, image_token_id)
-                nll[name][loss][0] += total
-                nll[name][loss][1] += count
+                nll[loss][name].append(row_nll(method, {**inputs, "labels": target}, image_token_id))
         masks = [region_masks(r, side) for r in chunk]
         for loss, target in labels.items():
-            if not bool(target.ne(IGNORE_INDEX).any()):
+            if args.no_gradients or not bool(target.ne(IGNORE_INDEX).any()):
                 continue
             gradient = logit_gradients(model, batch, target, args.draws, args.seed)
             for row, mask in enumerate(masks):
@@ -213,14 +227,18 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "model": str(args.model), "corpora": str(args.corpora), "split": "train", "captions": len(records), "k": args.budget,
         "dtype": args.dtype, "draws": args.draws, "garment_name_not_found": missing_names,
-        "nll_per_token": {name: {loss: round(total / max(count, 1), 4) for loss, (total, count) in v.items()} for name, v in nll.items()},
+        "nll": {loss: nll_summary({name: tuple(map(torch.cat, zip(*parts))) for name, parts in v.items()}, "random")
+                for loss, v in nll.items()},
         "start_gradient_auc": {name: mean_se(v) for name, v in aucs.items()},
         "seconds": round(time.time() - started, 1),
     }
     print(f"\n{len(records)} train captions, K = {args.budget}, {args.dtype}; garment name not found in {missing_names}")
-    print(f"| kept (K = {args.budget}, re-packed) | caption NLL/token | garment-name NLL/token |\n|---|---|---|")
-    for name, v in result["nll_per_token"].items():
-        print(f"| {name} | {v['caption']:.3f} | {v['garment name']:.3f} |")
+    print(f"| kept (K = {args.budget}, re-packed) | caption NLL/token | − random, paired | garment-name NLL/token | − random, paired |")
+    print("|---|---|---|---|---|")
+    caption, name_nll = result["nll"]["caption"], result["nll"]["garment name"]
+    for name in methods:
+        cells = [f"{v[name]['per_token']:.3f} | {v[name]['minus_random']:+.3f} ± {v[name]['stderr']:.3f}" for v in (caption, name_nll)]
+        print(f"| {name} | {' | '.join(cells)} |")
     print("\n| start-of-training gradient: AUC of -dL/dlogit for | mean ± SE (n) |\n|---|---|")
     for name, v in result["start_gradient_auc"].items():
         print(f"| {name} patches vs the rest | {v['mean']:.3f} ± {v['stderr']:.3f} ({v['n']}) |")
