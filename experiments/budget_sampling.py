@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
@@ -22,6 +21,7 @@ from autoselect import AutoSelectConfig, AutoSelectModel, ScoreMass, TrainingOpt
 from autoselect.testing import build_tiny_llava
 from autoselect.testing.synthetic import answer_accuracy, marker_batches, teach_vlm_markers
 from autoselect.training import train
+from results_file import write_result
 
 
 def evaluate(model: AutoSelectModel, held_out: dict, budget) -> dict:
@@ -86,8 +86,7 @@ def main() -> None:
         "tolerance_points": args.tolerance, "seconds": round(time.time() - started, 1),
     }
     print(json.dumps(result, indent=2))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.json_out, result)
     print("\n| K | per-budget scorer acc % (loss) | budget-sampled scorer acc % (loss) | gap (points) |")
     print("|---|---|---|---|")
     for k, row in rows.items():

@@ -32,6 +32,7 @@ from pipelines.evaluation.report import paired_difference
 from pipelines.evaluation.runner import evaluate_task
 from pipelines.evaluation.scoring import heldout_task
 from pipelines.evaluation.stats import stderr_of_mean
+from results_file import write_result
 
 
 def per_budget(text: str) -> tuple[int, str]:
@@ -116,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {k} | {p['accuracy']:.3f} ± {p['accuracy_stderr']:.3f} | {s['accuracy']:.3f} ± {s['accuracy_stderr']:.3f} | "
               f"{d['accuracy_points']:+.1f} ± {d['stderr_points']:.1f} | {p['answer_nll']:.3f} | {s['answer_nll']:.3f} | "
               f"{r['accuracy']:.3f} | {r['answer_nll']:.3f} |")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     return 0
 
 

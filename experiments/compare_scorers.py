@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 from pipelines.evaluation.report import paired_difference
+from results_file import write_result
 
 SAME = ("model", "split", "limit", "dtype", "position_policy", "seed")
 
@@ -105,8 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                 cells = [_cell(row["accuracy"], row["accuracy_vs_first"]), _cell(row["answer_nll"], row["answer_nll_vs_first"])] \
                     if choice else [_cell(row["nll"], row["nll_vs_first"])]
                 print(f"| {name} | " + " | ".join(cells) + " |")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

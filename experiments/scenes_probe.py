@@ -16,7 +16,6 @@ if random tokens read it as well as the box's, selection cannot matter on this t
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from pipelines.align.features import EncodedRecords, cached_features, cached_row
 from pipelines.corpora import DEFAULT_OUT, load_records
 from pipelines.evaluation.oracle import box_scores
 from pipelines.evaluation.tasks.base import split_of
+from results_file import write_result
 
 WAYS = ("all", "oracle", "random", "uniform")
 
@@ -107,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({result['train_scenes']} train scenes -> {result['val_scenes']} val scenes, chance {result['chance']:.2f})")
     for way, acc in result["accuracy"].items():
         print(f"  {way:8s} {acc['mean']:.3f} +- {acc['stderr']:.3f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     return 0
 
 

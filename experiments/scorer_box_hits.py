@@ -15,7 +15,6 @@ only: it explains val numbers, it chooses nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from autoselect.model import AutoSelectModel
 from autoselect.pruners.uniform import grid_indices
 from pipelines.evaluation.oracle import box_scores
 from pipelines.evaluation.scoring import heldout_task
+from results_file import write_result
 
 
 def auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
@@ -105,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         a = result["logit_auc_box"].get(name)
         auc_cell = f"{a['mean']:.3f} ± {a['stderr']:.3f}" if a else ""
         print(f"{name:22s} {share['mean']:10.3f} ± {share['stderr']:.3f} {auc_cell:>16s}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     return 0
 
 

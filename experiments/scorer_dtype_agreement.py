@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from autoselect.config import InferenceOptions
 from autoselect.decode import kept_indices
 from autoselect.model import AutoSelectModel
 from pipelines.evaluation.scoring import heldout_task
+from results_file import write_result
 
 TASKS = ("scenes_garment", "fmnist_vqa")
 
@@ -85,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'source':14s} {'decode':6s} {'K':>4s} {'kept shared':>16s} {'identical sets':>15s}")
     for r in rows:
         print(f"{r['source']:14s} {r['decode']:6s} {r['k']:4d} {r['kept_shared']:9.3f} ± {r['kept_shared_stderr']:.3f} {r['identical_sets']:15.3f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     return 0
 
 

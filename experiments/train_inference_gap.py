@@ -27,6 +27,7 @@ from autoselect.pruners.random import RandomPruner
 from mlops.backbone import load_autoselect, load_vlm_and_processor
 from pipelines.evaluation.scoring import encode_rows, heldout_task
 from pipelines.evaluation.tasks.base import Example
+from results_file import write_result
 
 NEAR_ZERO = 1e-4
 
@@ -57,8 +58,7 @@ def report(result: dict, label: str, out: Path | None) -> None:
     print(f"\n| {label} | answer NLL |\n|---|---|")
     for name, value in result["answer_nll"].items():
         print(f"| {name} | {value:.3f} |")
-    if out:
-        out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)
 
 
 def heldout_batches(vlm, processor, task: str, corpora: Path, limit: int, seed: int) -> tuple[list[Example], list[dict]]:

@@ -27,7 +27,6 @@ It describes the signal the recipe trains on; it chooses nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -51,6 +50,7 @@ from pipelines.evaluation.oracle import box_scores
 from pipelines.evaluation.scoring import answer_log_likelihoods
 from pipelines.preprocessing.corpus import conversation_turns
 from pipelines.preprocessing.samples import chat_messages
+from results_file import write_result
 from scorer_box_hits import auc, mean_se
 
 RULES = ("garment first", "items, equal share", "drawings first", "background only", "random", "uniform lattice")
@@ -242,9 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| start-of-training gradient: AUC of -dL/dlogit for | mean ± SE (n) |\n|---|---|")
     for name, v in result["start_gradient_auc"].items():
         print(f"| {name} patches vs the rest | {v['mean']:.3f} ± {v['stderr']:.3f} ({v['n']}) |")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     return 0
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import torch
 
@@ -65,26 +64,21 @@ def test_scenes_heldout_copy_keeps_questions_by_item_count_and_links_the_rest(tm
     assert "1 garment questions kept, 1 dropped" in capsys.readouterr().out
 
 
-def load_signal(monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "experiments"))  # it imports a sibling script
-    return load("training_signal")
-
-
 SCENE = {"items": [{"kind": "garment", "box_fraction": [0.0, 0.0, 0.25, 0.25]},
                    {"kind": "clipart", "box_fraction": [0.5, 0.5, 1.0, 1.0]}]}
 
 
-def test_training_signal_regions_are_the_garment_and_the_drawings_patches(monkeypatch):
-    masks = load_signal(monkeypatch).region_masks(SCENE, 4)  # a 4 x 4 grid: the garment is patch 0
+def test_training_signal_regions_are_the_garment_and_the_drawings_patches():
+    masks = load("training_signal").region_masks(SCENE, 4)  # a 4 x 4 grid: the garment is patch 0
     assert masks["garment"].nonzero().flatten().tolist() == [0]
     assert masks["drawings"].nonzero().flatten().tolist() == [10, 11, 14, 15]
 
 
-def test_equal_share_order_takes_the_items_in_turn_then_the_background(monkeypatch):
-    order = torch.argsort(load_signal(monkeypatch).equal_share_order(SCENE, 4), descending=True, stable=True).tolist()
+def test_equal_share_order_takes_the_items_in_turn_then_the_background():
+    order = torch.argsort(load("training_signal").equal_share_order(SCENE, 4), descending=True, stable=True).tolist()
     assert order[0] == 0 and order[1] in (10, 11, 14, 15)  # one patch of each item before a second of either
     assert set(order[:5]) == {0, 10, 11, 14, 15}  # then the rest of the drawing, then the background
-    background = load_signal(monkeypatch).rule_scores("background only", SCENE, 4, 2, torch.Generator().manual_seed(0))
+    background = load("training_signal").rule_scores("background only", SCENE, 4, 2, torch.Generator().manual_seed(0))
     assert set(torch.topk(background, 11).indices.tolist()).isdisjoint({0, 10, 11, 14, 15})
 
 
@@ -95,8 +89,8 @@ class WordTokenizer:
         return [{"a": 1, "shirt": 4, "on": 5, "x": 9}[w] for w in text.split()]
 
 
-def test_name_labels_keep_the_garment_name_inside_the_answer_only(monkeypatch):
-    name_labels = load_signal(monkeypatch).name_labels
+def test_name_labels_keep_the_garment_name_inside_the_answer_only():
+    name_labels = load("training_signal").name_labels
     batch = {"input_ids": torch.tensor([[4, 7, 1, 4, 5], [4, 7, 1, 4, 5]]),
              "labels": torch.tensor([[-100, -100, 1, 4, 5], [-100, -100, 1, 4, 5]])}
     labels = name_labels(batch, WordTokenizer(), ["shirt", "x"])
