@@ -44,7 +44,7 @@ from autoselect.pruners.uniform import grid_indices
 from autoselect.selection import topk_indices
 from mlops.backbone import load_vlm_and_processor
 from pipelines.corpora import load_records, open_image
-from pipelines.corpora.scenes import CAPTION_TASK
+from pipelines.corpora.scenes import CAPTION_TASK, names_caption
 from pipelines.evaluation.methods import FullTokens, PreLLM
 from pipelines.evaluation.oracle import box_scores
 from pipelines.evaluation.scoring import answer_log_likelihoods
@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="the backbone's dtype (default: the one the recipe trains in on a native-bf16 CPU)")
     parser.add_argument("--temperature-start", type=float, default=AutoSelectConfig.temperature_start)
+    parser.add_argument("--caption", choices=("exported", "names"), default="exported",
+                        help="the export's captions, or the same items named without places or background (`names_caption`)")
     parser.add_argument("--no-gradients", action="store_true", help="part A only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
@@ -201,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         encoded = []
         for record in chunk:
             question, caption = conversation_turns(record["conversations"])[0]
-            encoded.append(encode_example(processor, chat_messages([(question, caption)]), [open_image(args.corpora, record)]))
+            image = open_image(args.corpora, record)
+            if args.caption == "names":
+                caption = names_caption(record["items"], image.width)
+            encoded.append(encode_example(processor, chat_messages([(question, caption)]), [image]))
         batch = collate(encoded, processor.tokenizer.pad_token_id, padding_side="right")
         garment_names = [next(i["label"] for i in r["items"] if i["kind"] == "garment") for r in chunk]
         labels = {"caption": batch["labels"], "garment name": name_labels(batch, processor.tokenizer, garment_names)}
@@ -225,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                     aucs[f"{loss}: {region}"].append(auc(-gradient[row], mask[region]))
         print(f"{start + len(chunk)}/{len(records)} captions, {time.time() - started:.0f} s", flush=True)
     result = {
-        "model": str(args.model), "corpora": str(args.corpora), "split": "train", "captions": len(records), "k": args.budget,
+        "model": str(args.model), "corpora": str(args.corpora), "split": "train", "captions": len(records), "caption": args.caption, "k": args.budget,
         "dtype": args.dtype, "draws": args.draws, "garment_name_not_found": missing_names,
         "nll": {loss: nll_summary({name: tuple(map(torch.cat, zip(*parts))) for name, parts in v.items()}, "random")
                 for loss, v in nll.items()},

@@ -111,6 +111,15 @@ def test_every_scene_has_one_garment_answered_by_its_class_at_its_box(exported, 
             assert all(scenes.item_phrase(item).lower() in text.lower() for item in record["items"]) and text.endswith(".")
 
 
+def test_names_caption_names_every_item_in_the_captions_order_without_places():
+    items = [{"kind": "clipart", "label": "animals", "box": [150, 150, 200, 200]},
+             {"kind": "garment", "label": "trousers", "box": [0, 0, 56, 56]}]
+    assert scenes.caption(items, None, 224) == ("A pair of trousers at the top left and a drawing from the animals "
+                                                "category at the bottom right, on a plain background.")
+    assert scenes.names_caption(items, 224) == "A pair of trousers and a drawing from the animals category."
+    assert scenes.names_caption(items[:1], 224) == "A drawing from the animals category."
+
+
 def test_train_and_heldout_scenes_share_no_item_and_no_background(exported):
     used = {}
     for split in COUNTS:

@@ -130,13 +130,27 @@ def item_phrase(item: dict) -> str:
     return "a pair of trousers" if label == "trousers" else f"{'an' if label[0] in 'aeiou' else 'a'} {label}"
 
 
+def reading_order(items: list[dict], size: int) -> list[dict]:
+    """Top row of the 3 x 3 grid first, left to right within a row."""
+    return sorted(items, key=lambda item: (cell(tuple(item["box"]), size)[0], item["box"][0] + item["box"][2]))
+
+
+def listing(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+
+
 def caption(items: list[dict], subject: str | None, size: int) -> str:
     """Every item in reading order with its place, then the photo: "A sandal at the top left and
     a drawing from the animals category on the right, on a photo of a cup of coffee."."""
-    ordered = sorted(items, key=lambda item: (cell(tuple(item["box"]), size)[0], item["box"][0] + item["box"][2]))
-    parts = [f"{item_phrase(item)} {where(tuple(item['box']), size)}" for item in ordered]
-    listed = parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+    listed = listing([f"{item_phrase(item)} {where(tuple(item['box']), size)}" for item in reading_order(items, size)])
     text = f"{listed}, on a photo of {subject}." if subject else f"{listed}, on a plain background."
+    return text[0].upper() + text[1:]
+
+
+def names_caption(items: list[dict], size: int) -> str:
+    """`caption` without the places and the background: "A sandal and a drawing from the animals
+    category." (every token but the glue names an item)."""
+    text = listing([item_phrase(item) for item in reading_order(items, size)]) + "."
     return text[0].upper() + text[1:]
 
 
