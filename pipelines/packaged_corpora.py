@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the garment's side in scenes, LOW,HIGH fractions of the image side (default: %(default)s)")
     add("--scenes-background", choices=("photo", "plain"), default=d.scenes_background,
         help="scene backgrounds: crops of packaged photos or plain flat colours (default: %(default)s)")
+    add("--scenes-caption", choices=("places", "names"), default=d.scenes_caption,
+        help="scene captions: every item with its place and the background, or only the items' names (default: %(default)s)")
     add("--sources", default=",".join(d.sources), help=f"comma-separated subset of {','.join(SOURCES)} (default: all)")
     add("--fmnist-dir", default=d.fmnist_dir, help="Fashion-MNIST idx files (default: %(default)s)")
     add("--clipart-dir", default=d.clipart_dir, help="folder holding png/ and svg/ (default: %(default)s)")
@@ -84,6 +86,7 @@ def settings_from_args(args: argparse.Namespace) -> ExportSettings:
         scenes_heldout=args.scenes_heldout,
         scenes_garment_side=fractions(args.scenes_garment_side),
         scenes_background=args.scenes_background,
+        scenes_caption=args.scenes_caption,
         sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()),
         fmnist_dir=args.fmnist_dir,
         clipart_dir=args.clipart_dir,

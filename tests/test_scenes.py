@@ -67,6 +67,20 @@ def test_scene_style_refuses_what_cannot_be_drawn():
         scenes.Style(garment_side=(0.5, 0.25))
     with pytest.raises(ValueError, match="unknown scene background 'sky'"):
         ExportSettings(scenes_background="sky")
+    with pytest.raises(ValueError, match="unknown scene caption 'poem'"):
+        ExportSettings(scenes_caption="poem")
+
+
+def test_names_captions_change_only_the_caption_text(pools, tmp_path):
+    by_style = {caption: scenes.export(tmp_path / caption, {"train": pools["train"]}, SIZE, SMALL.seed,
+                                       scenes.Style(background="plain", caption=caption))["train"]
+                for caption in ("places", "names")}
+    assert [r["items"] for r in by_style["places"]] == [r["items"] for r in by_style["names"]]  # the same scenes
+    for places, names in zip(of_task(by_style["places"], scenes.CAPTION_TASK), of_task(by_style["names"], scenes.CAPTION_TASK)):
+        assert names["label"] == scenes.names_caption(places["items"], SIZE) != places["label"]
+        assert names["conversations"][1]["value"] == names["label"]
+    first = of_task(by_style["places"])[0]["image"]
+    assert (tmp_path / "places" / first).read_bytes() == (tmp_path / "names" / first).read_bytes()
 
 
 def test_plain_scenes_have_a_flat_background_and_larger_garments(pools, tmp_path):

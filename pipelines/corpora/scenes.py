@@ -40,6 +40,7 @@ CAPTION_QUESTION = "Describe the picture in one sentence, saying where each item
 MAX_ITEMS = 3
 DRAWING_SIDE = (0.25, 0.5)  # of the image side
 BACKGROUNDS = ("photo", "plain")
+CAPTIONS = ("places", "names")  # `caption` / `names_caption`
 _ROWS = ("top", "middle", "bottom")
 _COLUMNS = ("left", "centre", "right")
 
@@ -62,10 +63,13 @@ def overlaps(a: Box, b: Box) -> bool:
 @dataclass(frozen=True)
 class Style:
     """How a scene looks: the garment's side as a fraction of the image side (drawings keep
-    1/4-1/2), and the background: a crop of a packaged ``photo`` or a ``plain`` flat colour."""
+    1/4-1/2), and the background: a crop of a packaged ``photo`` or a ``plain`` flat colour; and
+    what its caption says: every item with its ``places`` and the background, or only the items'
+    ``names`` (the images do not change with it)."""
 
     garment_side: tuple[float, float] = (0.25, 0.5)
     background: str = "photo"
+    caption: str = "places"
 
     def __post_init__(self) -> None:
         low, high = self.garment_side
@@ -73,6 +77,8 @@ class Style:
             raise ValueError(f"garment side must be fractions 0.1 <= low <= high <= 0.67 of the image (two drawings must still fit), got {self.garment_side}")
         if self.background not in BACKGROUNDS:
             raise ValueError(f"unknown scene background {self.background!r}; choose from {', '.join(BACKGROUNDS)}")
+        if self.caption not in CAPTIONS:
+            raise ValueError(f"unknown scene caption {self.caption!r}; choose from {', '.join(CAPTIONS)}")
 
 
 def side_range(fractions: tuple[float, float], size: int) -> tuple[int, int]:
@@ -209,7 +215,7 @@ def export(out_dir: Path, pool_by_split: dict[str, Pool], image_size: int, seed:
             relative = save_png(image, out_dir, f"images/{NAME}/{split}/{index:05d}.png")
             stem = f"{NAME}-{split}-{index:05d}"
             boxes = [items[0]["box_fraction"]]  # where the answer is, for an oracle
-            text = caption(items, photo.subject if photo else None, image_size)
+            text = caption(items, photo.subject if photo else None, image_size) if style.caption == "places" else names_caption(items, image_size)
             records[split] += [
                 llava_record(stem + ID_SUFFIX[GARMENT_TASK], relative, GARMENT_QUESTION, garment.label, task=GARMENT_TASK, label=garment.label, boxes=boxes, **fields),
                 llava_record(stem + ID_SUFFIX[CAPTION_TASK], relative, CAPTION_QUESTION, text, task=CAPTION_TASK, label=text, **fields),
