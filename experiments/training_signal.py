@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype, "draws": args.draws, "garment_name_not_found": missing_names,
         "nll": {loss: nll_summary({name: tuple(map(torch.cat, zip(*parts))) for name, parts in v.items()}, "random")
                 for loss, v in nll.items()},
-        "start_gradient_auc": {name: mean_se(v) for name, v in aucs.items()},
+        "start_gradient_auc": None if args.no_gradients else {name: mean_se(v) for name, v in aucs.items()},
         "seconds": round(time.time() - started, 1),
     }
     print(f"\n{len(records)} train captions, K = {args.budget}, {args.dtype}; garment name not found in {missing_names}")
@@ -244,9 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in methods:
         cells = [f"{v[name]['per_token']:.3f} | {v[name]['minus_random']:+.3f} ± {v[name]['stderr']:.3f}" for v in (caption, name_nll)]
         print(f"| {name} | {' | '.join(cells)} |")
-    print("\n| start-of-training gradient: AUC of -dL/dlogit for | mean ± SE (n) |\n|---|---|")
-    for name, v in result["start_gradient_auc"].items():
-        print(f"| {name} patches vs the rest | {v['mean']:.3f} ± {v['stderr']:.3f} ({v['n']}) |")
+    if result["start_gradient_auc"]:
+        print("\n| start-of-training gradient: AUC of -dL/dlogit for | mean ± SE (n) |\n|---|---|")
+        for name, v in result["start_gradient_auc"].items():
+            print(f"| {name} patches vs the rest | {v['mean']:.3f} ± {v['stderr']:.3f} ({v['n']}) |")
     write_result(args.out, result)
     return 0
 
