@@ -82,7 +82,8 @@ def equal_share_order(record: dict, side: int) -> torch.Tensor:
 
 
 def rule_scores(rule: str, record: dict, side: int, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Scores whose top K is ``rule``'s choice (random among equals)."""
+    """Scores whose top K is ``rule``'s choice (random among equals: "drawings first" on a scene
+    without a drawing is random, "garment first" on a garment of more than K patches keeps K of them)."""
     noise = torch.rand(side * side, generator=generator) * 1e-3
     masks = region_masks(record, side)
     if rule == "garment first":
@@ -103,13 +104,13 @@ def rule_scores(rule: str, record: dict, side: int, k: int, generator: torch.Gen
 
 
 class RankPruner(PrunedVLM):
-    """Keeps the top K of per-image scores set before each call (`prepare`)."""
+    """Keeps the top K of ``scores`` ``[images, N]``, which the caller sets before each batch."""
 
     scores: torch.Tensor | None = None
 
     def choose(self, tokens: torch.Tensor, k: int, image_inputs: dict[str, Any]) -> Selection:
         if self.scores is None or self.scores.shape != tokens.shape[:2]:
-            raise ValueError("RankPruner: call prepare with one score per token of every image first")
+            raise ValueError(f"RankPruner: set .scores to one score per token of each image first (shape {tuple(tokens.shape[:2])})")
         return Selection(indices=topk_indices(self.scores.to(tokens.device), k), num_tokens=tokens.shape[1], scores=self.scores)
 
 
