@@ -28,6 +28,7 @@ from autoselect.model import AutoSelectModel
 from autoselect.pruners.uniform import grid_indices
 from pipelines.evaluation.oracle import box_scores
 from pipelines.evaluation.scoring import heldout_task
+from pipelines.evaluation.stats import stderr_of_mean
 from results_file import write_result
 
 
@@ -41,9 +42,12 @@ def auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     return float(greater + 0.5 * ties)
 
 
-def mean_se(values: list[float]) -> dict[str, float]:
-    t = torch.tensor([v for v in values if not math.isnan(v)], dtype=torch.float64)
-    return {"mean": round(float(t.mean()), 4), "stderr": round(float(t.std() / math.sqrt(len(t))), 4), "n": len(t)}
+def mean_se(values: list[float]) -> dict[str, float | None]:
+    """Mean, standard error and count of the defined (non-NaN) values; None where undefined."""
+    kept = [v for v in values if not math.isnan(v)]
+    stderr = stderr_of_mean(kept)
+    return {"mean": round(sum(kept) / len(kept), 4) if kept else None,
+            "stderr": None if stderr is None else round(stderr, 4), "n": len(kept)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,7 @@ from pipelines.corpora import load_records, open_image
 from pipelines.corpora.scenes import CAPTION_TASK, names_caption
 from pipelines.evaluation.methods import FullTokens, PreLLM
 from pipelines.evaluation.oracle import box_scores
+from pipelines.evaluation.report import paired_difference
 from pipelines.evaluation.scoring import answer_log_likelihoods
 from pipelines.preprocessing.corpus import conversation_turns
 from pipelines.preprocessing.samples import chat_messages
@@ -69,8 +70,9 @@ def region_masks(record: dict, side: int) -> dict[str, torch.Tensor]:
 def equal_share_order(record: dict, side: int) -> torch.Tensor:
     """Patch scores that take each item's patches in turn, nearest its centre first (the items
     oracle with an equal share per item); the background after every item's box is exhausted."""
-    per_item = [torch.argsort(box_scores([i["box_fraction"]], side, side), descending=True, stable=True) for i in record["items"]]
-    inside = [int((box_scores([i["box_fraction"]], side, side) > 0.5).sum()) for i in record["items"]]
+    shares = [box_scores([i["box_fraction"]], side, side) for i in record["items"]]
+    per_item = [torch.argsort(share, descending=True, stable=True) for share in shares]
+    inside = [int((share > 0.5).sum()) for share in shares]
     scores, rank, taken = torch.full((side * side,), -1.0), side * side, set()
     for depth in range(max(inside, default=0)):
         for order, size in zip(per_item, inside):
@@ -81,11 +83,11 @@ def equal_share_order(record: dict, side: int) -> torch.Tensor:
     return scores
 
 
-def rule_scores(rule: str, record: dict, side: int, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Scores whose top K is ``rule``'s choice (random among equals: "drawings first" on a scene
-    without a drawing is random, "garment first" on a garment of more than K patches keeps K of them)."""
+def rule_scores(rule: str, record: dict, masks: dict[str, torch.Tensor], side: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Scores whose top K is ``rule``'s choice, given the record's `region_masks` (random among
+    equals: "drawings first" on a scene without a drawing is random, "garment first" on a garment
+    of more than K patches keeps K of them)."""
     noise = torch.rand(side * side, generator=generator) * 1e-3
-    masks = region_masks(record, side)
     if rule == "garment first":
         return masks["garment"].float() + noise
     if rule == "items, equal share":
@@ -141,15 +143,13 @@ def row_nll(method, batch: dict[str, torch.Tensor], image_token_id: int) -> tupl
 def nll_summary(rows: dict[str, tuple[torch.Tensor, torch.Tensor]], reference: str) -> dict[str, dict[str, float]]:
     """Per method: the NLL per token pooled over the rows, and minus ``reference``'s, paired by row
     (each row's NLL per token; rows without labelled tokens left out)."""
-    sums, counts = rows[reference]
-    scored = counts > 0
-    base = sums[scored] / counts[scored]
+    scored = rows[reference][1] > 0
+    per_row = {name: (s[scored] / c[scored]).tolist() for name, (s, c) in rows.items()}
     summary = {}
     for name, (s, c) in rows.items():
-        diff = s[scored] / c[scored] - base
+        paired = paired_difference(per_row[name], per_row[reference])
         summary[name] = {"per_token": round(float(s.sum() / c.sum().clamp(min=1)), 4),
-                         f"minus_{reference}": round(float(diff.mean()), 4),
-                         "stderr": round(float(diff.std() / math.sqrt(len(diff))), 4) if name != reference else 0.0}
+                         f"minus_{reference}": paired["difference"], "stderr": paired["stderr"]}
     return summary
 
 
@@ -214,12 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         missing_names += int((~labels["garment name"].ne(IGNORE_INDEX).any(-1)).sum())
         side = math.isqrt(int((batch["input_ids"][0] == image_token_id).sum()))  # one square image per row
         inputs = {k: v for k, v in batch.items() if k != "labels"}
+        masks = [region_masks(r, side) for r in chunk]
         for name, method in methods.items():
             if name in RULES:
-                pruner.scores = torch.stack([rule_scores(name, r, side, args.budget, generator) for r in chunk])
+                pruner.scores = torch.stack([rule_scores(name, r, m, side, args.budget, generator) for r, m in zip(chunk, masks)])
             for loss, target in labels.items():
                 nll[loss][name].append(row_nll(method, {**inputs, "labels": target}, image_token_id))
-        masks = [region_masks(r, side) for r in chunk]
         for loss, target in labels.items():
             if args.no_gradients or not bool(target.ne(IGNORE_INDEX).any()):
                 continue

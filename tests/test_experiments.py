@@ -78,7 +78,8 @@ def test_equal_share_order_takes_the_items_in_turn_then_the_background():
     order = torch.argsort(load("training_signal").equal_share_order(SCENE, 4), descending=True, stable=True).tolist()
     assert order[0] == 0 and order[1] in (10, 11, 14, 15)  # one patch of each item before a second of either
     assert set(order[:5]) == {0, 10, 11, 14, 15}  # then the rest of the drawing, then the background
-    background = load("training_signal").rule_scores("background only", SCENE, 4, 2, torch.Generator().manual_seed(0))
+    signal = load("training_signal")
+    background = signal.rule_scores("background only", SCENE, signal.region_masks(SCENE, 4), 4, 2, torch.Generator().manual_seed(0))
     assert set(torch.topk(background, 11).indices.tolist()).isdisjoint({0, 10, 11, 14, 15})
 
 
