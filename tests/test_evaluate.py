@@ -377,6 +377,42 @@ def test_a_task_the_full_model_cannot_do_is_flagged_and_left_out_of_the_second_a
     assert not_above_chance(caption, {"score": 9.0, "n": 64}) is None
 
 
+
+def test_the_selection_check_reports_the_oracles_lead_over_the_best_baseline_of_its_policy():
+    """Headroom: the oracle minus the best training-free baseline beside it (same budget and
+    position policy, never AutoSelect or its decode variants), paired on the same examples; under 2
+    paired SE the report says no selector can lead every baseline by 2 SE there."""
+    from PIL import Image
+
+    from pipelines.evaluation.methods import FullTokens
+    from pipelines.evaluation.report import Budget, build_report, markdown
+    from pipelines.evaluation.tasks import Example, Task
+
+    classes = tuple(f"class {i}" for i in range(10))
+    n = 40
+    task = Task("garment", "choice", [Example(str(i), Image.new("RGB", (8, 8)), "which?", classes[0]) for i in range(n)],
+                "a 10-way task", "val", classes)
+    methods = [FullTokens(None), *(PreLLM(name, "8", 8, None, "repack") for name in ("random", "divprune", "oracle", "autoselect")),
+               PreLLM("autoselect-topk", "8", 8, None, "repack"), PreLLM("visionzip", "8", 8, None, "original")]
+
+    def cell(right: int) -> dict:  # the first ``right`` examples answered correctly
+        return {"score": right / n, "n": n, "per_example": [1.0] * right + [0.0] * (n - right), "per_example_answer_nll": [1.0] * n}
+
+    def check(oracle: int, divprune: int) -> dict:
+        scores = {"garment": {FULL: cell(30), "random@8": cell(10), "divprune@8": cell(divprune), "oracle@8": cell(oracle),
+                              "autoselect@8": cell(40), "autoselect-topk@8": cell(40), "visionzip@8": cell(40)}}
+        report = build_report({"model": "m", "seed": 0}, [task], {}, scores, methods, [Budget("8", 8, 8)], 64)
+        return report, report["selection_check"]["garment"]["oracle@8"]["headroom"]
+
+    report, room = check(oracle=30, divprune=27)  # autoselect and visionzip (another policy) are no rivals
+    lead = [1.0] * 3 + [0.0] * (n - 3)
+    mean = 3 / n
+    stderr = math.sqrt(sum((d - mean) ** 2 for d in lead) / (n - 1) / n)
+    assert room == {"best_baseline": "divprune", "score": 0.675, "difference": 0.075, "stderr": round(stderr, 4), "n": n}
+    assert 0.075 / stderr < 2 and "no selector can lead every baseline by 2 SE" in markdown(report)
+    report, room = check(oracle=30, divprune=10)  # random and divprune tie; the lead is 20 of 40
+    assert room["difference"] == 0.5 and "room for a selector to lead every baseline by 2 SE" in markdown(report)
+
 # ---- like for like: one position policy, val/test halves, the oracle --------------------------
 def test_every_pre_llm_method_runs_the_evaluations_position_policy(taught):
     """`both` builds each pre-LLM method under each policy (names say which) and FixedSelection

@@ -198,8 +198,24 @@ def selection_check(tasks: Sequence[Task], scores, methods: Sequence[Method]) ->
                 (full - ceiling > GO_ORACLE_GAP, f"the oracle is {full - ceiling:.3f} below full (allowed {GO_ORACLE_GAP})"),
             ) if failed]
             out.setdefault(task.name, {})[oracle.name + "@" + oracle.budget_label] = {
-                "full": round(full, 4), "random": round(chance, 4), "oracle": round(ceiling, 4), "go": not why, "why": why}
+                "full": round(full, 4), "random": round(chance, 4), "oracle": round(ceiling, 4), "go": not why, "why": why,
+                "headroom": headroom(got, oracle, methods)}
     return out
+
+
+def headroom(got: dict[str, Any], oracle: Method, methods: Sequence[Method]) -> dict[str, Any] | None:
+    """The oracle minus the best training-free baseline beside it (same budget and position
+    policy), paired on the same examples: how far any selector could lead every baseline here. A
+    lead under 2 paired SE means no selector can clear "2 SE over every baseline" on these
+    examples, however it is trained (None when no such baseline ran)."""
+    rivals = [m for m in methods if m.base not in (AUTOSELECT, FULL, ORACLE) and not m.base.startswith(AUTOSELECT_VARIANT)
+              and m.budget_label == oracle.budget_label and m.position_policy == oracle.position_policy
+              and "per_example" in got.get(m.label, {})]
+    if not rivals or "per_example" not in got[oracle.label]:
+        return None
+    best = max(rivals, key=lambda m: float(got[m.label]["score"]))
+    lead = paired_difference(got[oracle.label]["per_example"], got[best.label]["per_example"])
+    return None if lead is None else {"best_baseline": best.name, "score": round(float(got[best.label]["score"]), 4), **lead}
 
 
 PAIRED_RIVALS = ("random", "uniform")  # the paired differences a version is tagged with
@@ -320,6 +336,13 @@ def _check_lines(report: dict[str, Any]) -> list[str]:
         for label, c in by_budget.items():
             verdict = "GO" if c["go"] else "NO-GO: " + "; ".join(c["why"])
             lines.append(f"- `{task}` {label}: full {c['full']:.3f}, random {c['random']:.3f}, oracle {c['oracle']:.3f} — {verdict}")
+            room = c.get("headroom")
+            if room:
+                z = room["difference"] / room["stderr"] if room["stderr"] else (math.inf if room["difference"] > 0 else 0.0)
+                lines.append(f"  - headroom: the oracle leads the best baseline ({room['best_baseline']} {room['score']:.3f}) by "
+                             f"{room['difference']:+.3f} ± {room['stderr']:.3f} ({z:.1f} paired SE, n = {room['n']}); "
+                             + ("no selector can lead every baseline by 2 SE on these examples" if z < 2
+                                else "room for a selector to lead every baseline by 2 SE"))
     return lines
 
 
