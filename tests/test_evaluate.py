@@ -377,7 +377,6 @@ def test_a_task_the_full_model_cannot_do_is_flagged_and_left_out_of_the_second_a
     assert not_above_chance(caption, {"score": 9.0, "n": 64}) is None
 
 
-
 def test_the_selection_check_reports_the_oracles_lead_over_the_best_baseline_of_its_policy():
     """Headroom: the oracle minus the best training-free baseline beside it (same budget and
     position policy, never AutoSelect or its decode variants), paired on the same examples; under 2
@@ -412,6 +411,7 @@ def test_the_selection_check_reports_the_oracles_lead_over_the_best_baseline_of_
     assert 0.075 / stderr < 2 and "no selector can lead every baseline by 2 SE" in markdown(report)
     report, room = check(oracle=30, divprune=10)  # random and divprune tie; the lead is 20 of 40
     assert room["difference"] == 0.5 and "room for a selector to lead every baseline by 2 SE" in markdown(report)
+
 
 # ---- like for like: one position policy, val/test halves, the oracle --------------------------
 def test_every_pre_llm_method_runs_the_evaluations_position_policy(taught):

@@ -203,14 +203,19 @@ def selection_check(tasks: Sequence[Task], scores, methods: Sequence[Method]) ->
     return out
 
 
+def is_baseline(name: str) -> bool:
+    """A training-free pruner: not all tokens, the oracle, AutoSelect or the scorer's other decodes
+    (autoselect-dpp, ...)."""
+    return name not in (AUTOSELECT, FULL, ORACLE) and not name.startswith(AUTOSELECT_VARIANT)
+
+
 def headroom(got: dict[str, Any], oracle: Method, methods: Sequence[Method]) -> dict[str, Any] | None:
     """The oracle minus the best training-free baseline beside it (same budget and position
     policy), paired on the same examples: how far any selector could lead every baseline here. A
     lead under 2 paired SE means no selector can clear "2 SE over every baseline" on these
     examples, however it is trained (None when no such baseline ran)."""
-    rivals = [m for m in methods if m.base not in (AUTOSELECT, FULL, ORACLE) and not m.base.startswith(AUTOSELECT_VARIANT)
-              and m.budget_label == oracle.budget_label and m.position_policy == oracle.position_policy
-              and "per_example" in got.get(m.label, {})]
+    rivals = [m for m in methods if is_baseline(m.base) and m.budget_label == oracle.budget_label
+              and m.position_policy == oracle.position_policy and "per_example" in got.get(m.label, {})]
     if not rivals or "per_example" not in got[oracle.label]:
         return None
     best = max(rivals, key=lambda m: float(got[m.label]["score"]))
@@ -241,8 +246,7 @@ def version_tags(report: dict[str, Any]) -> dict[str, str]:
         raise ValueError("the report has no AutoSelect results to tag")
     if any(name.endswith("]") for name in results):
         raise ValueError("the report ran two position policies; tag one (--position-policy repack|original)")
-    # the oracle and the scorer's other decodes (autoselect-dpp, ...) are no baselines
-    baselines = [name for name in results if name not in (AUTOSELECT, FULL, ORACLE) and not name.startswith(AUTOSELECT_VARIANT)]
+    baselines = [name for name in results if is_baseline(name)]
     numbers: dict[str, float | None] = {}
     overall: dict[str, list[float]] = {}
     for budget in report["budgets"]:
