@@ -23,9 +23,18 @@ from safetensors.torch import load_file, save_file
 
 ADAPTER_FILE = "lm_lora.safetensors"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+TARGET_GROUPS = {"attention": DEFAULT_TARGETS, "mlp": ("gate_proj", "up_proj", "down_proj")}  # a Llama layer's linears
 IDENTITY_KEY = "mini_llava"  # metadata key of the backbone identity, in the projector file too
 SETTINGS_KEY = "lora"
 _A, _B = ".lora_A.weight", ".lora_B.weight"
+
+
+def canonical_targets(targets) -> tuple[str, ...]:
+    """Each target once, in a layer's order (attention, then MLP, then any other name sorted), so
+    settings compare equal however the targets were listed."""
+    known = [name for group in TARGET_GROUPS.values() for name in group]
+    names = set(targets)
+    return tuple(n for n in known if n in names) + tuple(sorted(names - set(known)))
 
 
 @dataclass(frozen=True)
@@ -38,7 +47,7 @@ class LoraSettings:
         if self.rank <= 0:
             raise ValueError(f"LoRA rank must be positive, got {self.rank}")
         object.__setattr__(self, "alpha", float(2 * self.rank if self.alpha is None else self.alpha))
-        object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "targets", canonical_targets(self.targets))
 
     @property
     def scale(self) -> float:
@@ -145,6 +154,7 @@ __all__ = [
     "DEFAULT_TARGETS",
     "IDENTITY_KEY",
     "LoraSettings",
+    "TARGET_GROUPS",
     "check_identity",
     "language_model",
     "lora_file",

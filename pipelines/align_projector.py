@@ -13,7 +13,7 @@ Writes OUT_DIR/projector.safetensors (projector weights, float32) and OUT_DIR/me
 exact command, settings, loss curve, timings, held-out accuracies); --out-model DIR also writes
 a full model folder (LlavaForConditionalGeneration / AutoProcessor .from_pretrained).
 
---lora-rank R (8 is a good start) also trains a LoRA on the LM's attention, jointly with the
+--lora-rank R (8 is a good start) also trains a LoRA on the LM's attention (--lora-targets for more), jointly with the
 projector (pipelines/align/lora.py, PEFT; --lora-lr for its own, usually smaller, peak LR): the
 projector alone cannot learn to read a small object in a scene (docs/scenes.md). The adapter is
 written to OUT_DIR/lm_lora.safetensors (with the projector's backbone identity check) and merged
@@ -101,12 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--init-projector", type=Path, default=None,
         help="continue from this projector.safetensors (e.g. a committed one) instead of a fresh projector")
     add("--lora-rank", type=int, default=d.lora_rank,
-        help="also train a LoRA of this rank on the LM's attention (q/k/v/o_proj), e.g. 8; 0: projector only (default: %(default)s)")
+        help="also train a LoRA of this rank on the LM's attention (q/k/v/o_proj; --lora-targets for more), e.g. 8; 0: projector only (default: %(default)s)")
     add("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA alpha, the update is scaled by alpha / rank (default: 2 x rank)")
     add("--lora-lr", type=float, default=d.lora_lr, help="peak learning rate of the LoRA weights (default: --lr)")
+    add("--lora-targets", type=parse_targets, default=None,
+        help="comma-separated linears of each LM layer to adapt, by name (q_proj, ..., down_proj) or group "
+        "(attention = q/k/v/o_proj, mlp = gate/up/down_proj) (default: attention, or --init-lora's)")
     add("--init-lora", type=Path, default=None,
-        help="continue from this LoRA adapter (lm_lora.safetensors, or the run folder holding it); "
-        "its rank and alpha apply unless --lora-rank / --lora-alpha say otherwise, which is an error")
+        help="continue from this LoRA adapter (lm_lora.safetensors, or the run folder holding it); its rank, "
+        "alpha and targets apply, or, with a higher --lora-rank and/or more --lora-targets, it is widened: "
+        "the new adapter starts as the saved one (a smaller rank, fewer targets or another alpha at its rank is an error)")
     add("--token-drop", type=float, default=0.0,
         help="share of training examples that see only a subset of their visual tokens (default: %(default)s, off)")
     add("--token-keep", type=parse_range, default=(TokenDrop.keep_min, TokenDrop.keep_max),
@@ -135,21 +139,41 @@ def _made_by(projector: Path) -> dict | None:
     return {k: run.get(k) for k in ("command", "git_commit", "init_projector", "init_lora")}
 
 
+def parse_targets(text: str) -> tuple[str, ...]:
+    """``attention,mlp`` or linear names -> the LM linears to adapt, each once, in layer order."""
+    from minillava.lora import TARGET_GROUPS, canonical_targets
+
+    names = [n for part in text.split(",") if part.strip() for n in TARGET_GROUPS.get(part.strip(), (part.strip(),))]
+    known = [n for group in TARGET_GROUPS.values() for n in group]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown LoRA target(s) {unknown or text!r}: use {', '.join(TARGET_GROUPS)} or {', '.join(known)}")
+    return canonical_targets(names)
+
+
 def lora_settings(args: argparse.Namespace) -> dict:
-    """TrainConfig's LoRA fields: from the flags, or from --init-lora's adapter."""
+    """TrainConfig's LoRA fields: from the flags, or from --init-lora's adapter (widened when the
+    flags ask for a higher rank or more targets)."""
+    targets = {"lora_targets": args.lora_targets} if args.lora_targets else {}
     if args.init_lora is None:
         if args.lora_rank < 0:
             raise SystemExit(f"--lora-rank must be >= 0, got {args.lora_rank}")
-        if args.lora_rank == 0 and (args.lora_alpha is not None or args.lora_lr is not None):
-            raise SystemExit("--lora-alpha / --lora-lr need --lora-rank R > 0 (or --init-lora)")
-        return {"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_lr": args.lora_lr}
-    from minillava.lora import read_lora
+        if args.lora_rank == 0 and (args.lora_alpha is not None or args.lora_lr is not None or targets):
+            raise SystemExit("--lora-alpha / --lora-lr / --lora-targets need --lora-rank R > 0 (or --init-lora)")
+        return {"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_lr": args.lora_lr, **targets}
+    from minillava.lora import LoraSettings, read_lora
+    from pipelines.align.lora import check_widening
 
     _, saved = read_lora(args.init_lora)
-    if args.lora_rank not in (0, saved.rank) or args.lora_alpha not in (None, saved.alpha):
-        raise SystemExit(f"--init-lora {args.init_lora} has rank {saved.rank}, alpha {saved.alpha}; "
-                         f"--lora-rank {args.lora_rank} / --lora-alpha {args.lora_alpha} disagree")
-    return {"lora_rank": saved.rank, "lora_alpha": saved.alpha, "lora_lr": args.lora_lr, "lora_targets": saved.targets}
+    rank = args.lora_rank or saved.rank
+    widened = rank != saved.rank or set(targets.get("lora_targets", saved.targets)) != set(saved.targets)
+    alpha = args.lora_alpha if args.lora_alpha is not None else (None if widened else saved.alpha)
+    wanted = LoraSettings(rank, alpha, targets.get("lora_targets", saved.targets))
+    try:
+        check_widening(saved, wanted, args.init_lora)
+    except ValueError as err:
+        raise SystemExit(f"--init-lora: {err}") from None
+    return {"lora_rank": wanted.rank, "lora_alpha": wanted.alpha, "lora_lr": args.lora_lr, "lora_targets": wanted.targets}
 
 
 def load_vlm(path: Path) -> LlavaForConditionalGeneration:
@@ -214,13 +238,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  continuing from {args.init_projector}")
     init_lora = None
     if args.init_lora is not None:
-        from minillava.lora import lora_file
+        from minillava.lora import LoraSettings, lora_file, read_lora
         from pipelines.align.lora import load_lora
 
         init_path = lora_file(args.init_lora)
-        load_lora(vlm, init_path, identity)
+        wanted = LoraSettings(lora["lora_rank"], lora["lora_alpha"], lora["lora_targets"])
+        saved = read_lora(init_path)[1]
+        load_lora(vlm, init_path, identity, widen_to=wanted)
         init_lora = {"path": str(init_path), "sha256": file_sha256(init_path), "made_by": _made_by(init_path)}
-        print(f"  continuing the LM's LoRA from {init_path}")
+        if wanted != saved:
+            init_lora["widened_from"] = {"rank": saved.rank, "alpha": saved.alpha, "targets": list(saved.targets)}
+        print(f"  continuing the LM's LoRA from {init_path}" + (f", widened from {saved} to {wanted}" if wanted != saved else ""))
 
     initial = None
     if args.eval_initial:

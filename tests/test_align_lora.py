@@ -267,8 +267,39 @@ def test_cli_lora_flags(tmp_path):
     add_lora(vlm, LoraSettings(2, 3.0))
     save_lora(vlm, tmp_path / ADAPTER_FILE, IDENTITY)
     assert lora_settings(parse(["--init-lora", str(tmp_path)]))["lora_rank"] == 2
+    assert lora_settings(parse(["--init-lora", str(tmp_path)]))["lora_alpha"] == 3.0
+    widened = lora_settings(parse(["--init-lora", str(tmp_path), "--lora-rank", "8", "--lora-targets", "attention,mlp"]))
+    assert widened == {"lora_rank": 8, "lora_alpha": 16.0, "lora_lr": None, "lora_targets": DEFAULT_TARGETS + ("gate_proj", "up_proj", "down_proj")}
+    for narrower in (["--lora-rank", "1"], ["--lora-targets", "q_proj,v_proj"], ["--lora-alpha", "4"]):
+        with pytest.raises(SystemExit, match="--init-lora"):  # a smaller rank, a lost target, another alpha at its rank
+            lora_settings(parse(["--init-lora", str(tmp_path), *narrower]))
+    assert parse(["--lora-targets", "down_proj,attention"]).lora_targets == DEFAULT_TARGETS + ("down_proj",)
     with pytest.raises(SystemExit):
-        lora_settings(parse(["--init-lora", str(tmp_path), "--lora-rank", "8"]))
+        parse(["--lora-targets", "lm_head"])
+    with pytest.raises(SystemExit):
+        lora_settings(parse(["--lora-targets", "mlp"]))  # no rank
+
+
+def test_a_widened_adapter_starts_as_the_saved_one_and_its_new_rank_learns(data, tmp_path):
+    """--init-lora with a higher rank / more targets: the same logits before training, then every
+    new weight trains (the new B columns and new targets start at zero, the new A rows at random)."""
+    vlm, _, _ = trained(data, replace(CONFIG, lora_rank=2, lora_alpha=3.0))
+    adapter = save_lora(vlm, tmp_path / ADAPTER_FILE, IDENTITY)
+    expected = logits(vlm, data["probe"])
+    wider = LoraSettings(4, None, DEFAULT_TARGETS + ("gate_proj", "up_proj", "down_proj"))
+    widened = build_tiny_llava(seed=0)[0]
+    load_projector(widened, save_projector(vlm, tmp_path / "projector.safetensors", IDENTITY), IDENTITY)
+    load_lora(widened, adapter, IDENTITY, widen_to=wider)
+    assert attached_settings(widened) == wider
+    assert torch.allclose(logits(widened, data["probe"]), expected, atol=1e-5)
+    start = lora_state(widened)
+    assert any("mlp.up_proj.lora_B" in k for k in start) and all(not v.any() for k, v in start.items() if "mlp" in k and "lora_B" in k)
+    train_projector(widened, data["encoded"], replace(CONFIG, steps=2, lora_rank=4, lora_targets=wider.targets), data["pad"])
+    moved = {k for k, v in lora_state(widened).items() if not torch.equal(v, start[k])}
+    assert any("mlp.down_proj.lora_B" in k for k in moved) and any("self_attn.q_proj.lora_B" in k for k in moved)
+    for narrower in (LoraSettings(1, 2.0), LoraSettings(4, None, ("q_proj",))):
+        with pytest.raises(ValueError, match="cannot continue as rank"):
+            load_lora(build_tiny_llava(seed=0)[0], adapter, IDENTITY, widen_to=narrower)
 
 
 def test_freezing_in_bf16_keeps_the_projectors_exact_float32_weights():

@@ -23,7 +23,7 @@ import torch
 from peft import LoraConfig, LoraModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from minillava.lora import DEFAULT_TARGETS, LoraSettings, check_identity, language_model, lora_file, read_lora, write_lora
+from minillava.lora import LoraSettings, check_identity, language_model, lora_file, read_lora, write_lora
 
 ADAPTER = "default"  # PEFT's adapter name; one adapter at a time
 _PREFIX = "lora_"  # PEFT's parameter-name prefix for LoRA weights
@@ -42,9 +42,7 @@ def attached_settings(vlm) -> LoraSettings | None:
     config = getattr(language_model(vlm), "peft_config", {}).get(ADAPTER)
     if config is None:
         return None
-    targets = set(config.target_modules)
-    ordered = tuple(t for t in DEFAULT_TARGETS if t in targets) + tuple(sorted(targets - set(DEFAULT_TARGETS)))
-    return LoraSettings(config.r, config.lora_alpha, ordered)
+    return LoraSettings(config.r, config.lora_alpha, tuple(config.target_modules))  # LoraSettings orders them
 
 
 def _attach(vlm, settings: LoraSettings) -> LoraModel:
@@ -72,8 +70,8 @@ def lora_parameters(vlm) -> list[torch.nn.Parameter]:
 
 
 def add_lora(vlm, settings: LoraSettings) -> list[torch.nn.Parameter]:
-    """Inject a fresh LoRA (B = 0, so the VLM computes what it did) into the LM's attention;
-    returns its float32 trainable parameters."""
+    """Inject a fresh LoRA (B = 0, so the VLM computes what it did) into the LM's target linears
+    (``settings.targets``); returns its float32 trainable parameters."""
     _attach(vlm, settings)
     return lora_parameters(vlm)
 
@@ -87,15 +85,53 @@ def save_lora(vlm, path: str | Path, identity: dict[str, Any], extra: dict[str, 
     return write_lora(get_peft_model_state_dict(language_model(vlm), adapter_name=ADAPTER), path, identity, settings, extra)
 
 
-def load_lora(vlm, path: str | Path, identity: dict[str, Any] | None = None) -> list[torch.nn.Parameter]:
+def check_widening(saved: LoraSettings, wider: LoraSettings, path: str | Path = "the adapter") -> None:
+    """``wider`` must hold ``saved``: no smaller rank, every saved target kept (a widened adapter
+    starts as the saved one, so nothing it learned may be cut away)."""
+    lost = [t for t in saved.targets if t not in wider.targets]
+    if wider.rank < saved.rank or lost:
+        raise ValueError(f"{path} has rank {saved.rank} on {list(saved.targets)}: it cannot continue as rank {wider.rank} "
+                         f"on {list(wider.targets)} (a wider adapter must keep its rank and targets{'; lost ' + str(lost) if lost else ''})")
+    if wider.rank == saved.rank and set(wider.targets) == set(saved.targets) and wider.alpha != saved.alpha:
+        raise ValueError(f"{path} has alpha {saved.alpha}; continuing it unwidened with alpha {wider.alpha} would change its update")
+
+
+def widened_state(saved_state: dict[str, torch.Tensor], saved: LoraSettings, fresh_state: dict[str, torch.Tensor],
+                  wider: LoraSettings) -> dict[str, torch.Tensor]:
+    """The saved adapter written into a wider one's freshly initialised weights: the saved A
+    fills the first rows of each A, the saved B (times old / new scale) the first columns of
+    each B; every new B column, and every new target's B, is PEFT's zero, so the widened adapter
+    computes exactly the saved update and the new rank starts learning from there."""
+    state = {key: value.clone() for key, value in fresh_state.items()}
+    for key, value in saved_state.items():
+        if key not in state:
+            raise ValueError(f"the wider adapter has no weight {key}")
+        if key.endswith("lora_A.weight"):
+            state[key][: saved.rank] = value
+        else:
+            state[key][:, : saved.rank] = value * (saved.scale / wider.scale)
+    return state
+
+
+def load_lora(vlm, path: str | Path, identity: dict[str, Any] | None = None,
+              widen_to: LoraSettings | None = None) -> list[torch.nn.Parameter]:
     """Attach a saved adapter (unmerged, e.g. to continue training); with ``identity``, first
-    check it was trained against the same backbone. Returns its float32 parameters. To use an
-    adapter rather than train it, merge it: ``minillava.lora.merge_lora``."""
+    check it was trained against the same backbone. With ``widen_to`` (a higher rank, more
+    targets), attach that adapter instead, starting as the saved one (``widened_state``): more
+    capacity for a backbone that underfits, without losing what the adapter learned. Returns its
+    float32 parameters. To use an adapter rather than train it, merge it: ``minillava.lora.merge_lora``."""
     path = lora_file(path)
-    trained_on, settings = read_lora(path)
+    trained_on, saved = read_lora(path)
     check_identity(path, trained_on, identity)
+    state = load_file(str(path))
+    settings = saved if widen_to is None else widen_to
+    if settings != saved:
+        check_widening(saved, settings, path)
     _attach(vlm, settings)
-    result = set_peft_model_state_dict(language_model(vlm), load_file(str(path)), adapter_name=ADAPTER)
+    if settings != saved:
+        fresh = get_peft_model_state_dict(language_model(vlm), adapter_name=ADAPTER)
+        state = widened_state(state, saved, fresh, settings)
+    result = set_peft_model_state_dict(language_model(vlm), state, adapter_name=ADAPTER)
     missing = [k for k in result.missing_keys if _PREFIX in k]
     if missing or result.unexpected_keys:
         raise ValueError(f"{path} does not fit the language model: missing {missing}, unexpected {result.unexpected_keys}")
@@ -105,9 +141,11 @@ def load_lora(vlm, path: str | Path, identity: dict[str, Any] | None = None) -> 
 __all__ = [
     "add_lora",
     "attached_settings",
+    "check_widening",
     "has_lora",
     "load_lora",
     "lora_parameters",
     "peft_config",
     "save_lora",
+    "widened_state",
 ]
