@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 ADAPTER_FILE = "lm_lora.safetensors"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 TARGET_GROUPS = {"attention": DEFAULT_TARGETS, "mlp": ("gate_proj", "up_proj", "down_proj")}  # a Llama layer's linears
+KNOWN_TARGETS = tuple(name for group in TARGET_GROUPS.values() for name in group)  # in a layer's order
 IDENTITY_KEY = "mini_llava"  # metadata key of the backbone identity, in the projector file too
 SETTINGS_KEY = "lora"
 _A, _B = ".lora_A.weight", ".lora_B.weight"
@@ -32,9 +33,8 @@ _A, _B = ".lora_A.weight", ".lora_B.weight"
 def canonical_targets(targets) -> tuple[str, ...]:
     """Each target once, in a layer's order (attention, then MLP, then any other name sorted), so
     settings compare equal however the targets were listed."""
-    known = [name for group in TARGET_GROUPS.values() for name in group]
     names = set(targets)
-    return tuple(n for n in known if n in names) + tuple(sorted(names - set(known)))
+    return tuple(n for n in KNOWN_TARGETS if n in names) + tuple(sorted(names - set(KNOWN_TARGETS)))
 
 
 @dataclass(frozen=True)
@@ -153,8 +153,10 @@ __all__ = [
     "ADAPTER_FILE",
     "DEFAULT_TARGETS",
     "IDENTITY_KEY",
+    "KNOWN_TARGETS",
     "LoraSettings",
     "TARGET_GROUPS",
+    "canonical_targets",
     "check_identity",
     "language_model",
     "lora_file",

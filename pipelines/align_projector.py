@@ -141,13 +141,12 @@ def _made_by(projector: Path) -> dict | None:
 
 def parse_targets(text: str) -> tuple[str, ...]:
     """``attention,mlp`` or linear names -> the LM linears to adapt, each once, in layer order."""
-    from minillava.lora import TARGET_GROUPS, canonical_targets
+    from minillava.lora import KNOWN_TARGETS, TARGET_GROUPS, canonical_targets
 
     names = [n for part in text.split(",") if part.strip() for n in TARGET_GROUPS.get(part.strip(), (part.strip(),))]
-    known = [n for group in TARGET_GROUPS.values() for n in group]
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if n not in KNOWN_TARGETS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown LoRA target(s) {unknown or text!r}: use {', '.join(TARGET_GROUPS)} or {', '.join(known)}")
+        raise argparse.ArgumentTypeError(f"unknown LoRA target(s) {unknown or text!r}: use {', '.join(TARGET_GROUPS)} or {', '.join(KNOWN_TARGETS)}")
     return canonical_targets(names)
 
 
