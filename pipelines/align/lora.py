@@ -2,8 +2,9 @@
 
 Projector-only alignment cannot learn to read a small object in a scene (docs/scenes.md): the
 frozen LM has no capacity to look for it. Here PEFT injects LoRA layers, in place, into the
-attention projections of ``vlm.model.language_model`` only (the vision tower has ``q_proj`` &c.
-too and stays untouched), so the VLM's forward is unchanged. The base weights stay frozen in the
+attention projections (by default; the MLP's too with more targets) of ``vlm.model.language_model``
+only (the vision tower has ``q_proj`` &c. too and stays untouched), so the VLM's forward is
+unchanged; a saved adapter can continue wider (``load_lora(widen_to=...)``). The base weights stay frozen in the
 compute dtype; the adapters train in float32.
 
 The artifact is the adapter's weights (``lm_lora.safetensors``, next to ``projector.safetensors``)

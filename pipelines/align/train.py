@@ -5,7 +5,7 @@ master weights and AdamW state. Batches are left-padded so every answer ends the
 LM head then runs only on the tail that holds answers (``logits_to_keep``) instead of on all
 ~300 positions x 49k vocabulary.
 
-With ``lora_rank > 0`` a LoRA on the LM's attention (``pipelines/align/lora.py``, PEFT) trains
+With ``lora_rank > 0`` a LoRA on the LM's attention, or ``lora_targets`` (``pipelines/align/lora.py``, PEFT) trains
 jointly with the projector, in its own AdamW group (``lora_lr``); the base LM stays frozen.
 With ``token_drop.prob > 0`` that share of examples sees a subset of its visual tokens
 (``pipelines/align/token_drop.py``).
@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from autoselect.backbones import get_adapter
 from minillava.aligned import projector_module
+from minillava.lora import DEFAULT_TARGETS
 from autoselect.data import collate
 from autoselect.placeholders import IGNORE_INDEX
 from autoselect.training import cosine_schedule
@@ -46,7 +47,7 @@ class TrainConfig:
     lora_rank: int = 0  # > 0: also train a LoRA of this rank on the LM's attention (8 is a good start); 0: projector only
     lora_alpha: float | None = None  # LoRA scale alpha / rank; None: 2 x rank (16 for rank 8)
     lora_lr: float | None = None  # peak LR of the LoRA group (same schedule); None: ``lr``
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # linears of the LM's layers to adapt
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # linears of the LM's layers to adapt (attention; + MLP: minillava.lora.TARGET_GROUPS)
     token_drop: TokenDrop = field(default_factory=TokenDrop)  # examples that see only some visual tokens
 
 
