@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="scene backgrounds: crops of packaged photos or plain flat colours (default: %(default)s)")
     add("--scenes-caption", choices=("places", "names"), default=d.scenes_caption,
         help="scene captions: every item with its place and the background, or only the items' names (default: %(default)s)")
+    add("--scenes-drawings", default=",".join(map(str, d.scenes_drawings)),
+        help="drawings beside the garment in each scene, LOW,HIGH (or one number) (default: %(default)s)")
     add("--sources", default=",".join(d.sources), help=f"comma-separated subset of {','.join(SOURCES)} (default: all)")
     add("--fmnist-dir", default=d.fmnist_dir, help="Fashion-MNIST idx files (default: %(default)s)")
     add("--clipart-dir", default=d.clipart_dir, help="folder holding png/ and svg/ (default: %(default)s)")
@@ -67,6 +69,15 @@ def fractions(text: str) -> tuple[float, float]:
         low, high = (float(p) for p in parts)
     except ValueError:
         raise SystemExit(f"--scenes-garment-side wants LOW,HIGH fractions such as 0.25,0.5, got {text!r}") from None
+    return low, high
+
+
+def counts(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    try:
+        low, high = (int(p) for p in (parts * 2 if len(parts) == 1 else parts))
+    except ValueError:
+        raise SystemExit(f"--scenes-drawings wants LOW,HIGH whole numbers such as 0,2 (or one number), got {text!r}") from None
     return low, high
 
 
@@ -87,6 +98,7 @@ def settings_from_args(args: argparse.Namespace) -> ExportSettings:
         scenes_garment_side=fractions(args.scenes_garment_side),
         scenes_background=args.scenes_background,
         scenes_caption=args.scenes_caption,
+        scenes_drawings=counts(args.scenes_drawings),
         sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()),
         fmnist_dir=args.fmnist_dir,
         clipart_dir=args.clipart_dir,

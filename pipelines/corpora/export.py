@@ -53,6 +53,7 @@ class ExportSettings:
     scenes_garment_side: tuple[float, float] = scenes.Style.garment_side  # of the image side
     scenes_background: str = scenes.Style.background  # "photo" or "plain"
     scenes_caption: str = scenes.Style.caption  # "places" or "names"
+    scenes_drawings: tuple[int, int] = scenes.Style.drawings  # drawings per scene, LOW-HIGH
     sources: tuple[str, ...] = SOURCES
     fmnist_dir: str = str(fashion_mnist.DEFAULT_DIR)
     clipart_dir: str = str(openclipart.DEFAULT_ROOT)
@@ -64,10 +65,10 @@ class ExportSettings:
         for name in ("image_size", "fmnist_train", "fmnist_heldout", "clipart_train", "clipart_heldout", "photos_heldout", "scenes_train", "scenes_heldout"):
             if getattr(self, name) < 0 or (name == "image_size" and self.image_size < 14):
                 raise ValueError(f"{name} must be a non-negative size (image_size >= 14), got {getattr(self, name)}")
-        self.scene_style()  # refuses a bad garment side, background or caption by name
+        self.scene_style()  # refuses a bad garment side, background, caption or drawing count by name
 
     def scene_style(self) -> scenes.Style:
-        return scenes.Style(tuple(self.scenes_garment_side), self.scenes_background, self.scenes_caption)
+        return scenes.Style(tuple(self.scenes_garment_side), self.scenes_background, self.scenes_caption, tuple(self.scenes_drawings))
 
     def key(self) -> dict[str, Any]:
         return asdict(self)

@@ -3,8 +3,8 @@ a question sits in one region of the image and which visual tokens are kept deci
 
 Each scene is a random crop of a packaged photo (``photos.py``) resized to ``image_size`` (or a
 plain flat colour, ``Style.background``), with exactly one Fashion-MNIST garment and 0-2 Open Clip
-Art drawings, each a square of side 1/4 to 1/2 of the image (the garment's range is
-``Style.garment_side``). The garment is pasted as the Fashion-MNIST corpus shows it (the grey item on
+Art drawings (``Style.drawings``), each a square of side 1/4 to 1/2 of the image (the garment's
+range is ``Style.garment_side``). The garment is pasted as the Fashion-MNIST corpus shows it (the grey item on
 its own black square, upscaled): the pixels the projector was aligned on, with a square that
 stands out from the photo and a box that is exactly where the answer is (an intensity mask would
 let a bright photo swallow a light garment). Drawings are pasted on their white square.
@@ -63,13 +63,16 @@ def overlaps(a: Box, b: Box) -> bool:
 @dataclass(frozen=True)
 class Style:
     """How a scene looks: the garment's side as a fraction of the image side (drawings keep
-    1/4-1/2), and the background: a crop of a packaged ``photo`` or a ``plain`` flat colour; and
-    what its caption says: every item with its ``places`` and the background, or only the items'
-    ``names`` (the images do not change with it)."""
+    1/4-1/2), and the background: a crop of a packaged ``photo`` or a ``plain`` flat colour; how
+    many drawings stand beside the garment (drawn uniformly from ``drawings``, LOW and HIGH
+    included: fixing it, e.g. ``(2, 2)``, makes every scene hold distractors); and what its caption
+    says: every item with its ``places`` and the background, or only the items' ``names`` (the
+    images do not change with it)."""
 
     garment_side: tuple[float, float] = (0.25, 0.5)
     background: str = "photo"
     caption: str = "places"
+    drawings: tuple[int, int] = (0, MAX_ITEMS - 1)
 
     def __post_init__(self) -> None:
         low, high = self.garment_side
@@ -79,6 +82,9 @@ class Style:
             raise ValueError(f"unknown scene background {self.background!r}; choose from {', '.join(BACKGROUNDS)}")
         if self.caption not in CAPTIONS:
             raise ValueError(f"unknown scene caption {self.caption!r}; choose from {', '.join(CAPTIONS)}")
+        low, high = self.drawings
+        if not 0 <= low <= high <= MAX_ITEMS - 1:
+            raise ValueError(f"drawings per scene must be whole numbers 0 <= low <= high <= {MAX_ITEMS - 1}, got {self.drawings}")
 
 
 def side_range(fractions: tuple[float, float], size: int) -> tuple[int, int]:
@@ -167,7 +173,7 @@ def item_entry(kind: str, label: str, source: str, box: Box, size: int) -> dict:
 def compose(
     rng: random.Random, garment: fashion_mnist.Item, pool: Pool, size: int, style: Style = Style()
 ) -> tuple[Image.Image, list[dict], photos.Photo | None, Box | list[int]]:
-    """One scene around ``garment``: a background, the garment and 0-2 drawings from ``pool``;
+    """One scene around ``garment``: a background, the garment and ``style.drawings`` drawings from ``pool``;
     the image, its items (the garment first), the photo (None on a plain background) and the
     crop box (the flat colour on a plain background)."""
     if style.background == "photo":
@@ -176,7 +182,7 @@ def compose(
     else:
         photo, crop = None, [rng.randint(40, 215) for _ in range(3)]
         image = Image.new("RGB", (size, size), tuple(crop))
-    clips = rng.sample(pool.clips, min(rng.randint(0, MAX_ITEMS - 1), len(pool.clips)))
+    clips = rng.sample(pool.clips, min(rng.randint(*style.drawings), len(pool.clips)))
     boxes = layout(rng, [side_range(style.garment_side, size)] + [side_range(DRAWING_SIDE, size)] * len(clips), size)
     image.paste(gray_to_rgb(garment.pixels, boxes[0][2] - boxes[0][0]), boxes[0][:2])
     items = [item_entry("garment", garment.label, garment.id, boxes[0], size)]
