@@ -69,6 +69,23 @@ def test_scene_style_refuses_what_cannot_be_drawn():
         ExportSettings(scenes_background="sky")
     with pytest.raises(ValueError, match="unknown scene caption 'poem'"):
         ExportSettings(scenes_caption="poem")
+    for drawings in ((0, 3), (2, 1), (-1, 1)):
+        with pytest.raises(ValueError, match=r"drawings per scene must be whole numbers 0 <= low <= high <= 2"):
+            ExportSettings(scenes_drawings=drawings)
+
+
+def test_a_fixed_drawing_count_puts_that_many_drawings_in_every_scene(pools, tmp_path):
+    by_count = {n: scenes.export(tmp_path / str(n), {"heldout": pools["heldout"]}, SIZE, SMALL.seed,
+                                 scenes.Style(background="plain", drawings=(n, n)))["heldout"]
+                for n in (0, 2)}
+    for n, records in by_count.items():
+        garments = of_task(records)
+        assert len(garments) == SMALL.scenes_heldout
+        assert all(len(r["items"]) == n + 1 and [i["kind"] for i in r["items"]] == ["garment"] + ["clipart"] * n for r in garments)
+        assert all(r["boxes"] == [r["items"][0]["box_fraction"]] for r in garments)  # the oracle's box is still the garment's
+    # the same garments, in the same order (so the same val / test halves), only the scenes around them change
+    assert [r["label"] for r in of_task(by_count[0])] == [r["label"] for r in of_task(by_count[2])]
+    assert [r["items"][0]["source"] for r in of_task(by_count[0])] == [r["items"][0]["source"] for r in of_task(by_count[2])]
 
 
 def test_names_captions_change_only_the_caption_text(pools, tmp_path):
@@ -192,3 +209,17 @@ def test_cli_export_matches_and_the_task_loads_with_boxes_and_disjoint_halves(ex
         assert images[half] == {by_id[e.id]["image"] for e in garments.examples}
     assert images["val"] and images["test"] and not images["val"] & images["test"]
 
+
+
+def test_cli_reads_the_drawing_count_and_names_a_bad_one():
+    from pipelines.packaged_corpora import build_parser, settings_from_args
+
+    def drawings(*argv: str) -> tuple[int, int]:
+        return settings_from_args(build_parser().parse_args(["--out", "unused", *argv])).scenes_drawings
+
+    assert drawings() == scenes.Style.drawings == (0, 2)
+    assert drawings("--scenes-drawings", "2") == (2, 2)
+    assert drawings("--scenes-drawings", "1,2") == (1, 2)
+    for bad in ("two", "0,1,2", "0.5,1"):
+        with pytest.raises(SystemExit, match=f"--scenes-drawings wants LOW,HIGH whole numbers.*{bad!r}"):
+            drawings("--scenes-drawings", bad)
