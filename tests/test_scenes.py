@@ -210,7 +210,6 @@ def test_cli_export_matches_and_the_task_loads_with_boxes_and_disjoint_halves(ex
     assert images["val"] and images["test"] and not images["val"] & images["test"]
 
 
-
 def test_cli_reads_the_drawing_count_and_names_a_bad_one():
     from pipelines.packaged_corpora import build_parser, settings_from_args
 
