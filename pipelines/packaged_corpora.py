@@ -26,6 +26,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from pipelines.corpora import DEFAULT_OUT, ExportSettings, MissingPackageError, export_corpora, read_manifest
 from pipelines.corpora.export import SOURCES
@@ -63,21 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def fractions(text: str) -> tuple[float, float]:
-    parts = text.split(",")
-    try:
-        low, high = (float(p) for p in parts)
-    except ValueError:
-        raise SystemExit(f"--scenes-garment-side wants LOW,HIGH fractions such as 0.25,0.5, got {text!r}") from None
-    return low, high
+T = TypeVar("T")
 
 
-def counts(text: str) -> tuple[int, int]:
+def low_high(text: str, convert: Callable[[str], T], flag: str, wants: str, one_means_both: bool = False) -> tuple[T, T]:
+    """A LOW,HIGH flag value (or, with ``one_means_both``, one number for both), refused by name."""
     parts = text.split(",")
     try:
-        low, high = (int(p) for p in (parts * 2 if len(parts) == 1 else parts))
+        low, high = (convert(p) for p in (parts * 2 if one_means_both and len(parts) == 1 else parts))
     except ValueError:
-        raise SystemExit(f"--scenes-drawings wants LOW,HIGH whole numbers such as 0,2 (or one number), got {text!r}") from None
+        raise SystemExit(f"{flag} wants LOW,HIGH {wants}, got {text!r}") from None
     return low, high
 
 
@@ -95,10 +91,10 @@ def settings_from_args(args: argparse.Namespace) -> ExportSettings:
         photos_heldout=args.photos_heldout,
         scenes_train=args.scenes_train,
         scenes_heldout=args.scenes_heldout,
-        scenes_garment_side=fractions(args.scenes_garment_side),
+        scenes_garment_side=low_high(args.scenes_garment_side, float, "--scenes-garment-side", "fractions such as 0.25,0.5"),
         scenes_background=args.scenes_background,
         scenes_caption=args.scenes_caption,
-        scenes_drawings=counts(args.scenes_drawings),
+        scenes_drawings=low_high(args.scenes_drawings, int, "--scenes-drawings", "whole numbers such as 0,2 (or one number)", one_means_both=True),
         sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()),
         fmnist_dir=args.fmnist_dir,
         clipart_dir=args.clipart_dir,
