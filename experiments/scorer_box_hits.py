@@ -4,9 +4,11 @@ or elsewhere? (a check that needs the vision tower and the scorer only, no LLM).
 For each scorer folder, on the validation garment scenes `pipelines/evaluate.py --limit` scores (the
 same class-balanced pick, through the evaluation's own task loader):
 the share of the garment box's patches (area share > 0.5) that the scorer keeps at K, under its
-saved decode and under plain top-K, next to random and the uniform lattice at the same K; and the
-AUC of its logits for "patch in the garment box" (0.5: the logits ignore the garment). Validation
-only: it explains val numbers, it chooses nothing.
+saved decode and under plain top-K, next to random and the uniform lattice at the same K; the
+AUC of its logits for "patch in the garment box" (0.5: the logits ignore the garment); and where
+each method's K kept patches lie (on the garment, on its one-patch ring of surroundings, on the
+scene's drawings, elsewhere), the garment oracle's beside them. Validation only: it explains val
+numbers, it chooses nothing.
 
     python experiments/scorer_box_hits.py --model .cache/backbones/mini-llava-plain-g6 \
       --corpora .cache/corpora-plain-g6 --scorer F=artifacts/mini-llava-scenes-drop2/scorer --out hits.json
@@ -15,6 +17,7 @@ only: it explains val numbers, it chooses nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
@@ -26,6 +29,7 @@ from autoselect.config import InferenceOptions
 from autoselect.decode import kept_indices
 from autoselect.model import AutoSelectModel
 from autoselect.pruners.uniform import grid_indices
+from autoselect.selection import topk_indices
 from pipelines.evaluation.oracle import box_scores
 from pipelines.evaluation.scoring import heldout_task
 from pipelines.evaluation.stats import stderr_of_mean
@@ -40,6 +44,25 @@ def auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     greater = (pos[:, None] > neg[None, :]).float().mean()
     ties = (pos[:, None] == neg[None, :]).float().mean()
     return float(greater + 0.5 * ties)
+
+
+def regions(garment: torch.Tensor, drawings: torch.Tensor, side: int) -> dict[str, torch.Tensor]:
+    """``[N]`` masks of the regions a kept patch is counted in, each patch in exactly one: the
+    garment, its ring (patches within one of the garment, not on it), the drawings, elsewhere."""
+    grown = torch.nn.functional.max_pool2d(garment.float().reshape(1, 1, side, side), 3, 1, 1).reshape(-1) > 0
+    ring = grown & ~garment
+    on_drawing = drawings & ~grown
+    return {"garment": garment, "ring": ring, "drawings": on_drawing, "elsewhere": ~(grown | on_drawing)}
+
+
+def drawing_boxes(corpora: Path) -> dict[str, list[list[float]]]:
+    """The val scenes' non-garment item boxes by example id (the task's examples carry the garment's only)."""
+    boxes = {}
+    with open(corpora / "scenes.heldout.jsonl") as lines:
+        for line in lines:
+            record = json.loads(line)
+            boxes[record["id"]] = [item["box_fraction"] for item in record.get("items", []) if item["kind"] != "garment"]
+    return boxes
 
 
 def mean_se(values: list[float]) -> dict[str, float | None]:
@@ -67,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     vlm = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
     processor = AutoProcessor.from_pretrained(args.model)
     examples = heldout_task(vlm, processor, "scenes_garment", args.corpora, args.limit).examples
+    drawings_of = drawing_boxes(args.corpora)
     scorers = {}
     for spec in args.scorer:
         name, _, folder = spec.partition("=")
@@ -77,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     k = args.budget
     generator = torch.Generator().manual_seed(args.seed)
     kept_share: dict[str, list[float]] = {name: [] for name in [*scorers, "random", "uniform"]}
+    kept_where: dict[str, dict[str, list[float]]] = {}
     aucs: dict[str, list[float]] = {name: [] for name in scorers if not name.endswith("-topk")}
     box_patches: list[int] = []
     for start in range(0, len(examples), args.batch_size):
@@ -86,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         n = tokens.shape[1]
         side = math.isqrt(n)
         boxes = torch.stack([box_scores(e.boxes, side, side) > 0.5 for e in batch])
+        drawn = torch.stack([box_scores(drawings_of[e.id], side, side) > 0.5 if drawings_of[e.id] else torch.zeros(n, dtype=torch.bool)
+                             for e in batch])
         box_patches += boxes.sum(1).tolist()
         chosen = {"random": torch.stack([torch.randperm(n, generator=generator)[:k] for _ in batch]),
                   "uniform": grid_indices(k, side, side)[None].expand(len(batch), -1)}
@@ -95,13 +122,19 @@ def main(argv: list[str] | None = None) -> int:
                 chosen[name] = kept_indices(logits, tokens, k, model.config.inference)
                 if name in aucs:
                     aucs[name] += [auc(s.float(), b) for s, b in zip(logits, boxes)]
+        chosen["oracle"] = topk_indices(torch.stack([box_scores(e.boxes, side, side) for e in batch]), k)
         for name, index in chosen.items():
-            hits = torch.gather(boxes, 1, index).sum(1).float()
-            kept_share[name] += (hits / boxes.sum(1).clamp(min=1)).tolist()
+            if name in kept_share:
+                hits = torch.gather(boxes, 1, index).sum(1).float()
+                kept_share[name] += (hits / boxes.sum(1).clamp(min=1)).tolist()
+            for row, (garment, drawing) in enumerate(zip(boxes, drawn)):
+                for region, mask in regions(garment, drawing, side).items():
+                    kept_where.setdefault(name, {}).setdefault(region, []).append(float(mask[index[row]].sum()))
     result = {"model": str(args.model), "dtype": args.dtype, "corpora": str(args.corpora), "split": "val", "k": k, "scenes": len(examples),
               "box_patches": mean_se([float(b) for b in box_patches]),
               "kept_share_of_box": {name: mean_se(v) for name, v in kept_share.items()},
               "logit_auc_box": {name: mean_se(v) for name, v in aucs.items()},
+              "kept_patches_by_region": {name: {region: mean_se(v) for region, v in where.items()} for name, where in kept_where.items()},
               "seconds": round(time.time() - started, 1)}
     print(f"{len(examples)} val garment scenes, K = {k}; the garment box covers {result['box_patches']['mean']:.1f} patches on average")
     print(f"{'method':22s} {'box patches kept':>18s} {'logit AUC (box)':>16s}")
@@ -109,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         a = result["logit_auc_box"].get(name)
         auc_cell = f"{a['mean']:.3f} ± {a['stderr']:.3f}" if a else ""
         print(f"{name:22s} {share['mean']:10.3f} ± {share['stderr']:.3f} {auc_cell:>16s}")
+    print(f"\nwhere the K = {k} kept patches lie (mean patches per scene)")
+    print(f"{'method':22s} " + " ".join(f"{region:>10s}" for region in ("garment", "ring", "drawings", "elsewhere")))
+    for name, where in result["kept_patches_by_region"].items():
+        print(f"{name:22s} " + " ".join(f"{cell['mean']:10.2f}" for cell in where.values()))
     write_result(args.out, result)
     return 0
 

@@ -26,6 +26,19 @@ def test_box_auc_is_the_chance_a_box_patch_outscores_one_outside():
     assert math.isnan(auc(torch.ones(5), torch.zeros(5, dtype=torch.bool)))  # no box patch: undefined, not 0
 
 
+def test_kept_patch_regions_split_the_grid_into_garment_ring_drawings_and_the_rest():
+    regions = load("scorer_box_hits").regions
+    garment = torch.zeros(4, 4, dtype=torch.bool)
+    garment[0, 0] = True
+    drawings = torch.zeros(4, 4, dtype=torch.bool)
+    drawings[:, 1] = True  # a column of drawing that crosses the garment's ring
+    parts = regions(garment.reshape(-1), drawings.reshape(-1), 4)
+    assert list(parts) == ["garment", "ring", "drawings", "elsewhere"]
+    assert sum(mask.long() for mask in parts.values()).eq(1).all()  # every patch in exactly one region
+    assert parts["ring"].reshape(4, 4).nonzero().tolist() == [[0, 1], [1, 0], [1, 1]]  # the ring wins over a drawing
+    assert parts["drawings"].reshape(4, 4).nonzero().tolist() == [[2, 1], [3, 1]]
+
+
 def test_dtype_agreement_counts_shared_kept_tokens_per_image():
     agreement = load("scorer_dtype_agreement").agreement
     a = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
