@@ -48,7 +48,7 @@ def auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
 
 def regions(garment: torch.Tensor, drawings: torch.Tensor, side: int) -> dict[str, torch.Tensor]:
     """``[N]`` masks of the regions a kept patch is counted in, each patch in exactly one: the
-    garment, its ring (patches within one of the garment, not on it), the drawings, elsewhere."""
+    garment, its ring (the patches within one patch of it, diagonals too), the drawings, elsewhere."""
     grown = torch.nn.functional.max_pool2d(garment.float().reshape(1, 1, side, side), 3, 1, 1).reshape(-1) > 0
     ring = grown & ~garment
     on_drawing = drawings & ~grown
@@ -56,7 +56,7 @@ def regions(garment: torch.Tensor, drawings: torch.Tensor, side: int) -> dict[st
 
 
 def drawing_boxes(corpora: Path) -> dict[str, list[list[float]]]:
-    """The val scenes' non-garment item boxes by example id (the task's examples carry the garment's only)."""
+    """The held-out scenes' non-garment item boxes by example id (the task's examples carry the garment's only)."""
     boxes = {}
     with open(corpora / "scenes.heldout.jsonl") as lines:
         for line in lines:
