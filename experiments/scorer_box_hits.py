@@ -17,7 +17,6 @@ numbers, it chooses nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -29,8 +28,8 @@ from autoselect.config import InferenceOptions
 from autoselect.decode import kept_indices
 from autoselect.model import AutoSelectModel
 from autoselect.pruners.uniform import grid_indices
-from autoselect.selection import topk_indices
-from pipelines.evaluation.oracle import box_scores
+from pipelines.corpora import load_records
+from pipelines.evaluation.oracle import OraclePruner, box_scores
 from pipelines.evaluation.scoring import heldout_task
 from pipelines.evaluation.stats import stderr_of_mean
 from results_file import write_result
@@ -55,14 +54,13 @@ def regions(garment: torch.Tensor, drawings: torch.Tensor, side: int) -> dict[st
     return {"garment": garment, "ring": ring, "drawings": on_drawing, "elsewhere": ~(grown | on_drawing)}
 
 
-def drawing_boxes(corpora: Path) -> dict[str, list[list[float]]]:
-    """The held-out scenes' non-garment item boxes by example id (the task's examples carry the garment's only)."""
-    boxes = {}
-    with open(corpora / "scenes.heldout.jsonl") as lines:
-        for line in lines:
-            record = json.loads(line)
-            boxes[record["id"]] = [item["box_fraction"] for item in record.get("items", []) if item["kind"] != "garment"]
-    return boxes
+def region_masks(record: dict, side: int) -> dict[str, torch.Tensor]:
+    """``[side * side]`` bool masks of the patches mostly inside the garment's box / a drawing's box."""
+    def inside(boxes: list) -> torch.Tensor:
+        return box_scores(boxes, side, side) > 0.5 if boxes else torch.zeros(side * side, dtype=torch.bool)
+    items = record["items"]
+    garment = inside([i["box_fraction"] for i in items if i["kind"] == "garment"])
+    return {"garment": garment, "drawings": inside([i["box_fraction"] for i in items if i["kind"] != "garment"]) & ~garment}
 
 
 def mean_se(values: list[float]) -> dict[str, float | None]:
@@ -90,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     vlm = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
     processor = AutoProcessor.from_pretrained(args.model)
     examples = heldout_task(vlm, processor, "scenes_garment", args.corpora, args.limit).examples
-    drawings_of = drawing_boxes(args.corpora)
+    records = {r["id"]: r for r in load_records(args.corpora, "scenes", "heldout")}  # the examples carry the garment's box only
     scorers = {}
     for spec in args.scorer:
         name, _, folder = spec.partition("=")
@@ -99,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         scorers[name + "-topk"] = model.with_inference(InferenceOptions())
     any_model = next(iter(scorers.values()))
     k = args.budget
+    oracle = OraclePruner(vlm, k)
     generator = torch.Generator().manual_seed(args.seed)
     kept_share: dict[str, list[float]] = {name: [] for name in [*scorers, "random", "uniform"]}
     kept_where: dict[str, dict[str, list[float]]] = {}
@@ -111,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         n = tokens.shape[1]
         side = math.isqrt(n)
         boxes = torch.stack([box_scores(e.boxes, side, side) > 0.5 for e in batch])
-        drawn = torch.stack([box_scores(drawings_of[e.id], side, side) > 0.5 if drawings_of[e.id] else torch.zeros(n, dtype=torch.bool)
-                             for e in batch])
         box_patches += boxes.sum(1).tolist()
+        masks = [region_masks(records[e.id], side) for e in batch]
+        parts = [regions(m["garment"], m["drawings"], side) for m in masks]
         chosen = {"random": torch.stack([torch.randperm(n, generator=generator)[:k] for _ in batch]),
                   "uniform": grid_indices(k, side, side)[None].expand(len(batch), -1)}
         with torch.no_grad():
@@ -122,14 +121,15 @@ def main(argv: list[str] | None = None) -> int:
                 chosen[name] = kept_indices(logits, tokens, k, model.config.inference)
                 if name in aucs:
                     aucs[name] += [auc(s.float(), b) for s, b in zip(logits, boxes)]
-        chosen["oracle"] = topk_indices(torch.stack([box_scores(e.boxes, side, side) for e in batch]), k)
+        oracle.prepare(batch)
+        chosen["oracle"] = oracle.choose(tokens, k, {}).indices
         for name, index in chosen.items():
             if name in kept_share:
                 hits = torch.gather(boxes, 1, index).sum(1).float()
                 kept_share[name] += (hits / boxes.sum(1).clamp(min=1)).tolist()
-            for row, (garment, drawing) in enumerate(zip(boxes, drawn)):
-                for region, mask in regions(garment, drawing, side).items():
-                    kept_where.setdefault(name, {}).setdefault(region, []).append(float(mask[index[row]].sum()))
+            for part, kept in zip(parts, index):
+                for region, mask in part.items():
+                    kept_where.setdefault(name, {}).setdefault(region, []).append(float(mask[kept].sum()))
     result = {"model": str(args.model), "dtype": args.dtype, "corpora": str(args.corpora), "split": "val", "k": k, "scenes": len(examples),
               "box_patches": mean_se([float(b) for b in box_patches]),
               "kept_share_of_box": {name: mean_se(v) for name, v in kept_share.items()},

@@ -52,19 +52,10 @@ from pipelines.evaluation.scoring import answer_log_likelihoods
 from pipelines.preprocessing.corpus import conversation_turns
 from pipelines.preprocessing.samples import chat_messages
 from results_file import write_result
-from scorer_box_hits import auc, mean_se
+from scorer_box_hits import auc, mean_se, region_masks
 
 RULES = ("garment first", "items, equal share", "drawings first", "background only", "random", "uniform lattice")
 REGIONS = ("garment", "drawings")
-
-
-def region_masks(record: dict, side: int) -> dict[str, torch.Tensor]:
-    """``[side * side]`` bool masks of the patches mostly inside the garment's box / a drawing's box."""
-    def inside(boxes: list) -> torch.Tensor:
-        return box_scores(boxes, side, side) > 0.5 if boxes else torch.zeros(side * side, dtype=torch.bool)
-    items = record["items"]
-    garment = inside([i["box_fraction"] for i in items if i["kind"] == "garment"])
-    return {"garment": garment, "drawings": inside([i["box_fraction"] for i in items if i["kind"] != "garment"]) & ~garment}
 
 
 def equal_share_order(record: dict, side: int) -> torch.Tensor:
