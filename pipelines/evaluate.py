@@ -283,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             earlier = reuse.load(args.baselines_from)
             reuse.check_settings(earlier, run, settings, [t.name for t in tasks])
+            reuse.check_examples(earlier, {t.name: [e.id for e in t.examples] for t in tasks})
         except reuse.ReuseError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -608,19 +608,28 @@ def test_baselines_from_an_earlier_report_give_the_report_that_running_them_give
     again = run_cli(taught, tmp_path / "reused", "--pruners", "autoselect", "--baselines-from", str(earlier))
     assert {label.split("@")[0] for label in ran} == {FULL, "autoselect"}
     assert set(again["results"]) == set(report["results"]) and "oracle" in again["results"]
-    for key in ("results", "paired", "selection_check", "per_example", "per_example_answer_nll"):
+    for key in ("results", "paired", "selection_check", "per_example", "per_example_answer_nll", "per_example_ids"):
         assert again[key] == report[key], key
+    for task, ids in report["per_example_ids"].items():  # one id per scored example, none twice
+        assert len(ids) == len(set(ids)) == len(report["per_example"][task][FULL])
     assert again["baselines_from"] == str(earlier)
     assert f"come from `{earlier}`" in (tmp_path / "reused" / "report.md").read_text()
 
     changed = json.loads(earlier.read_text())
     changed["per_example"]["markers"][FULL][0] = 1.0 - changed["per_example"]["markers"][FULL][0]
     (tmp_path / "changed.json").write_text(json.dumps(changed))
+    reordered = json.loads(earlier.read_text())
+    reordered["per_example_ids"]["markers"].reverse()
+    (tmp_path / "reordered.json").write_text(json.dumps(reordered))
     base = ["--model", str(taught["model_dir"]), "--autoselect", str(taught["scorer_dir"]), "--pruners", "autoselect",
             "--budgets", *BUDGETS, "--tasks", "markers", "--limit", "16", "--out", str(tmp_path / "bad")]
     for extra, why in ((["--baselines-from", str(tmp_path / "changed.json")], "all-token scores on markers differ"),
+                       (["--baselines-from", str(tmp_path / "reordered.json")], "scored other examples on markers"),
                        (["--baselines-from", str(earlier), "--limit", "8"], "limit is 16 there and 8 here"),
                        (["--baselines-from", str(earlier), "--budgets", "8"], "budgets is"),
                        (["--baselines-from", str(tmp_path / "missing.json")], "cannot read a report.json")):
         assert main([*base, *extra]) == 2
         assert why in capsys.readouterr().err
+    ran.clear()
+    assert main([*base, "--baselines-from", str(tmp_path / "reordered.json")]) == 2
+    assert not ran  # other examples are refused before a single batch runs

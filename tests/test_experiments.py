@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from tests.support.scripts import load_script
@@ -110,3 +111,45 @@ def test_name_labels_keep_the_garment_name_inside_the_answer_only():
     labels = name_labels(batch, WordTokenizer(), ["shirt", "x"])
     assert labels[0].tolist() == [-100, -100, -100, 4, -100]  # the answer's "shirt", not the prompt's
     assert labels[1].tolist() == [-100] * 5  # a name the caption lacks: no labels, not a wrong span
+
+
+def test_report_subset_reads_a_report_again_without_the_garments_an_earlier_val_showed(tmp_path, capsys):
+    """experiments/report_subset.py: the questions whose garment an earlier export's val scenes
+    showed are left out, counted, and every score and paired difference is recomputed on the rest."""
+    from pipelines.evaluation.tasks.base import split_of
+
+    subset = load("report_subset")
+
+    def ids_in(split: str, prefix: str, n: int) -> list[str]:
+        return [i for i in (f"{prefix}-{k}" for k in range(200)) if split_of(i) == split][:n]
+
+    def export(folder, ids, sources):
+        folder.mkdir()
+        records = [{"id": i, "task": "scenes_garment", "items": [{"kind": "garment", "source": s},
+                                                                 {"kind": "clipart", "source": "drawing"}]}
+                   for i, s in zip(ids, sources)]
+        (folder / "scenes.heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    old_val, old_test = ids_in("val", "old", 2), ids_in("test", "old", 1)
+    export(tmp_path / "old", old_val + old_test, ["g1", "g2", "g3"])  # g3: shown in the old test half only
+    new = ids_in("test", "new", 4)
+    export(tmp_path / "new", new, ["g1", "g3", "g4", "g5"])
+    report = {"split": "test", "per_example_ids": {"scenes_garment": new},
+              "per_example": {"scenes_garment": {"full": [1.0, 1.0, 1.0, 0.0], "autoselect@28": [0.0, 1.0, 1.0, 1.0],
+                                                 "random@28": [1.0, 0.0, 0.0, 0.0]}}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    out = tmp_path / "subset.json"
+    subset.main([str(tmp_path / "report.json"), "--corpora", str(tmp_path / "new"),
+                 "--drop-garments-shown-in", str(tmp_path / "old"), "--out", str(out)])
+    got = json.loads(out.read_text())
+    assert got["dropped"] == 1 and got["all"]["n"] == 4 and got["not_shown"]["n"] == 3  # only g1 (old val)
+    assert got["all"]["methods"]["autoselect@28"]["score"] == 0.75
+    assert got["not_shown"]["methods"]["autoselect@28"]["score"] == 1.0
+    assert got["not_shown"]["paired"]["autoselect@28"]["random@28"]["difference"] == 1.0
+    assert got["all"]["paired"]["autoselect@28"]["random@28"]["difference"] == 0.5
+    assert "3 whose garment" in capsys.readouterr().out
+    del report["per_example_ids"]
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match="no per_example_ids"):
+        subset.main([str(tmp_path / "report.json"), "--corpora", str(tmp_path / "new"),
+                     "--drop-garments-shown-in", str(tmp_path / "old")])

@@ -134,6 +134,8 @@ def build_report(
         "paired": paired_differences(tasks, scores, methods),
         "selection_check": selection_check(tasks, scores, methods),
         "per_example": {t.name: {label: got.get("per_example") for label, got in scores[t.name].items()} for t in tasks},
+        # which example each per-example value is (the same order for every method): for reuse checks and subsets
+        "per_example_ids": {t.name: [e.id for e in t.examples] for t in tasks},
         "per_example_answer_nll": {t.name: {label: got["per_example_answer_nll"] for label, got in scores[t.name].items()}
                                    for t in tasks if t.kind == "choice"},
         "per_example_tokens": {t.name: next(iter(scores[t.name].values())).get("per_example_tokens") for t in tasks if t.kind == "nll"},

@@ -6,7 +6,8 @@ dtype, the batching and its own settings (a seed, FastV's layer), never on the s
 its cells to compare one more scorer costs over an hour on a CPU and changes nothing. The
 earlier report is used only when all of those match this run, and when its all-token scores equal
 this run's example for example (the proof that the examples, and how they are scored, are the
-same); otherwise it is refused, naming what differs. AutoSelect and its decode variants are never
+same); otherwise it is refused, naming what differs. Its example ids (``per_example_ids``), where it
+has them, are checked before anything runs, so other examples are refused at once. AutoSelect and its decode variants are never
 taken from it: they are what the run is for.
 """
 
@@ -54,6 +55,17 @@ def check_settings(report: dict[str, Any], run: dict[str, Any], settings: dict[s
     missing = [task for task in tasks if task not in report["per_example"]]
     if missing:
         raise ReuseError(f"--baselines-from: the report has no scores for task(s) {missing} (it has {sorted(report['per_example'])})")
+
+
+def check_examples(report: dict[str, Any], ids: dict[str, list[str]]) -> None:
+    """Refuse before anything runs when the report scored other examples (ids, in order) than this
+    run's ``{task: ids}``; a report written before ids were recorded is checked by `merge` only."""
+    theirs = report.get("per_example_ids") or {}
+    for task, mine in ids.items():
+        if task in theirs and theirs[task] != mine:
+            differ = len(set(theirs[task]) ^ set(mine))
+            raise ReuseError(f"--baselines-from: the report scored other examples on {task} ({len(theirs[task])} there, "
+                             f"{len(mine)} here, {differ} ids in one only, or another order): is it the same --corpora?")
 
 
 def labels(report: dict[str, Any]) -> set[str]:
