@@ -7,8 +7,8 @@ its cells to compare one more scorer costs over an hour on a CPU and changes not
 earlier report is used only when all of those match this run, and when its all-token scores equal
 this run's example for example (the proof that the examples, and how they are scored, are the
 same); otherwise it is refused, naming what differs. Its example ids (``per_example_ids``), where it
-has them, are checked before anything runs, so other examples are refused at once. AutoSelect and its decode variants are never
-taken from it: they are what the run is for.
+has them, are checked before anything runs, so other examples are refused at once. AutoSelect and
+its decode variants are never taken from it: they are what the run is for.
 """
 
 from __future__ import annotations
