@@ -49,7 +49,7 @@ from pipelines.evaluation import reuse
 from pipelines.evaluation.methods import AUTOSELECT, baseline_settings, build_methods, decode_variants
 from pipelines.evaluation.oracle import ORACLE
 from pipelines.evaluation.plots import kept_patches_plot, processed_image, retention_plot
-from pipelines.evaluation.report import Budget, build_report, markdown, parse_budget, version_tags
+from pipelines.evaluation.report import Budget, build_report, example_ids, markdown, parse_budget, version_tags
 from pipelines.evaluation.runner import evaluate, to_device
 from pipelines.evaluation.scoring import SCORING, probe_prompt, prompt_inputs, task_context
 from pipelines.evaluation.tasks import TASKS, Example, load_tasks
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             earlier = reuse.load(args.baselines_from)
             reuse.check_settings(earlier, run, settings, [t.name for t in tasks])
-            reuse.check_examples(earlier, {t.name: [e.id for e in t.examples] for t in tasks})
+            reuse.check_examples(earlier, example_ids(tasks))
         except reuse.ReuseError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -77,6 +77,12 @@ def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
 
+def example_ids(tasks: Sequence[Task]) -> dict[str, list[str]]:
+    """``{task: its examples' ids}``, in the order every method's per-example values follow: what
+    the report records, and what ``--baselines-from`` compares before anything runs."""
+    return {t.name: [e.id for e in t.examples] for t in tasks}
+
+
 def build_report(
     meta: dict[str, Any],
     tasks: Sequence[Task],
@@ -134,8 +140,7 @@ def build_report(
         "paired": paired_differences(tasks, scores, methods),
         "selection_check": selection_check(tasks, scores, methods),
         "per_example": {t.name: {label: got.get("per_example") for label, got in scores[t.name].items()} for t in tasks},
-        # which example each per-example value is (the same order for every method): for reuse checks and subsets
-        "per_example_ids": {t.name: [e.id for e in t.examples] for t in tasks},
+        "per_example_ids": example_ids(tasks),
         "per_example_answer_nll": {t.name: {label: got["per_example_answer_nll"] for label, got in scores[t.name].items()}
                                    for t in tasks if t.kind == "choice"},
         "per_example_tokens": {t.name: next(iter(scores[t.name].values())).get("per_example_tokens") for t in tasks if t.kind == "nll"},
