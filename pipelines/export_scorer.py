@@ -11,17 +11,24 @@ weights). The folders under ``artifacts/`` were made so.
     python pipelines/export_scorer.py --scorer models:/autoselect-scenes@champion --model ... --out ...
 
 ``--scorer`` takes a Ray Train checkpoint (its ``autoselect/`` folder), a ``save_pretrained``
-folder or a registry URI. Prints what it wrote (JSON). Exit status 2 on a bad source or an --out
-that is not empty.
+folder or a registry URI. The folder's ``inference`` options are what every consumer runs (Serve,
+``evaluate.py``'s ``autoselect``); they are the training config's unless ``--inference KEY=VALUE``
+(repeatable) gives them: then the given keys and the defaults for the rest, e.g. ``--inference
+decode=topk`` for plain top-K whatever the run was configured to decode. Prints what it wrote
+(JSON). Exit status 2 on a bad source, bad inference options or an --out that is not empty.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
+import yaml
+
+from autoselect.config import InferenceOptions
 from autoselect.model import CONFIG_NAME, WEIGHTS_NAME
 from minillava.assets import file_sha256
 from mlops.backbone import load_autoselect, load_vlm
@@ -41,15 +48,35 @@ def resolve_source(source: str) -> str:
                      f"checkpoint (no {AUTOSELECT_DIR}/{CONFIG_NAME}) nor a models:/ URI")
 
 
-def export(source: str, model_path: str, out: Path, dtype: str = "auto", tracking_uri: str | None = None) -> dict:
+def inference_options(items: list[str]) -> InferenceOptions:
+    """``["decode=topk", ...]`` -> the options they give, the defaults for the rest (validated)."""
+    known = {f.name for f in dataclasses.fields(InferenceOptions)}
+    given = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise ValueError(f"--inference {item!r}: expected KEY=VALUE with KEY one of {sorted(known)}")
+        given[key] = yaml.safe_load(value)
+    try:
+        return InferenceOptions(**given)
+    except TypeError as error:  # a value of the wrong kind, e.g. grid_reserve=half
+        raise ValueError(f"--inference {' '.join(items)}: {error}") from None
+
+
+def export(source: str, model_path: str, out: Path, dtype: str = "auto", tracking_uri: str | None = None,
+           inference: list[str] | None = None) -> dict:
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out {out} is not empty: export into a new folder")
+    options = inference_options(inference) if inference else None  # bad options fail before any loading
     resolved = resolve_source(source)
     model, origin = load_autoselect(resolved, load_vlm(model_path, dtype), tracking_uri)
+    if options is not None:
+        model = model.with_inference(options)
     model.save_pretrained(out, inference_only=True)
     weights = out / WEIGHTS_NAME
     return {"source": origin, "out": str(out), "model": model_path, "budget": model.config.budget,
-            "trained_vlm_dtype": model.trained_vlm_dtype, "bytes": weights.stat().st_size, "sha256": file_sha256(weights),
+            "trained_vlm_dtype": model.trained_vlm_dtype,
+            "inference": dataclasses.asdict(model.config.inference), "bytes": weights.stat().st_size, "sha256": file_sha256(weights),
             "parameters": sum(p.numel() for p in model.scorer.parameters())}
 
 
@@ -61,9 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto", help="the backbone's dtype while loading (default: %(default)s; "
                                                         "the saved scorer keeps the dtype it was trained over)")
     parser.add_argument("--tracking-uri", default=None, help="for a models:/ source (default: the project's)")
+    parser.add_argument("--inference", action="append", default=[], metavar="KEY=VALUE",
+                        help="the folder's inference options (repeatable; the rest take their defaults), "
+                             "e.g. decode=topk; default: the source's own")
     args = parser.parse_args(argv)
     try:
-        summary = export(args.scorer, args.model, args.out, args.dtype, args.tracking_uri)
+        summary = export(args.scorer, args.model, args.out, args.dtype, args.tracking_uri, args.inference)
     except (ValueError, FileNotFoundError) as error:
         print(f"export_scorer: {error}", file=sys.stderr)
         return 2

@@ -63,3 +63,33 @@ def test_an_out_folder_with_files_is_never_overwritten(checkpoint, tmp_path, cap
     assert main(["--scorer", str(source), "--model", TINY, "--out", str(out)]) == 2
     assert "is not empty" in capsys.readouterr().err
     assert (out / "model.safetensors").read_bytes() == b"keep me"
+
+
+def test_inference_options_replace_the_runs_own_and_bad_ones_are_refused_before_loading(checkpoint, tmp_path, capsys):
+    """A run configured for the DPP decode exported for plain top-K: the folder's own decode is what
+    Serve and `evaluate.py` run, so it is set at export, not by editing config.json."""
+    source, trained = checkpoint
+    config = json.loads((source / "autoselect" / "config.json").read_text())
+    config["inference"].update(decode="dpp", dpp_quality_scale=0.5, grid_reserve=0.5)
+    (source / "autoselect" / "config.json").write_text(json.dumps(config))
+
+    out = tmp_path / "topk"
+    assert main(["--scorer", str(source), "--model", TINY, "--out", str(out), "--dtype", "float32",
+                 "--inference", "decode=topk"]) == 0
+    expected = {"noise": 0.0, "seed": 0, "decode": "topk", "dpp_quality_scale": 1.0, "grid_reserve": 0.0}
+    assert json.loads(capsys.readouterr().out)["inference"] == expected
+    assert json.loads((out / "config.json").read_text())["inference"] == expected
+    assert AutoSelectModel.from_pretrained(out, load_vlm(TINY, "float32")).config.inference.decode == "topk"
+
+    kept = tmp_path / "as-trained"
+    assert main(["--scorer", str(source), "--model", TINY, "--out", str(kept), "--dtype", "float32"]) == 0
+    assert json.loads(capsys.readouterr().out)["inference"]["decode"] == "dpp"  # the run's own, untouched
+
+    for bad, message in ((["decode=beam"], "inference.decode must be one of"),
+                         (["topk"], "expected KEY=VALUE"), (["temperature=1"], "expected KEY=VALUE"),
+                         (["grid_reserve=half"], "grid_reserve=half"),
+                         (["dpp_quality_scale=0.5"], "needs inference.decode='dpp'")):
+        out = tmp_path / f"bad-{len(list(tmp_path.iterdir()))}"
+        assert main(["--scorer", str(source), "--model", TINY, "--out", str(out), "--inference", *bad]) == 2
+        assert message in capsys.readouterr().err, bad
+        assert not out.exists()
