@@ -1,6 +1,7 @@
 """The main job on embedded defaults (`make demo`): from a fresh clone to a served, pruned,
-real-weight VLM on the scenes recipe (`pipelines/configs/mini-llava-scenes.yaml`), with every
-product part running for real on this machine.
+real-weight VLM on the previous scenes recipe (`pipelines/configs/mini-llava-scenes-captions.yaml`:
+captions, the paper form, DPP; the three-item recipe chosen in session 29 is not its recipe yet),
+with every product part running for real on this machine.
 
   1. backbone    mini-LLaVA (DINOv2-S + SmolLM2-135M from PyPI wheels) with the committed scenes
                  alignment re-aligned twice with token drop (projector + LM LoRA, artifacts/mini-llava-scenes-drop2/)
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 
 STEPS = 9
-RECIPE = Path("pipelines/configs/mini-llava-scenes.yaml")
+RECIPE = Path("pipelines/configs/mini-llava-scenes-captions.yaml")
 ALIGNMENT = Path("artifacts/mini-llava-scenes-drop2")  # projector + LM LoRA of the backbone
 BACKBONE = Path(".cache/backbones/mini-llava-plain-drop2")  # the recipe's model.path
 CHAMPION = ALIGNMENT / "scorer"  # the scorer trained on that backbone, registered as `champion`
