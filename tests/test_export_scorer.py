@@ -68,7 +68,7 @@ def test_an_out_folder_with_files_is_never_overwritten(checkpoint, tmp_path, cap
 def test_inference_options_replace_the_runs_own_and_bad_ones_are_refused_before_loading(checkpoint, tmp_path, capsys):
     """A run configured for the DPP decode exported for plain top-K: the folder's own decode is what
     Serve and `evaluate.py` run, so it is set at export, not by editing config.json."""
-    source, trained = checkpoint
+    source, _ = checkpoint
     config = json.loads((source / "autoselect" / "config.json").read_text())
     config["inference"].update(decode="dpp", dpp_quality_scale=0.5, grid_reserve=0.5)
     (source / "autoselect" / "config.json").write_text(json.dumps(config))
