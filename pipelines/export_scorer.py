@@ -26,13 +26,12 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
 from autoselect.config import InferenceOptions
 from autoselect.model import CONFIG_NAME, WEIGHTS_NAME
 from minillava.assets import file_sha256
 from mlops.backbone import load_autoselect, load_vlm
 from pipelines.training import AUTOSELECT_DIR
+from pipelines.training.config_io import from_mapping, set_dotted
 
 
 def resolve_source(source: str) -> str:
@@ -49,18 +48,15 @@ def resolve_source(source: str) -> str:
 
 
 def inference_options(items: list[str]) -> InferenceOptions:
-    """``["decode=topk", ...]`` -> the options they give, the defaults for the rest (validated)."""
-    known = {f.name for f in dataclasses.fields(InferenceOptions)}
-    given = {}
+    """``["decode=topk", ...]`` -> the options they give, the defaults for the rest, checked as a
+    config file's are (unknown keys and wrong types named)."""
+    given: dict = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or key not in known:
-            raise ValueError(f"--inference {item!r}: expected KEY=VALUE with KEY one of {sorted(known)}")
-        given[key] = yaml.safe_load(value)
-    try:
-        return InferenceOptions(**given)
-    except TypeError as error:  # a value of the wrong kind, e.g. grid_reserve=half
-        raise ValueError(f"--inference {' '.join(items)}: {error}") from None
+        if not sep:
+            raise ValueError(f"--inference {item!r}: expected KEY=VALUE")
+        set_dotted(given, key, value)
+    return from_mapping(InferenceOptions, given, where="--inference")
 
 
 def export(source: str, model_path: str, out: Path, dtype: str = "auto", tracking_uri: str | None = None,

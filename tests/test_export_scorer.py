@@ -86,8 +86,8 @@ def test_inference_options_replace_the_runs_own_and_bad_ones_are_refused_before_
     assert json.loads(capsys.readouterr().out)["inference"]["decode"] == "dpp"  # the run's own, untouched
 
     for bad, message in ((["decode=beam"], "inference.decode must be one of"),
-                         (["topk"], "expected KEY=VALUE"), (["temperature=1"], "expected KEY=VALUE"),
-                         (["grid_reserve=half"], "grid_reserve=half"),
+                         (["topk"], "expected KEY=VALUE"), (["temperature=1"], "unknown key(s) ['temperature']"),
+                         (["grid_reserve=half"], "--inference.grid_reserve: expected float, got 'half'"),
                          (["dpp_quality_scale=0.5"], "needs inference.decode='dpp'")):
         out = tmp_path / f"bad-{len(list(tmp_path.iterdir()))}"
         assert main(["--scorer", str(source), "--model", TINY, "--out", str(out), "--inference", *bad]) == 2
