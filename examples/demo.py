@@ -1,13 +1,14 @@
 """The main job on embedded defaults (`make demo`): from a fresh clone to a served, pruned,
-real-weight VLM on the previous scenes recipe (`pipelines/configs/mini-llava-scenes-captions.yaml`:
-captions, the paper form, DPP; the three-item recipe chosen in session 29 is not its recipe yet),
+real-weight VLM on the shipped scenes recipe (`pipelines/configs/mini-llava-scenes.yaml`: the
+three-item garment questions, the straight-through form, plain top-K; chosen on val in session 29),
 with every product part running for real on this machine.
 
   1. backbone    mini-LLaVA (DINOv2-S + SmolLM2-135M from PyPI wheels) with the committed scenes
-                 alignment re-aligned twice with token drop (projector + LM LoRA, artifacts/mini-llava-scenes-drop2/)
-  2. corpora     scenes on plain backgrounds (Fashion-MNIST items + Open Clip Art, Debian packages), fixed splits
-  3. champion    the committed scorer (artifacts/mini-llava-scenes-drop2/scorer/) registered in MLflow as `champion`
-  4. preprocess  Ray Data: the train split's scene captions -> parquet shards (+ quarantine counts)
+                 alignment R2 (projector + LM LoRA, artifacts/mini-llava-scenes-R2/)
+  2. corpora     three-item scenes on plain backgrounds: one Fashion-MNIST garment (1/6-1/4 of the side)
+                 and two Open Clip Art drawings (Debian packages), fixed splits
+  3. champion    the committed scorer (artifacts/mini-llava-scenes-R2/scorer/) registered in MLflow as `champion`
+  4. preprocess  Ray Data: the train split's garment questions -> parquet shards (+ quarantine counts)
   5. challenger  a short run of the same recipe: Ray Train + DeepSpeed ZeRO-2 on 2 workers, registered
   6. evaluate    the champion with the baselines and the challenger on the same val scenes, each
                  version tagged with its results (`pipelines/evaluate.py --tag-version`)
@@ -34,11 +35,16 @@ import time
 from pathlib import Path
 
 STEPS = 9
-RECIPE = Path("pipelines/configs/mini-llava-scenes-captions.yaml")
-ALIGNMENT = Path("artifacts/mini-llava-scenes-drop2")  # projector + LM LoRA of the backbone
-BACKBONE = Path(".cache/backbones/mini-llava-plain-drop2")  # the recipe's model.path
+RECIPE = Path("pipelines/configs/mini-llava-scenes.yaml")
+ALIGNMENT = Path("artifacts/mini-llava-scenes-R2")  # projector + LM LoRA of the backbone
+BACKBONE = Path(".cache/backbones/mini-llava-plain-R")  # the recipe's model.path
 CHAMPION = ALIGNMENT / "scorer"  # the scorer trained on that backbone, registered as `champion`
-CORPORA = Path(".cache/corpora-small-plain")
+CORPORA = Path(".cache/corpora-plain-g6-d2")  # the recipe's export (its comment has the CLI form)
+SCENES = {"scenes_background": "plain", "scenes_garment_side": (0.1667, 0.25), "scenes_drawings": (2, 2)}
+TRAIN_TASKS = ["scenes_garment"]  # the recipe's training questions
+# One registered model per backbone: a champion from another backbone (the session-19 demo's
+# autoselect-demo-scenes) would keep its alias here and be compared on a VLM it was not trained on.
+REGISTERED_MODEL = "autoselect-demo-scenes-r2"
 PRUNERS = "autoselect,random,uniform,pooled,divprune,visionzip,oracle"  # FastV, the slowest to evaluate, is in docs/results.md
 TASK = "scenes_garment"
 
@@ -73,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--out", type=Path, default=Path("outputs/demo"), help="reports, shards, summary (default: %(default)s)")
     add("--tracking-uri", default="sqlite:///outputs/mlflow.db", help="MLflow store (default: %(default)s)")
-    add("--registered-model", default="autoselect-demo-scenes", help="MLflow registered model (default: %(default)s)")
+    add("--registered-model", default=REGISTERED_MODEL, help="MLflow registered model (default: %(default)s)")
     add("--train-steps", type=int, default=60, help="the challenger's optimiser steps (default: %(default)s; the champion had 500)")
     add("--eval-limit", type=int, default=120, help="val scenes evaluated (default: %(default)s)")
     add("--port", type=int, default=0, help="Serve HTTP port on 127.0.0.1 (default: a free one)")
@@ -120,7 +126,7 @@ def preprocess_step(args, corpora: Path, source_sha: str) -> dict:
 
     out = args.out / "preprocessed"
     source = corpora / "scenes.train.jsonl"
-    key = {"input": source_sha, "model": str(BACKBONE), "tasks": ["scenes_caption"],
+    key = {"input": source_sha, "model": str(BACKBONE), "tasks": TRAIN_TASKS,
            "shards": "image-bytes"}  # not the older pixel shards
     done = out / "demo_key.json"
     if not args.fresh and done.is_file() and json.loads(done.read_text()).get("key") == key:
@@ -129,7 +135,7 @@ def preprocess_step(args, corpora: Path, source_sha: str) -> dict:
         return stats
     stats = preprocess.run(preprocess.PreprocessConfig(
         input=[str(source)], output=str(out), model=str(BACKBONE), image_root=str(corpora),
-        tasks=["scenes_caption"], max_length=512, overwrite=True))
+        tasks=TRAIN_TASKS, max_length=512, overwrite=True))
     done.write_text(json.dumps({"key": key, "stats": stats}, indent=2))
     return stats
 
@@ -267,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     build_aligned_mini_llava(ALIGNMENT / "projector.safetensors", BACKBONE, lora=ALIGNMENT / "lm_lora.safetensors")
     print(f"      {BACKBONE}")
 
-    progress.step(2, "corpora: scenes on plain backgrounds (Fashion-MNIST + Open Clip Art), fixed held-out splits")
-    corpora = export_corpora(CORPORA, ExportSettings(scenes_background="plain")).path
+    progress.step(2, "corpora: a garment and two drawings on plain backgrounds (Fashion-MNIST + Open Clip Art), fixed held-out splits")
+    corpora = export_corpora(CORPORA, ExportSettings(**SCENES)).path
     print(f"      {corpora}")
 
     progress.step(3, "champion: the committed scorer in the MLflow registry")
@@ -276,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     try:
-        progress.step(4, "preprocess the train split's scene captions with Ray Data")
+        progress.step(4, "preprocess the train split's garment questions with Ray Data")
         source_sha = file_sha256(corpora / "scenes.train.jsonl")  # keys the shards and the challenger
         stats = preprocess_step(args, corpora, source_sha)
         print(f"      in {stats['rows_in']}, written {stats['rows_written']}, quarantined {stats['rows_quarantined']}")

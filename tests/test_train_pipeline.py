@@ -219,7 +219,7 @@ def test_config_k28_sampled_recipe_is_the_committed_scorers_config():
 
 @pytest.mark.parametrize("recipe, scorer, decode", [
     ("mini-llava-scenes.yaml", "mini-llava-scenes-R2/scorer", ("topk", 1.0)),  # the recipe chosen in session 29
-    ("mini-llava-scenes-captions.yaml", "mini-llava-scenes-drop2/scorer", ("dpp", 0.5)),  # the demo's, until it moves
+    ("mini-llava-scenes-captions.yaml", "mini-llava-scenes-drop2/scorer", ("dpp", 0.5)),  # the session-19 recipe (paper form)
 ])
 def test_config_scenes_recipe_is_the_committed_scenes_scorers_config(recipe, scorer, decode):
     """A scenes recipe and its committed scorer agree, the val-chosen decode included, so a
@@ -229,6 +229,30 @@ def test_config_scenes_recipe_is_the_committed_scenes_scorers_config(recipe, sco
     saved = AutoSelectConfig.load(root / "artifacts" / scorer / "config.json")
     assert config.autoselect == AutoSelectConfig(**{**vars(saved), "vision_width": None, "backbone": None})
     assert (saved.inference.decode, saved.inference.dpp_quality_scale) == decode
+
+
+def test_demo_runs_the_shipped_recipe_with_its_scorer_backbone_and_export():
+    """`make demo` registers the committed scorer as champion and trains a challenger by the shipped
+    recipe: both must sit on the recipe's backbone and export, or promotion compares unlike things."""
+    import importlib.util
+
+    from pipelines.corpora import ExportSettings
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("demo", root / "examples" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    recipe = root / demo.RECIPE
+    config = load_train_config(recipe)
+    assert recipe.name == "mini-llava-scenes.yaml"  # the recipe docs/results.md reports
+    assert Path(config.model.path) == demo.BACKBONE
+    saved = AutoSelectConfig.load(root / demo.CHAMPION / "config.json")
+    assert config.autoselect == AutoSelectConfig(**{**vars(saved), "vision_width": None, "backbone": None})
+    settings = ExportSettings(**demo.SCENES)  # the export the recipe's comment builds with the CLI
+    header = recipe.read_text().split("\nname:")[0]
+    assert f"--out {demo.CORPORA}" in header and "--scenes-garment-side 0.1667,0.25 --scenes-drawings 2" in header
+    assert (settings.scenes_background, settings.scenes_garment_side, settings.scenes_drawings) == ("plain", (0.1667, 0.25), (2, 2))
+    assert f"--tasks {' '.join(demo.TRAIN_TASKS)}" in header
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parent.parent.glob("pipelines/configs/*.yaml")), ids=lambda p: p.name)
