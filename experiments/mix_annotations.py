@@ -4,8 +4,8 @@ The training stream reads the preprocessed shards in order, so two sources prepr
 the other would reach the scorer one after the other (all scenes, then all Fashion-MNIST). Mixing
 the annotation lines before preprocessing, with a fixed seed, makes every stretch of the stream
 hold both and the data reproducible. Each input is ``FILE``, ``FILE:TASK`` (keep only records
-of that task) or ``FILE:TASK:N`` (N of them, drawn with the same seed, to weight a source); image paths stay relative to the inputs' folder, so preprocess with
-``--image-root`` set to it:
+of that task) or ``FILE:TASK:N`` (N of them, drawn with the same seed, to weight a source); image
+paths stay relative to the inputs' folder, so preprocess with ``--image-root`` set to it:
 
     python experiments/mix_annotations.py --out outputs/mix/scenes-captions-fmnist.train.jsonl --seed 0 \
       .cache/corpora-small-plain/scenes.train.jsonl:scenes_caption .cache/corpora-small-plain/fashion_mnist.train.jsonl:fmnist_class

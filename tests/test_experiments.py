@@ -153,3 +153,24 @@ def test_report_subset_reads_a_report_again_without_the_garments_an_earlier_val_
     with pytest.raises(SystemExit, match="no per_example_ids"):
         subset.main([str(tmp_path / "report.json"), "--corpora", str(tmp_path / "new"),
                      "--drop-garments-shown-in", str(tmp_path / "old")])
+
+
+def test_mix_annotations_weights_a_source_by_drawing_n_of_its_task_and_refuses_a_bad_n(tmp_path, capsys):
+    mix = load("mix_annotations")
+    scenes, fmnist = tmp_path / "scenes.jsonl", tmp_path / "fmnist.jsonl"
+    scenes.write_text("".join(json.dumps({"id": f"{task}{i}", "task": task}) + "\n"
+                              for task in ("scenes_garment", "scenes_caption") for i in range(10)))
+    fmnist.write_text("".join(json.dumps({"id": f"f{i}", "task": "fmnist_class"}) + "\n" for i in range(10)))
+    out = tmp_path / "mix.jsonl"
+    specs = [f"{scenes}:scenes_garment", f"{scenes}:scenes_caption:3", f"{fmnist}:fmnist_class:4"]
+    assert mix.main(["--out", str(out), "--seed", "0", *specs]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    tasks = [r["task"] for r in rows]
+    assert (tasks.count("scenes_garment"), tasks.count("scenes_caption"), tasks.count("fmnist_class")) == (10, 3, 4)
+    assert len({r["id"] for r in rows}) == 17  # drawn without repeats
+    assert tasks[:10] != ["scenes_garment"] * 10  # shuffled together, not one source after the other
+    first = out.read_text()
+    assert mix.main(["--out", str(out), "--seed", "0", *specs]) == 0 and out.read_text() == first  # same seed, same mix
+    for bad in ("0", "11", "x"):
+        with pytest.raises(SystemExit, match="N must be a whole number from 1 to 10"):
+            mix.main(["--out", str(out), f"{fmnist}:fmnist_class:{bad}"])
