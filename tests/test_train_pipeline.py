@@ -231,27 +231,41 @@ def test_config_scenes_recipe_is_the_committed_scenes_scorers_config(recipe, sco
     assert (saved.inference.decode, saved.inference.dpp_quality_scale) == decode
 
 
+def commented_command(text: str, script: str) -> list[str]:
+    """The arguments of the ``python <script> ...`` command a config's header comment gives (its
+    continuation lines joined), as the shell would split them."""
+    import shlex
+
+    lines = [line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#")]
+    first = next(i for i, line in enumerate(lines) if f"python {script}" in line)
+    command = lines[first]
+    for line in lines[first + 1:]:
+        if not command.endswith("\\"):
+            break
+        command = command[:-1] + " " + line
+    words = shlex.split(command)
+    return words[words.index(script) + 1:]
+
+
 def test_demo_runs_the_shipped_recipe_with_its_scorer_backbone_and_export():
     """`make demo` registers the committed scorer as champion and trains a challenger by the shipped
     recipe: both must sit on the recipe's backbone and export, or promotion compares unlike things."""
-    import importlib.util
-
+    from pipelines import packaged_corpora
     from pipelines.corpora import ExportSettings
+    from tests.support.scripts import load_script
 
     root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("demo", root / "examples" / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_script("examples/demo.py")
     recipe = root / demo.RECIPE
     config = load_train_config(recipe)
     assert recipe.name == "mini-llava-scenes.yaml"  # the recipe docs/results.md reports
     assert Path(config.model.path) == demo.BACKBONE
     saved = AutoSelectConfig.load(root / demo.CHAMPION / "config.json")
     assert config.autoselect == AutoSelectConfig(**{**vars(saved), "vision_width": None, "backbone": None})
-    settings = ExportSettings(**demo.SCENES)  # the export the recipe's comment builds with the CLI
     header = recipe.read_text().split("\nname:")[0]
-    assert f"--out {demo.CORPORA}" in header and "--scenes-garment-side 0.1667,0.25 --scenes-drawings 2" in header
-    assert (settings.scenes_background, settings.scenes_garment_side, settings.scenes_drawings) == ("plain", (0.1667, 0.25), (2, 2))
+    export = packaged_corpora.build_parser().parse_args(commented_command(header, "pipelines/packaged_corpora.py"))
+    assert Path(export.out) == demo.CORPORA  # the export the recipe's comment builds with the CLI ...
+    assert packaged_corpora.settings_from_args(export) == ExportSettings(**demo.SCENES)  # ... with the same settings
     assert f"--tasks {' '.join(demo.TRAIN_TASKS)}" in header
 
 
