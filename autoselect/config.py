@@ -54,8 +54,9 @@ class TrainingOptions:
     # of K clean + N - K noised tokens. Needs one placeholder per scored token (not LLaVA-NeXT's
     # newlines) and a causal LLM mask (not Gemma 3).
     gate_attention: bool = False
-    # Needs gate_attention: the training forward runs the hard top-K inference runs (kept tokens
-    # clean and fully attended, the rest throttled to `STRAIGHT_THROUGH_FLOOR`), while the backward
+    # Needs gate_attention: the training forward keeps the set inference's decode keeps (the hard
+    # top-K, or the DPP / grid reserve `inference` names; kept tokens clean and fully attended, the
+    # rest throttled to `STRAIGHT_THROUGH_FLOOR`), while the backward
     # goes through the soft top-K weights (straight-through estimator). A dropped token's gradient is
     # then the first-order value of letting it back in *given the kept set*, so a redundant token
     # earns nothing. No noise gate and no denoiser: the model builds and saves none.

@@ -79,20 +79,13 @@ def throttled_attention_mask(
     return torch.where(allowed, bias[:, None, :].to(dtype), torch.tensor(floor, dtype=dtype, device=bias.device))[:, None]
 
 
-def straight_through_topk(
-    alpha: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Hard top-K retention ``[B, N]`` in the forward (1 for the ``k[b]`` highest ``scores`` of a
-    row, `STRAIGHT_THROUGH_FLOOR` for the rest), with the gradient of the soft weights ``alpha``.
+def straight_through_kept(alpha: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Hard retention ``[B, N]`` in the forward (1 where ``kept``, the set inference's decode keeps,
+    `STRAIGHT_THROUGH_FLOOR` elsewhere), with the gradient of the soft weights ``alpha``.
 
     Why: used as the attention throttle, the forward is the hard-pruned sequence inference runs,
     and ``dL/d alpha_i`` of a dropped token is finite (``log`` of the floor, not of 0): the loss
     change of letting token ``i`` back in next to the kept ones.
     """
-    masked = scores.detach().float()
-    if valid is not None:
-        masked = masked.masked_fill(~valid.bool(), float("-inf"))
-    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    hard = torch.where(ranks < k.to(ranks.device)[:, None], 1.0, STRAIGHT_THROUGH_FLOOR).to(alpha.dtype)
+    hard = torch.where(kept.to(alpha.device), 1.0, STRAIGHT_THROUGH_FLOOR).to(alpha.dtype)
     return hard + (alpha - alpha.detach())

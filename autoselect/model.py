@@ -26,7 +26,7 @@ from autoselect.checkpointing import checkpoint_layers, decoder_layers, is_check
 from autoselect.config import AutoSelectConfig, InferenceOptions, ScoreMass
 from autoselect.decode import kept_indices
 from autoselect.denoiser import Denoiser
-from autoselect.gate import straight_through_topk, throttled_attention_mask, vp_noise_gate
+from autoselect.gate import straight_through_kept, throttled_attention_mask, vp_noise_gate
 from autoselect.pruned import PrunedVLM, Selection
 from autoselect.scorer import Scorer
 from autoselect.selection import (
@@ -34,6 +34,7 @@ from autoselect.selection import (
     gather_tokens,
     mass_budget,
     pad_tokens,
+    topk_mask,
 )
 from autoselect.soft_topk import soft_topk
 
@@ -293,8 +294,9 @@ class AutoSelectModel(PrunedVLM):
         alpha = soft_topk(scores, k, temperature=self.temperature, valid=valid)
         self._last_alpha = (alpha if valid is None else alpha[valid]).detach()  # the soft weights, for the stats
         form = self.config.training
+        kept = self.training_kept(scores, padded, k, valid)
         if form.straight_through:
-            alpha = straight_through_topk(alpha, scores, k, valid)
+            alpha = straight_through_kept(alpha, kept)
             restored = padded
         else:
             gated = vp_noise_gate(padded.float(), alpha, standardize=form.gate_standardize, valid=valid)
@@ -303,7 +305,7 @@ class AutoSelectModel(PrunedVLM):
             # gone. Uncorrected, it learned to rewrite kept tokens into a form only training sees.
             correction = (1.0 - alpha).unsqueeze(-1) * (self.denoiser(gated) - gated)
             restored = (gated + correction).to(padded.dtype)  # back to the frozen projector's dtype
-        sent = self.sent_tokens(scores, k, counts, valid)
+        sent = self.sent_tokens(kept, k, counts, valid)
         real_alpha = torch.cat([a[i] for a, i in zip(alpha, sent)])  # of the tokens the LLM sees, in order
         if ragged or len({len(i) for i in sent}) > 1:
             selection = Selection(indices=sent, num_tokens=counts)
@@ -321,13 +323,29 @@ class AutoSelectModel(PrunedVLM):
             )
         return inputs
 
-    def sent_tokens(self, scores: torch.Tensor, k: torch.Tensor, counts: list[int], valid: torch.Tensor | None) -> list[torch.Tensor]:
+    def training_kept(self, scores: torch.Tensor, tokens: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """``[B, N]`` bool: the tokens the training forward keeps from these (noisy) logits. With
+        ``training.straight_through`` inference's own decode (``config.inference``: top-K, DPP,
+        grid reserve; its seeded ``noise`` aside, training draws its own), so a scorer is trained
+        under the decode it is read with; otherwise the top-K."""
+        options = self.config.inference
+        if not self.config.training.straight_through or (options.decode == "topk" and not options.grid_reserve):
+            return topk_mask(scores, k, valid)
+        options = dataclasses.replace(options, noise=0.0)
+        kept = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+        real = torch.ones_like(kept) if valid is None else valid.bool()
+        for row, (logits, features, keep, mask) in enumerate(zip(scores.detach(), tokens.detach(), k.tolist(), real)):
+            index = mask.nonzero()[:, 0]
+            kept[row, index[kept_indices(logits[index][None], features[index][None], keep, options)[0]]] = True
+        return kept
+
+    def sent_tokens(self, kept: torch.Tensor, k: torch.Tensor, counts: list[int], valid: torch.Tensor | None) -> list[torch.Tensor]:
         """The tokens of each image the LLM sees in training: all N, or with ``training.candidates``
-        the hard top-K of ``scores`` plus a random draw of the rest."""
+        the ``kept`` ones (`training_kept`) plus a random draw of the rest."""
         if not self.config.training.candidates:
-            return [torch.arange(n, device=scores.device) for n in counts]
+            return [torch.arange(n, device=kept.device) for n in counts]
         extra = (k.double() * self.config.training.candidates).round().long()
-        return candidate_indices(scores, k, extra, valid)
+        return candidate_indices(kept, extra, valid)
 
     def forward(self, budget: int | float | None = None, **inputs: Any):
         """Train mode: soft, gated path (needs ``labels`` for a loss). Eval mode: hard top-K."""

@@ -130,19 +130,29 @@ def seeded_ranking(scores: torch.Tensor, noise: float, seed: int) -> torch.Tenso
     return scores.double() + noise * gumbel.to(scores.device)
 
 
-def candidate_indices(scores: torch.Tensor, k: torch.Tensor, extra: torch.Tensor, valid: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Per row of ``scores [B, N]``: its top ``k[b]`` plus ``extra[b]`` other real tokens drawn
-    uniformly (``torch.rand``, so the caller's seed decides), sorted ascending. A training step
-    that sends the LLM only these costs O(K + extra) LLM tokens instead of O(N)."""
-    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid
+def topk_mask(scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, N]`` bool: the ``k[b]`` highest ``scores`` among each row's real tokens (``valid``),
+    ties to the earlier token as in `topk_indices`."""
+    masked = scores.detach().float()
+    if valid is not None:
+        masked = masked.masked_fill(~valid.bool(), float("-inf"))
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return ranks < k.to(ranks.device)[:, None]
+
+
+def candidate_indices(kept: torch.Tensor, extra: torch.Tensor, valid: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Per row of the mask ``kept [B, N]`` (the tokens the decode keeps): those plus ``extra[b]``
+    other real tokens drawn uniformly (``torch.rand``, so the caller's seed decides), sorted
+    ascending. A training step that sends the LLM only these costs O(K + extra) LLM tokens instead
+    of O(N)."""
+    valid = torch.ones_like(kept, dtype=torch.bool) if valid is None else valid.bool()
     rows = []
-    for row, kept, more, real in zip(scores.detach().float(), k.tolist(), extra.tolist(), valid):
-        n = int(real.sum())
-        if kept + more >= n:
-            rows.append(torch.arange(n, device=scores.device))
+    for top, more, real in zip(kept.bool(), extra.tolist(), valid):
+        n, chosen = int(real.sum()), int(top.sum())
+        if chosen + more >= n:
+            rows.append(torch.arange(n, device=kept.device))
             continue
-        top = torch.zeros_like(real)
-        top[torch.sort(row.masked_fill(~real, -torch.inf), descending=True, stable=True).indices[:kept]] = True
-        priority = torch.where(top, 2.0, torch.rand(row.shape, device=row.device)).masked_fill(~real, -1.0)
-        rows.append(priority.topk(kept + more).indices.sort().values)
+        priority = torch.where(top, 2.0, torch.rand(top.shape, device=top.device)).masked_fill(~real, -1.0)
+        rows.append(priority.topk(chosen + more).indices.sort().values)
     return rows

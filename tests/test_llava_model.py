@@ -433,15 +433,19 @@ def test_score_noise_turns_tied_logits_into_a_hard_random_choice(tiny, batch):
         TrainingOptions(score_noise=-1.0)
 
 
-def test_straight_through_trains_on_the_hard_pruned_sequence_with_gradient_for_every_logit(tiny, batch):
-    """With ``straight_through`` the training forward is the hard top-K inference forward (original
-    positions) at any temperature, and the backward still reaches every scorer logit, dropped
-    tokens included (their gradient is the value of letting them back in)."""
+@pytest.mark.parametrize("inference", [InferenceOptions(), InferenceOptions(decode="dpp", dpp_quality_scale=0.5),
+                                       InferenceOptions(grid_reserve=0.5)], ids=["topk", "dpp", "grid_reserve"])
+@pytest.mark.parametrize("candidates", [0.0, 1.0], ids=["all-tokens", "candidates"])
+def test_straight_through_trains_on_the_hard_pruned_sequence_with_gradient_for_every_logit(tiny, batch, inference, candidates):
+    """With ``straight_through`` the training forward is the inference forward of the scorer's own
+    decode (top-K, DPP, grid reserve; original positions) at any temperature, also when the LLM is
+    sent only the kept tokens plus candidates, and the backward still reaches every scorer logit,
+    dropped tokens included (their gradient is the value of letting them back in)."""
     vlm, _ = tiny
     labels = torch.full_like(batch["input_ids"], -100)
     labels[:, -4:] = batch["input_ids"][:, -4:]  # answer-like labels, as above
-    config = AutoSelectConfig(budget=16, training=TrainingOptions(gate_attention=True, straight_through=True), position_policy="original",
-                              temperature_start=1.0, temperature_end=1.0)
+    config = AutoSelectConfig(budget=16, training=TrainingOptions(gate_attention=True, straight_through=True, candidates=candidates),
+                              position_policy="original", temperature_start=1.0, temperature_end=1.0, inference=inference)
     torch.manual_seed(0)
     model = AutoSelectModel.attach(vlm, config)
     logits_seen = []
@@ -451,6 +455,13 @@ def test_straight_through_trains_on_the_hard_pruned_sequence_with_gradient_for_e
         logits_seen.append(out)
 
     handle = model.scorer.register_forward_hook(keep_logits)
+    training_kept, kept_in_training = model.training_kept, []
+
+    def record_kept(*args):
+        kept_in_training.append(training_kept(*args))
+        return kept_in_training[-1]
+
+    model.training_kept = record_kept
     model.train()
     trained = model(**batch, labels=labels).loss
     trained.backward()
@@ -461,7 +472,13 @@ def test_straight_through_trains_on_the_hard_pruned_sequence_with_gradient_for_e
     model.eval()
     with torch.no_grad():
         inferred = float(model(**batch, labels=labels).loss)
+        decoded = model.select(pixel_values=batch["pixel_values"])[0].indices
+        topk = model.with_inference(InferenceOptions()).select(pixel_values=batch["pixel_values"])[0].indices
     assert float(trained.detach()) == pytest.approx(inferred, abs=1e-4)
+    (kept,) = kept_in_training
+    assert [row.nonzero()[:, 0].tolist() for row in kept] == decoded.tolist()
+    if inference != InferenceOptions():  # the decode keeps another set than the top-K here, so the check can tell
+        assert not torch.equal(decoded, topk)
     with pytest.raises(OptionDependencyError, match="straight_through needs training.gate_attention"):
         TrainingOptions(straight_through=True)
 
@@ -561,13 +578,14 @@ def test_train_candidates_send_the_llm_top_k_plus_a_draw_and_every_logit_still_l
 
 
 def test_candidate_indices_keep_the_top_k_and_draw_the_rest_uniformly():
-    from autoselect.selection import candidate_indices
+    from autoselect.selection import candidate_indices, topk_mask
 
     scores = torch.arange(10.0).repeat(2, 1)
     valid = torch.ones(2, 10, dtype=torch.bool)
     valid[1, 8:] = False  # a shorter image: its top 3 are 5, 6, 7
     torch.manual_seed(0)
-    drawn = [candidate_indices(scores, torch.tensor([3, 3]), torch.tensor([2, 2]), valid) for _ in range(400)]
+    kept = topk_mask(scores, torch.tensor([3, 3]), valid)
+    drawn = [candidate_indices(kept, torch.tensor([2, 2]), valid) for _ in range(400)]
     for row, top in ((0, {7, 8, 9}), (1, {5, 6, 7})):
         assert all(len(d[row]) == 5 and top <= set(d[row].tolist()) and d[row].tolist() == sorted(d[row].tolist()) for d in drawn)
         others = torch.cat([d[row] for d in drawn])
