@@ -46,7 +46,7 @@ from autoselect.pruners import available_pruners
 from mlops.backbone import MINI_LLAVA, TINY_LLAVA
 from pipelines.corpora import DEFAULT_OUT
 from pipelines.evaluation import reuse
-from pipelines.evaluation.methods import AUTOSELECT, baseline_settings, build_methods, decode_variants
+from pipelines.evaluation.methods import AUTOSELECT, FULL, baseline_settings, build_methods, decode_variants
 from pipelines.evaluation.oracle import ORACLE
 from pipelines.evaluation.plots import kept_patches_plot, processed_image, retention_plot
 from pipelines.evaluation.report import Budget, build_report, example_ids, markdown, parse_budget, version_tags
@@ -278,21 +278,28 @@ def main(argv: list[str] | None = None) -> int:
     run = {"model": args.model, "split": args.split, "limit": args.limit, "seed": args.seed,
            "dtype": str(dtype).removeprefix("torch."), "position_policy": policy, "batch_size": args.batch_size,
            "visual_tokens_per_image": num_tokens, "budgets": [{"budget": b.label, "k": b.k} for b in budgets]}
+    def make_methods():
+        return build_methods(vlm, args.pruners, budget_args, autoselect, settings, policies, variants)
+
+    def first_batch_full_scores():
+        """All tokens on each task's first batch: a check of the earlier report in seconds, not after the run."""
+        firsts = [dataclasses.replace(t, examples=t.examples[: args.batch_size]) for t in tasks]
+        return evaluate(firsts, lambda: [m for m in make_methods() if m.label == FULL], processor, image_token_id,
+                        args.batch_size, device, dtype)
+
     earlier, reused = None, set()
     if args.baselines_from:
         try:
             earlier = reuse.load(args.baselines_from)
             reuse.check_settings(earlier, run, settings, [t.name for t in tasks])
             reuse.check_examples(earlier, example_ids(tasks))
+            reuse.check_full_scores(earlier, first_batch_full_scores())
         except reuse.ReuseError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         args.pruners = [*args.pruners, *(p for p in reuse.baselines(earlier) if p not in args.pruners)]
         reused = reuse.labels(earlier)
         print(f"baselines from {args.baselines_from}: {', '.join(reuse.baselines(earlier))} (not run again)")
-
-    def make_methods():
-        return build_methods(vlm, args.pruners, budget_args, autoselect, settings, policies, variants)
 
     scores = evaluate(tasks, lambda: [m for m in make_methods() if m.label not in reused], processor, image_token_id,
                       args.batch_size, device, dtype)

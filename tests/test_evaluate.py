@@ -633,3 +633,10 @@ def test_baselines_from_an_earlier_report_give_the_report_that_running_them_give
     ran.clear()
     assert main([*base, "--baselines-from", str(tmp_path / "reordered.json")]) == 2
     assert not ran  # other examples are refused before a single batch runs
+    assert main([*base, "--baselines-from", str(tmp_path / "changed.json")]) == 2
+    assert ran == {FULL}  # other all-token scores on the first batch: refused before any other method runs
+    changed_last = json.loads(earlier.read_text())
+    changed_last["per_example"]["markers"][FULL][-1] = 1.0 - changed_last["per_example"]["markers"][FULL][-1]
+    (tmp_path / "changed-last.json").write_text(json.dumps(changed_last))
+    assert main([*base, "--baselines-from", str(tmp_path / "changed-last.json")]) == 2  # past the first batch: at the end
+    assert "all-token scores on markers differ" in capsys.readouterr().err

@@ -6,7 +6,8 @@ dtype, the batching and its own settings (a seed, FastV's layer), never on the s
 its cells to compare one more scorer costs over an hour on a CPU and changes nothing. The
 earlier report is used only when all of those match this run, and when its all-token scores equal
 this run's example for example (the proof that the examples, and how they are scored, are the
-same); otherwise it is refused, naming what differs. Its example ids (``per_example_ids``), where it
+same: another machine's bf16 kernels can move them); otherwise it is refused, naming what differs.
+The first batch's all-token scores are compared before the run, the rest at its end. Its example ids (``per_example_ids``), where it
 has them, are checked before anything runs, so other examples are refused at once. AutoSelect and
 its decode variants are never taken from it: they are what the run is for.
 """
@@ -75,16 +76,30 @@ def labels(report: dict[str, Any]) -> set[str]:
             if label != FULL and label.split("@")[0].split("[")[0] in names}
 
 
+def check_full_scores(report: dict[str, Any], scores: dict[str, dict[str, dict]]) -> None:
+    """Refuse when this run's all-token scores (``runner.evaluate``'s form: every example, or only
+    the first batch, which evaluate.py scores before anything else runs) are not the report's
+    first ones, example for example: other examples, or other numerics (another CPU's bf16 kernels
+    move the scores too)."""
+    for task, by_label in scores.items():
+        mine = by_label[FULL]["per_example"]
+        if (report["per_example"][task].get(FULL) or [])[: len(mine)] != mine:
+            raise ReuseError(f"--baselines-from: the all-token scores on {task} differ from this run's, so the examples "
+                             "or their scoring (e.g. another machine's kernels, another dtype) are not the same; "
+                             "run the baselines instead")
+
+
 def merge(scores: dict[str, dict[str, dict]], report: dict[str, Any]) -> None:
     """Add the report's baseline cells to this run's ``scores`` (``runner.evaluate``'s form), each
     rebuilt from its per-example values as the run would have tallied them, after checking that each
     task's all-token scores are the report's, example for example."""
     wanted = labels(report)
+    check_full_scores(report, scores)
     for task, by_label in scores.items():
         theirs = report["per_example"][task]
-        if theirs.get(FULL) != by_label[FULL]["per_example"]:
-            raise ReuseError(f"--baselines-from: the all-token scores on {task} differ from this run's, so the examples "
-                             "or their scoring are not the same; run the baselines instead")
+        if len(theirs.get(FULL) or []) != len(by_label[FULL]["per_example"]):
+            raise ReuseError(f"--baselines-from: the report scored {len(theirs.get(FULL) or [])} examples on {task}, "
+                             f"this run {len(by_label[FULL]['per_example'])}")
         choice = task in report.get("per_example_answer_nll", {})
         for label in sorted(wanted & set(theirs)):
             values = theirs[label]
