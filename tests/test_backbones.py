@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from autoselect import AutoSelectConfig, AutoSelectModel, TrainingOptions
+from autoselect import AutoSelectConfig, AutoSelectModel, InferenceOptions, TrainingOptions
 from autoselect.backbones import get_adapter
 from autoselect.pruners import build_pruner
 from autoselect.testing.tiny_backbones import TINY_BACKBONES
@@ -262,6 +262,28 @@ def test_gate_attention_trains_on_the_inference_sequence_or_refuses_by_name(back
         trained = float(model(**batch, labels=labels).loss)
         inferred = float(model.eval()(**batch, labels=labels).loss)
     assert trained == pytest.approx(inferred, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(set(TINY_BACKBONES) - set(GATE_ATTENTION_REFUSED)))
+def test_straight_through_under_the_dpp_decode_trains_on_the_inference_sequence(name):
+    """``training.straight_through`` with ``inference.decode: dpp`` keeps each image's DPP set in the
+    training forward (images of different sizes, so ragged token counts, included): the training
+    loss is the DPP inference loss, and every scorer logit still gets a gradient."""
+    vlm, processor = TINY_BACKBONES[name](seed=0)
+    batch = make_batch(processor)
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -3:] = batch["input_ids"][:, -3:]
+    config = AutoSelectConfig(budget=0.5, training=TrainingOptions(gate_attention=True, straight_through=True, candidates=1.0),
+                              position_policy="original", inference=InferenceOptions(decode="dpp", dpp_quality_scale=0.5))
+    torch.manual_seed(0)
+    model = AutoSelectModel.attach(vlm, config).train()
+    trained = model(**batch, labels=labels).loss
+    trained.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.scorer.parameters())
+    assert any(bool((p.grad != 0).any()) for p in model.scorer.parameters())
+    with torch.no_grad():
+        inferred = float(model.eval()(**batch, labels=labels).loss)
+    assert float(trained.detach()) == pytest.approx(inferred, abs=1e-4)
 
 
 def test_auto_dtype_is_bf16_only_where_the_cpu_has_native_bf16(tmp_path, monkeypatch):
