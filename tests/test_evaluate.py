@@ -510,7 +510,8 @@ def test_budgets_resolve_on_the_adapters_plan_of_the_probe_image(family, n):
 
 def test_decode_variants_run_the_same_scorer_under_dpp_and_are_paired_with_autoselect(taught, tmp_path, capsys):
     """``--autoselect-decode dpp``: an ``autoselect-dpp`` method (the same weights, the dpp decode)
-    next to ``autoselect`` (the scorer as saved), paired with it, and never a baseline in the tags."""
+    next to ``autoselect`` (the scorer as saved), paired with it and (as ``paired_variants``) with the
+    baselines, and never a baseline in the tags."""
     from autoselect.selection import dpp_indices
     from pipelines.evaluation.methods import decode_variants
     from pipelines.evaluation.report import version_tags
@@ -530,12 +531,17 @@ def test_decode_variants_run_the_same_scorer_under_dpp_and_are_paired_with_autos
                      "--autoselect-decode", "dpp")
     assert set(report["results"]) == {FULL, "autoselect", "autoselect-dpp", "random"}
     assert set(report["paired"]["8"]) == {"autoselect-dpp", "random"}
+    assert set(report["paired_variants"]) == {"autoselect-dpp"} and set(report["paired_variants"]["autoselect-dpp"]["8"]) == {"random"}
+    (variant_vs_random,) = report["paired_variants"]["autoselect-dpp"]["8"]["random"].values()
+    variant, rival = (report["per_example"]["markers"][label] for label in ("autoselect-dpp@8", "random@8"))
+    assert variant_vs_random["difference"] == pytest.approx(sum(variant) / len(variant) - sum(rival) / len(rival), abs=1e-4)
     assert report["pruners"]["autoselect-dpp"]["inference"]["decode"] == "dpp"
     assert report["pruners"]["autoselect"]["inference"]["decode"] == "topk"
     tags = version_tags(report)
     random_margin = report["results"]["autoselect"]["8"]["average_retention"] - report["results"]["random"]["8"]["average_retention"]
     assert float(tags["retention_margin_vs_best_baseline.k8"]) == pytest.approx(random_margin / 100, abs=1e-4)  # random, not the variant
     assert "| autoselect − autoselect-dpp | 8 |" in (tmp_path / "dpp" / "report.md").read_text()
+    assert "| autoselect-dpp − random | 8 |" in (tmp_path / "dpp" / "report.md").read_text()
     for bad, match in ((["--autoselect-decode", "beam"], "unknown --autoselect-decode"),
                        (["--dpp-quality-scale", "2"], "add --autoselect-decode dpp"),
                        (["--pruners", "random", "--autoselect-decode", "dpp"], "must include autoselect")):

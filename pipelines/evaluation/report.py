@@ -138,6 +138,8 @@ def build_report(
         "results": results,
         "average_retention": average,
         "paired": paired_differences(tasks, scores, methods),
+        "paired_variants": {name: paired_differences(tasks, scores, methods, name)
+                            for name in sorted({m.base for m in methods if m.base.startswith(AUTOSELECT_VARIANT)})},
         "selection_check": selection_check(tasks, scores, methods),
         "per_example": {t.name: {label: got.get("per_example") for label, got in scores[t.name].items()} for t in tasks},
         "per_example_ids": example_ids(tasks),
@@ -160,13 +162,16 @@ def paired_difference(ours: Sequence[float], theirs: Sequence[float], tokens: Se
     return {"difference": round(sum(diffs) / n, 4), "stderr": round(stderr_of_mean(diffs), 4), "n": n}
 
 
-def paired_differences(tasks: Sequence[Task], scores, methods: Sequence[Method]) -> dict[str, Any]:
-    """AutoSelect minus every baseline at the same budget, per task, on the same examples."""
-    ours = [m for m in methods if m.base == AUTOSELECT]
+def paired_differences(tasks: Sequence[Task], scores, methods: Sequence[Method], name: str = AUTOSELECT) -> dict[str, Any]:
+    """``name`` (AutoSelect, or one of its decode variants) minus every other method at the same
+    budget and policy, per task, on the same examples. AutoSelect is paired with its variants too;
+    a variant only with the baselines and the oracle (its pair with AutoSelect is AutoSelect's)."""
+    ours = [m for m in methods if m.base == name]
     out: dict[str, Any] = {}
     for mine in ours:
-        rivals = [m for m in methods if m.base not in (AUTOSELECT, FULL) and m.budget_label == mine.budget_label
-                  and m.position_policy == mine.position_policy]
+        rivals = [m for m in methods if m.base not in (name, FULL) and m.budget_label == mine.budget_label
+                  and m.position_policy == mine.position_policy
+                  and (name == AUTOSELECT or not (m.base == AUTOSELECT or m.base.startswith(AUTOSELECT_VARIANT)))]
         for rival in rivals:
             cell = {}
             for task in tasks:
@@ -308,10 +313,32 @@ def _cell(entry: dict[str, Any] | None) -> str:
 
 
 def _paired_lines(report: dict[str, Any]) -> list[str]:
-    """AutoSelect minus each baseline at each budget, per task (difference ± paired stderr)."""
+    """AutoSelect (then each decode variant) minus each other method at each budget, per task
+    (difference ± paired stderr)."""
     tasks = report["tasks"]
     rows = []
-    for budget, rivals in report.get("paired", {}).items():
+    ours = [(AUTOSELECT, report.get("paired", {})), *report.get("paired_variants", {}).items()]
+    for mine, by_budget in ours:
+        rows += _paired_rows(mine, by_budget, tasks)
+    if not rows:
+        return []
+    header = ["pair", "budget"] + [f"{name} ({'acc' if info['higher_is_better'] else 'NLL'})" for name, info in tasks.items()]
+    return [
+        "",
+        "Paired on the same examples: AutoSelect (and each other decode of its scorer) minus each other "
+        "method at the same budget (± standard "
+        "error of the paired difference; positive is better for accuracy, worse for NLL; for choice "
+        "tasks also the true answer's NLL per token, which separates methods with far fewer examples).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *rows,
+    ]
+
+
+def _paired_rows(mine: str, by_budget: dict[str, Any], tasks: dict[str, Any]) -> list[str]:
+    rows = []
+    for budget, rivals in by_budget.items():
         for rival, cells in rivals.items():
             shown = []
             for name in tasks:
@@ -321,20 +348,8 @@ def _paired_lines(report: dict[str, Any]) -> list[str]:
                     text += f" (answer NLL {cell['answer_nll']['difference']:+.3f} ± {cell['answer_nll']['stderr']:.3f})"
                 shown.append(text)
             policy = rival[rival.index("["):] if rival.endswith("]") else ""
-            rows.append("| " + " | ".join([f"{AUTOSELECT}{policy} − {rival}", budget] + shown) + " |")
-    if not rows:
-        return []
-    header = ["pair", "budget"] + [f"{name} ({'acc' if info['higher_is_better'] else 'NLL'})" for name, info in tasks.items()]
-    return [
-        "",
-        "Paired on the same examples: AutoSelect minus each baseline at the same budget (± standard "
-        "error of the paired difference; positive is better for accuracy, worse for NLL; for choice "
-        "tasks also the true answer's NLL per token, which separates methods with far fewer examples).",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *rows,
-    ]
+            rows.append("| " + " | ".join([f"{mine}{policy} − {rival}", budget] + shown) + " |")
+    return rows
 
 
 def _check_lines(report: dict[str, Any]) -> list[str]:
