@@ -171,7 +171,7 @@ def paired_differences(tasks: Sequence[Task], scores, methods: Sequence[Method],
     for mine in ours:
         rivals = [m for m in methods if m.base not in (name, FULL) and m.budget_label == mine.budget_label
                   and m.position_policy == mine.position_policy
-                  and (name == AUTOSELECT or not (m.base == AUTOSELECT or m.base.startswith(AUTOSELECT_VARIANT)))]
+                  and (name == AUTOSELECT or is_baseline(m.base) or m.base == ORACLE)]
         for rival in rivals:
             cell = {}
             for task in tasks:
