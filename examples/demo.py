@@ -257,14 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress = Progress()
     import ray
-    import torch
 
     from minillava.aligned import build_aligned_mini_llava
     from minillava.assets import file_sha256
     from mlops.tracking import resolve_tracking_uri
     from pipelines.corpora import ExportSettings, export_corpora
 
-    torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     args.tracking_uri = resolve_tracking_uri(args.tracking_uri)  # absolute: workers and replicas run elsewhere
     name = args.registered_model

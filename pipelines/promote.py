@@ -69,9 +69,12 @@ class Requirement:
             return f"{self.metric}: not found (required {self.op} {self._threshold()})"
         if not math.isnan(value) and OPERATORS[self.op](value, self.threshold):
             return None
-        gap = {">": "short", ">=": "short", "<": "over", "<=": "over"}.get(self.op, "off")
-        return (f"{self.metric} = {value:g} ({source}) fails {self.op} {self._threshold()}"
-                f" ({gap} by {abs(value - self.threshold):.6g})")
+        if value == self.threshold:  # a tie under a strict gate: "short by 0" would read as a bug
+            why = f"equal: {self.op} asks for {'more' if self.op == '>' else 'less'}"
+        else:
+            gap = {">": "short", ">=": "short", "<": "over", "<=": "over"}.get(self.op, "off")
+            why = f"{gap} by {abs(value - self.threshold):.6g}"
+        return f"{self.metric} = {value:g} ({source}) fails {self.op} {self._threshold()} ({why})"
 
     def _threshold(self) -> str:
         return f"{self.threshold:g}" + (f" (@{self.against}'s)" if self.against else "")

@@ -191,7 +191,8 @@ def test_a_challenger_is_gated_on_the_champions_value_only_when_evaluated_alike(
     ours = float(client.get_model_version(MODEL, second).tags["retention_avg"])
     assert ours == float(tagged["tags"]["retention_avg"])
     assert promote.main([*gate, "--alias", "contender", "--require", "retention_avg>@incumbent"]) == 1
-    assert f"fails > {ours:g} (@incumbent v{first}'s)" in capsys.readouterr().err  # a tie does not win
+    tie = capsys.readouterr().err  # a tie does not win, and says so (not "short by 0")
+    assert f"fails > {ours:g} (@incumbent v{first}'s) (equal: > asks for more)" in tie
     assert promote.main([*gate, "--alias", "contender", "--require", "retention_avg>=@incumbent"]) == 0
     assert str(client.get_model_version_by_alias(MODEL, "contender").version) == second
 
