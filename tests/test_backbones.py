@@ -1,6 +1,5 @@
 """Every backbone adapter on a tiny from-config model: the invariants the method relies on."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -9,16 +8,10 @@ from autoselect.backbones import get_adapter
 from autoselect.pruners import build_pruner
 from autoselect.testing.tiny_backbones import TINY_BACKBONES
 from tests.support.contract import check_generate_contract
+from tests.support.inputs import noise_images
 
 QUESTIONS = ["What is in the image?", "Describe the picture in one short sentence please."]
 SIZES = [(32, 32), (24, 40)]  # (height, width): native-resolution backbones get different N per image
-
-
-def images(sizes, seed=0):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
 
 
 def make_batch(processor, questions=QUESTIONS, sizes=SIZES, seed=0):
@@ -28,7 +21,7 @@ def make_batch(processor, questions=QUESTIONS, sizes=SIZES, seed=0):
         )
         for q in questions
     ]
-    return processor(images=[[i] for i in images(sizes, seed)], text=texts, return_tensors="pt", padding=True)
+    return processor(images=[[i] for i in noise_images(sizes, seed)], text=texts, return_tensors="pt", padding=True)
 
 
 @pytest.fixture(params=sorted(TINY_BACKBONES))
@@ -128,7 +121,7 @@ def test_batched_generate_equals_per_sample_generate(backbone):
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[1]}]}], add_generation_prompt=True
     )  # the second image alone: same pixels as in the batch
     singles = [make_batch(processor, QUESTIONS[:1], SIZES[:1], seed=3),
-               processor(images=[images(SIZES, 3)[1:]], text=[text], return_tensors="pt")]
+               processor(images=[noise_images(SIZES, 3)[1:]], text=[text], return_tensors="pt")]
     for model in AutoSelectModel.attach(vlm, AutoSelectConfig(budget=0.5)).eval(), build_pruner("divprune", vlm, 0.5):
         check_generate_contract(model, batch, singles, max_new_tokens=5)
 
@@ -193,7 +186,7 @@ def test_encoded_examples_collate_and_train_on_every_backbone(backbone):
             processor,
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]},
              {"role": "assistant", "content": [{"type": "text", "text": "a red square"}]}],
-            images([size], seed=row),
+            noise_images([size], seed=row),
         )
         for row, (q, size) in enumerate(zip(QUESTIONS, SIZES))
     ]

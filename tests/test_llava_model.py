@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from PIL import Image
 from torch import nn
 
 from autoselect import AutoSelectConfig, AutoSelectModel, InferenceOptions, OptionDependencyError, TrainingOptions
@@ -12,17 +11,9 @@ from autoselect.decode import ranking
 from autoselect.denoiser import Denoiser
 from autoselect.testing import build_tiny_llava
 from tests.support.contract import check_generate_contract
+from tests.support.inputs import PROMPTS, square_images
 
 N = 64  # 32 px images, patch 4, CLS dropped
-PROMPTS = [
-    "USER: <image>\nWhat is in the image? ASSISTANT:",
-    "USER: <image>\nDescribe the picture in one short sentence please. ASSISTANT:",
-]
-
-
-def images(count: int, seed: int = 0) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(count)]
 
 
 @pytest.fixture
@@ -33,7 +24,7 @@ def tiny():
 @pytest.fixture
 def batch(tiny):
     _, processor = tiny
-    return processor(images=images(2), text=PROMPTS, return_tensors="pt", padding=True)
+    return processor(images=square_images(2), text=PROMPTS, return_tensors="pt", padding=True)
 
 
 def language_model_inputs(vlm: nn.Module):
@@ -170,7 +161,7 @@ def test_batched_generate_equals_per_sample_generate(tiny):
     """HF's contract on a left-padded batch: the caller's prompt, then per row the new tokens of that row alone."""
     vlm, processor = tiny
     model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16)).eval()
-    imgs = images(2, seed=3)
+    imgs = square_images(2, seed=3)
     batch = processor(images=imgs, text=PROMPTS, return_tensors="pt", padding=True)
     assert (batch["attention_mask"][:, 0] == 0).any(), "the test needs left padding"
     singles = [processor(images=[image], text=[prompt], return_tensors="pt") for image, prompt in zip(imgs, PROMPTS)]
@@ -192,7 +183,7 @@ def test_generate_k_equals_n_matches_unmodified_generate(tiny, batch):
 def test_multi_image_rows_are_repadded(tiny):
     vlm, processor = tiny
     prompts = ["USER: <image><image>\nCompare them. ASSISTANT:", "USER: <image>\nWhat is it? ASSISTANT:"]
-    batch = processor(images=images(3), text=prompts, return_tensors="pt", padding=True)
+    batch = processor(images=square_images(3), text=prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
         reference = vlm(**batch).logits
     model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=N)).eval()
@@ -213,7 +204,7 @@ def test_multi_image_rows_are_repadded(tiny):
 
 def test_original_position_policy_keeps_positions_with_gaps(tiny):
     vlm, processor = tiny
-    batch = processor(images=images(1), text=PROMPTS[:1], return_tensors="pt")
+    batch = processor(images=square_images(1), text=PROMPTS[:1], return_tensors="pt")
     model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=8, position_policy="original")).eval()
     seen, handle = language_model_inputs(vlm)
     with torch.no_grad():
@@ -498,7 +489,7 @@ def test_inference_noise_keeps_a_seeded_sample_the_same_alone_or_in_a_batch(tiny
         sampled = model.last_selection.indices.clone()
         model(**batch)
         assert torch.equal(model.last_selection.indices, sampled)  # deterministic
-        alone = processor(images=images(2)[1:], text=PROMPTS[1:], return_tensors="pt")
+        alone = processor(images=square_images(2)[1:], text=PROMPTS[1:], return_tensors="pt")
         model(**alone)
         assert torch.equal(model.last_selection.indices[0], sampled[1])  # batch-invariant
         model.config.inference = InferenceOptions(noise=1.0, seed=1)

@@ -7,21 +7,14 @@ made, and the sequence length the language model was handed.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from autoselect import AutoSelectConfig, AutoSelectModel, ImagePlan, ScoreMass, pruned_length
 from autoselect.testing.tiny_backbones import TINY_BACKBONES
+from tests.support.inputs import noise_images
 
 SIZES = [(32, 32), (24, 40)]  # (height, width): native-resolution backbones get different N per image
-
-
-def images(sizes, seed=0):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
 
 
 def encode(processor, sizes, rows_of_images=None, question="What is in the image?"):
@@ -31,7 +24,7 @@ def encode(processor, sizes, rows_of_images=None, question="What is in the image
     for count in rows_of_images:
         content = [{"type": "image"}] * count + [{"type": "text", "text": question}]
         texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
-        pictures.append(images(sizes)[start:start + count])
+        pictures.append(noise_images(sizes)[start:start + count])
         start += count
     return processor(images=pictures, text=texts, return_tensors="pt", padding=True)
 

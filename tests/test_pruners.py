@@ -1,9 +1,7 @@
 """Training-free baselines on the tiny LLaVA: the shared contract, then each method's own rule."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from autoselect.backbones import VisionAttention, get_adapter
 from autoselect.pruners import available_pruners, build_pruner
@@ -13,20 +11,12 @@ from autoselect.pruners.visionzip import zip_tokens
 from autoselect.selection import gather_tokens
 from autoselect.testing import build_tiny_llava
 from tests.support.contract import check_generate_contract
+from tests.support.inputs import PROMPTS, square_images
 
 N, K = 64, 16  # 32 px images, patch 4, CLS dropped
 LAYER = 2  # FastV's default; the tiny LLM gets 3 layers so layer 2 is a real cut
 PRE_LLM = ["random", "uniform", "pooled", "visionzip", "divprune"]
 ALL = PRE_LLM + ["fastv"]
-PROMPTS = [
-    "USER: <image>\nWhat is in the image? ASSISTANT:",
-    "USER: <image>\nDescribe the picture in one short sentence please. ASSISTANT:",
-]
-
-
-def images(count: int, seed: int = 0) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(count)]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +27,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def batch(tiny):
     _, processor = tiny
-    out = processor(images=images(2), text=PROMPTS, return_tensors="pt", padding=True)
+    out = processor(images=square_images(2), text=PROMPTS, return_tensors="pt", padding=True)
     assert (out["attention_mask"][:, 0] == 0).any(), "the tests need left padding"
     return out
 
@@ -85,7 +75,7 @@ def test_generate_keeps_hf_contract(tiny, batch, name):
     """The caller's prompt, then the new tokens; each row's as alone (random draws differ per call)."""
     vlm, processor = tiny
     pruner = build_pruner(name, vlm, K)
-    singles = [processor(images=[i], text=[p], return_tensors="pt") for i, p in zip(images(2), PROMPTS)]
+    singles = [processor(images=[i], text=[p], return_tensors="pt") for i, p in zip(square_images(2), PROMPTS)]
     check_generate_contract(pruner, batch, [] if name == "random" else singles, max_new_tokens=3)
     assert len(pruner.last_selection.indices[0]) == K
 
@@ -120,7 +110,7 @@ def test_left_padded_batch_matches_each_sample_alone(tiny, batch, name):
     with torch.no_grad():
         batched = pruner(**batch).logits
         batched_indices = pruner.last_selection.indices
-        for row, (image, prompt) in enumerate(zip(images(2), PROMPTS)):
+        for row, (image, prompt) in enumerate(zip(square_images(2), PROMPTS)):
             alone = pruner(**processor(images=[image], text=[prompt], return_tensors="pt")).logits
             assert torch.equal(pruner.last_selection.indices[0], batched_indices[row])
             assert torch.allclose(batched[row, -1], alone[0, -1], atol=1e-5)
@@ -233,7 +223,7 @@ def test_visionzip_sends_k_tokens_some_merged(tiny, batch):
 # ---- FastV -----------------------------------------------------------------------------------
 def test_fastv_ranks_by_last_token_attention_of_layer_before_the_cut():
     vlm, processor = build_tiny_llava(text_layers=3, seed=0)
-    batch = processor(images=images(2), text=PROMPTS, return_tensors="pt", padding=True)
+    batch = processor(images=square_images(2), text=PROMPTS, return_tensors="pt", padding=True)
     fastv = build_pruner("fastv", vlm, K)
     with torch.no_grad():
         fastv(**batch)  # under sdpa: no attention map exists
@@ -283,7 +273,7 @@ def test_fastv_prefill_and_cached_decode_equal_masking_the_dropped_tokens(tiny, 
 def test_fastv_rows_with_different_image_counts_are_repadded(tiny):
     vlm, processor = tiny
     prompts = ["USER: <image><image>\nCompare them. ASSISTANT:", "USER: <image>\nWhat is it? ASSISTANT:"]
-    batch = processor(images=images(3), text=prompts, return_tensors="pt", padding=True)
+    batch = processor(images=square_images(3), text=prompts, return_tensors="pt", padding=True)
     fastv = build_pruner("fastv", vlm, K)
     positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
