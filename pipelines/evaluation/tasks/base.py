@@ -16,6 +16,7 @@ from typing import Any, Callable, Literal
 from PIL import Image
 
 from pipelines.corpora import load_records, open_image, read_manifest
+from pipelines.corpora.common import balanced_subset
 
 Kind = Literal["choice", "nll"]
 EVAL_SPLITS = ("val", "test")  # every choice is made on val; reported numbers come from test
@@ -152,3 +153,20 @@ def record_example(ctx: TaskContext, record: dict) -> Example:
 
     question, answer = conversation_turns(record["conversations"])[0]
     return Example(record["id"], record_image(ctx, record), question, answer)
+
+
+def balanced_choice_task(
+    ctx: TaskContext, name: str, corpus: str, records: list[dict], choices: tuple[str, ...], description: str,
+    example: Callable[[TaskContext, dict], Example] = record_example,
+) -> Task:
+    """A multiple-choice task over ``records`` of ``<corpus>.heldout.jsonl``, class-balanced when
+    ``--limit`` cuts it (`balanced_subset`), each read by ``example``."""
+    chosen = balanced_subset(records, ctx.size(len(records)))
+    return Task(
+        name=name,
+        kind="choice",
+        examples=[example(ctx, r) for r in chosen],
+        description=description,
+        source=f"{ctx.corpora_dir}/{corpus}.heldout.jsonl, {ctx.split} half",
+        choices=choices,
+    )

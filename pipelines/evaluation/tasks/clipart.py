@@ -3,8 +3,7 @@ over the exported categories), on the held-out split, category-balanced under ``
 
 from __future__ import annotations
 
-from pipelines.corpora.common import balanced_subset
-from pipelines.evaluation.tasks.base import Task, TaskContext, heldout_records, manifest_choices, record_example
+from pipelines.evaluation.tasks.base import Task, TaskContext, balanced_choice_task, heldout_records, manifest_choices
 
 NAME = "clipart_category"
 
@@ -12,12 +11,4 @@ NAME = "clipart_category"
 def load(ctx: TaskContext) -> Task:
     records = heldout_records(ctx, "openclipart")
     choices = manifest_choices(ctx, "clipart_category")
-    chosen = balanced_subset(records, ctx.size(len(records)))
-    return Task(
-        name=NAME,
-        kind="choice",
-        examples=[record_example(ctx, r) for r in chosen],
-        description=f"Open Clip Art category ({len(choices)}-way multiple choice)",
-        source=f"{ctx.corpora_dir}/openclipart.heldout.jsonl, {ctx.split} half",
-        choices=choices,
-    )
+    return balanced_choice_task(ctx, NAME, "openclipart", records, choices, f"Open Clip Art category ({len(choices)}-way multiple choice)")

@@ -14,25 +14,26 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from pipelines.corpora.common import balanced_subset
 from pipelines.corpora.scenes import CAPTION_TASK, GARMENT_TASK, garment_question_id
-from pipelines.evaluation.tasks.base import Task, TaskContext, heldout_records, manifest_choices, record_example
+from pipelines.evaluation.tasks.base import (
+    Example, Task, TaskContext, balanced_choice_task, heldout_records, manifest_choices, record_example,
+)
 
 NAME = "scenes_garment"
 CAPTION_NAME = "scenes_caption_nll"
 
 
+def boxed_example(ctx: TaskContext, record: dict) -> Example:
+    """The record's question with its garment's square, for the oracle."""
+    return replace(record_example(ctx, record), boxes=tuple(tuple(box) for box in record["boxes"]))
+
+
 def load(ctx: TaskContext) -> Task:
     records = [r for r in heldout_records(ctx, "scenes") if r["task"] == GARMENT_TASK]
-    choices = manifest_choices(ctx, GARMENT_TASK)
-    chosen = balanced_subset(records, ctx.size(len(records)))
-    return Task(
-        name=NAME,
-        kind="choice",
-        examples=[replace(record_example(ctx, r), boxes=tuple(tuple(box) for box in r["boxes"])) for r in chosen],
-        description="Fashion-MNIST garment among clip-art drawings on a photo or a plain background (10-way multiple choice)",
-        source=f"{ctx.corpora_dir}/scenes.heldout.jsonl, {ctx.split} half",
-        choices=choices,
+    return balanced_choice_task(
+        ctx, NAME, "scenes", records, manifest_choices(ctx, GARMENT_TASK),
+        "Fashion-MNIST garment among clip-art drawings on a photo or a plain background (10-way multiple choice)",
+        example=boxed_example,
     )
 
 
