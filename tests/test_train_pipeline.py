@@ -350,8 +350,8 @@ from autoselect.training import compute_loss
 
 def run(stage, checkpointing):
     vlm, processor = build_tiny_llava(seed=0)
-    from tests.test_llava_model import PROMPTS, images
-    batch = dict(processor(images=images(2), text=PROMPTS, return_tensors="pt", padding=True))
+    from tests.support.inputs import PROMPTS, square_images
+    batch = dict(processor(images=square_images(2), text=PROMPTS, return_tensors="pt", padding=True))
     batch["labels"] = batch["input_ids"].masked_fill(batch["input_ids"] == vlm.config.image_token_id, -100)
     torch.manual_seed(0)
     model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, training=TrainingOptions(gate_attention=True)))
