@@ -78,7 +78,10 @@ class LocalCluster:
     refuse to add a node, and a 127.0.0.1 address is rewritten to the machine's own by Ray."""
 
     def __init__(self, log_dir: Path, multi_node: bool = False) -> None:
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+                    # on SIGTERM a node otherwise drains for up to 30 s (for Serve replicas; these run none):
+                    # the finished job's leases keep it from going idle, so every teardown waited the whole 30 s
+                    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
         if multi_node:  # else a one-node cluster keeps the caller's setting (the Makefile pins 127.0.0.1)
             self.env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
         self.log_dir = log_dir
