@@ -24,6 +24,17 @@ from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 ARTIFACT_KEY = "autoselect"
 MODEL_NAME_IN_RUN = "scorer"
+# what loading and calling the pyfunc imports: this package (its `autoselect` modules) and below it
+SCORER_DISTRIBUTIONS = ("autoselect", "torch", "transformers", "safetensors", "numpy", "cloudpickle", "mlflow")
+
+
+def scorer_requirements() -> list[str]:
+    """The registered model's pip requirements, pinned to what is installed here (public versions:
+    ``2.13.0+cpu`` is recorded as ``2.13.0``). Written out rather than inferred: MLflow's inference
+    loads the model in a subprocess (about 10 s of every registration) and its guess left out torch."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in SCORER_DISTRIBUTIONS]
 
 
 class AutoSelectScorerModel(mlflow.pyfunc.PythonModel):
@@ -95,6 +106,7 @@ def log_and_register(autoselect_dir: str | Path, registered_model: str, tags: di
         artifacts={ARTIFACT_KEY: str(autoselect_dir)},
         registered_model_name=registered_model,
         signature=signature,
+        pip_requirements=scorer_requirements(),
     )
     version = info.registered_model_version
     client = MlflowClient()

@@ -75,15 +75,20 @@ def serve_http(ray_local):
         serve.shutdown()
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite registry for every family's scorer (a new store costs seconds of schema migrations)."""
+    return tmp_path_factory.mktemp("serve-families")
+
+
 @pytest.fixture(scope="module", params=sorted(N_OF_32))
-def family_url(request, serve_http, tmp_path_factory):
+def family_url(request, serve_http, store):
     """One application per family, replacing the previous one (one replica at a time on 2 CPUs)."""
     from ray import serve
 
     from serve.app import AutoSelectServer
 
-    family = request.param
-    root = tmp_path_factory.mktemp(f"serve-{family}")
+    family, root = request.param, store
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     name = f"tiny-{family}".replace("_", "-")
     register_scorer(tracking, name, backbone=TINY_PREFIX + family, budget=0.5, seed=1, alias="champion",

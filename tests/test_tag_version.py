@@ -6,8 +6,10 @@ in-process, an untrained scorer, a sqlite MLflow store in tmp_path."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -201,3 +203,16 @@ def test_a_challenger_is_gated_on_the_champions_value_only_when_evaluated_alike(
     with pytest.raises(SystemExit):
         promote.main([*gate, "--require", "retention_avg>@"])
     assert "'@' needs an alias name" in capsys.readouterr().err
+
+
+def test_the_registered_model_pins_what_the_scorer_imports(store):
+    """Written by `log_and_register`, not inferred by MLflow (which left torch out)."""
+    from importlib.metadata import version
+
+    mlflow.set_tracking_uri(store["tracking"])
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{MODEL}/{store['versions'][0]}")).read_text().split()
+    assert f"torch=={version('torch').split('+')[0]}" in requirements
+    assert f"autoselect=={version('autoselect')}" in requirements and f"mlflow=={version('mlflow')}" in requirements
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}/{store['versions'][0]}")
+    tokens = np.random.default_rng(0).standard_normal((1, 64, 32)).astype(np.float32)
+    assert model.predict({"visual_tokens": tokens}, params={"k": 16}).shape == (1, 16)
