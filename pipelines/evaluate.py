@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
 
     run = {"model": args.model, "split": args.split, "limit": args.limit, "seed": args.seed,
            "dtype": str(dtype).removeprefix("torch."), "position_policy": policy, "batch_size": args.batch_size,
-           "visual_tokens_per_image": num_tokens, "budgets": [{"budget": b.label, "k": b.k} for b in budgets]}
+           "visual_tokens_per_image": num_tokens, "budgets": [{"budget": b.label, "k": b.k} for b in budgets],
+           "scoring": SCORING}
 
     def make_methods():
         return build_methods(vlm, args.pruners, budget_args, autoselect, settings, policies, variants)

@@ -17,7 +17,7 @@ from autoselect.testing import build_tiny_llava
 from autoselect.testing.synthetic import marker_batches, teach_vlm_markers
 from autoselect.training import train
 from pipelines.evaluate import main
-from pipelines.evaluation.methods import FULL, PreLLM, baseline_settings, build_methods
+from pipelines.evaluation.methods import FULL, InsideLLM, PreLLM, baseline_settings, build_methods
 from pipelines.evaluation.scoring import answer_log_likelihoods, choice_batch, encode_rows
 from pipelines.evaluation.tasks import TaskContext, load_tasks
 from tests.support.scripts import load_script
@@ -96,7 +96,10 @@ def report(out_dir) -> dict:
 # ---- scoring is exact under every method ------------------------------------------------------
 def test_batched_scores_equal_each_rows_own_loss_under_every_pruner(taught):
     """Right-padded rows of different lengths, pruned before or inside the LLM: each row's summed
-    answer log-likelihood equals -(the model's own loss on that row alone) x its answer tokens."""
+    answer log-likelihood equals -(the model's own loss on that row alone) x its answer tokens
+    (FastV's alone ranked at the row's prompt end, as the evaluation and generation rank)."""
+    from pipelines.evaluation.scoring import prompt_ends
+
     vlm, processor = taught["vlm"], taught["processor"]
     image_token_id = get_adapter(vlm).image_token_id
     (task,), _ = load_tasks(["spatial_markers"], TaskContext(32, 4, Path("/nonexistent"), seed=3, limit=3))
@@ -109,7 +112,8 @@ def test_batched_scores_equal_each_rows_own_loss_under_every_pruner(taught):
         for row, (example, choice) in enumerate((e, c) for e in task.examples for c in choices):
             alone = encode_rows(processor, [(example, choice)])
             with torch.no_grad():
-                loss = method.model(**alone).loss if method.name == FULL else method.model(**alone, budget=method.budget).loss
+                own = {"rank_columns": prompt_ends(alone["labels"], alone["attention_mask"])} if method.name == "fastv" else {}
+                loss = method.model(**alone).loss if method.name == FULL else method.model(**alone, budget=method.budget, **own).loss
             assert int(counts[row]) == int((alone["labels"] != -100).sum())
             assert float(sums[row]) == pytest.approx(-float(loss) * int(counts[row]), abs=1e-4), (method.label, row)
 
@@ -246,8 +250,11 @@ def test_standard_errors_and_paired_differences_follow_the_per_example_scores(re
             nlls = [report["results"][m]["8"]["tasks"][task]["answer_nll"] for m in ("autoselect", "random")]
             assert paired["8"]["random"][task]["answer_nll"]["difference"] == pytest.approx(nlls[0] - nlls[1], abs=2e-4)
             assert same["answer_nll"] == {"difference": 0.0, "stderr": 0.0, "n": same["n"]}
-    # FastV keeps original positions (its method): under this run's repack policy it is not paired
-    assert set(paired["8"]) == set(PRUNERS) - {"autoselect", "fastv"}
+    # FastV keeps original positions (its method) and, with no pre-LLM method under original here,
+    # is paired with AutoSelect under this run's repack policy
+    assert set(paired["8"]) == set(PRUNERS) - {"autoselect"}
+    ours, theirs = (report["results"][m]["8"]["tasks"]["markers"]["score"] for m in ("autoselect", "fastv"))
+    assert paired["8"]["fastv"]["markers"]["difference"] == pytest.approx(ours - theirs, abs=2e-4)
     # with all tokens the taught VLM's true answers are likelier than under random pruning at K = 8
     full_nll, random_nll = (report["results"][m][b]["tasks"]["markers"]["answer_nll"] for m, b in ((FULL, "all"), ("random", "8")))
     assert 0 < full_nll < random_nll
@@ -379,8 +386,9 @@ def test_a_task_the_full_model_cannot_do_is_flagged_and_left_out_of_the_second_a
 
 def test_the_selection_check_reports_the_oracles_lead_over_the_best_baseline_of_its_policy():
     """Headroom: the oracle minus the best training-free baseline beside it (same budget and
-    position policy, never AutoSelect or its decode variants), paired on the same examples; under 2
-    paired SE the report says no selector can lead every baseline by 2 SE there."""
+    position policy, or FastV, which keeps its own positions; never AutoSelect or its decode
+    variants), paired on the same examples; under 2 paired SE the report says no selector can lead
+    every baseline by 2 SE there."""
     from PIL import Image
 
     from pipelines.evaluation.methods import FullTokens
@@ -392,14 +400,16 @@ def test_the_selection_check_reports_the_oracles_lead_over_the_best_baseline_of_
     task = Task("garment", "choice", [Example(str(i), Image.new("RGB", (8, 8)), "which?", classes[0]) for i in range(n)],
                 "a 10-way task", "val", classes)
     methods = [FullTokens(None), *(PreLLM(name, "8", 8, None, "repack") for name in ("random", "divprune", "oracle", "autoselect")),
-               PreLLM("autoselect-topk", "8", 8, None, "repack"), PreLLM("visionzip", "8", 8, None, "original")]
+               PreLLM("autoselect-topk", "8", 8, None, "repack"), PreLLM("visionzip", "8", 8, None, "original"),
+               InsideLLM("fastv", "8", 8, None, "original")]
 
     def cell(right: int) -> dict:  # the first ``right`` examples answered correctly
         return {"score": right / n, "n": n, "per_example": [1.0] * right + [0.0] * (n - right), "per_example_answer_nll": [1.0] * n}
 
-    def check(oracle: int, divprune: int) -> dict:
+    def check(oracle: int, divprune: int, fastv: int = 0, methods: list = methods) -> dict:
         scores = {"garment": {FULL: cell(30), "random@8": cell(10), "divprune@8": cell(divprune), "oracle@8": cell(oracle),
-                              "autoselect@8": cell(40), "autoselect-topk@8": cell(40), "visionzip@8": cell(40)}}
+                              "autoselect@8": cell(40), "autoselect-topk@8": cell(40), "visionzip@8": cell(40),
+                              "fastv@8": cell(fastv)}}
         report = build_report({"model": "m", "seed": 0}, [task], {}, scores, methods, [Budget("8", 8, 8)], 64)
         return report, report["selection_check"]["garment"]["oracle@8"]["headroom"]
 
@@ -411,6 +421,11 @@ def test_the_selection_check_reports_the_oracles_lead_over_the_best_baseline_of_
     assert 0.075 / stderr < 2 and "no selector can lead every baseline by 2 SE" in markdown(report)
     report, room = check(oracle=30, divprune=10)  # random and divprune tie; the lead is 20 of 40
     assert room["difference"] == 0.5 and "room for a selector to lead every baseline by 2 SE" in markdown(report)
+    assert "fastv" not in report["paired"]["8"]  # visionzip ran under original: FastV is compared there only
+    repack_only = [m for m in methods if m.base != "visionzip"]
+    report, room = check(oracle=30, divprune=10, fastv=29, methods=repack_only)  # FastV (original positions) beside repack
+    assert room["best_baseline"] == "fastv" and room["difference"] == 0.025
+    assert set(report["paired"]["8"]) == {"random", "divprune", "oracle", "autoselect-topk", "fastv"}
 
 
 # ---- like for like: one position policy, val/test halves, the oracle --------------------------
@@ -627,13 +642,17 @@ def test_baselines_from_an_earlier_report_give_the_report_that_running_them_give
     reordered = json.loads(earlier.read_text())
     reordered["per_example_ids"]["markers"].reverse()
     (tmp_path / "reordered.json").write_text(json.dumps(reordered))
+    old_fastv = json.loads(earlier.read_text())
+    old_fastv["scoring"]["choice"] = old_fastv["scoring"]["choice"].replace("the prompt's last token", "each candidate row's last token")
+    (tmp_path / "old-fastv.json").write_text(json.dumps(old_fastv))
     base = ["--model", str(taught["model_dir"]), "--autoselect", str(taught["scorer_dir"]), "--pruners", "autoselect",
             "--budgets", *BUDGETS, "--tasks", "markers", "--limit", "16", "--out", str(tmp_path / "bad")]
     for extra, why in ((["--baselines-from", str(tmp_path / "changed.json")], "all-token scores on markers differ"),
                        (["--baselines-from", str(tmp_path / "reordered.json")], "scored other examples on markers"),
                        (["--baselines-from", str(earlier), "--limit", "8"], "limit is 16 there and 8 here"),
                        (["--baselines-from", str(earlier), "--budgets", "8"], "budgets is"),
-                       (["--baselines-from", str(tmp_path / "missing.json")], "cannot read a report.json")):
+                       (["--baselines-from", str(tmp_path / "missing.json")], "cannot read a report.json"),
+                       (["--baselines-from", str(tmp_path / "old-fastv.json")], "FastV there was scored as")):
         assert main([*base, *extra]) == 2
         assert why in capsys.readouterr().err
     ran.clear()

@@ -270,6 +270,46 @@ def test_fastv_prefill_and_cached_decode_equal_masking_the_dropped_tokens(tiny, 
         assert torch.allclose(scores, reference[:, prompt - 1 + step], atol=1e-4), f"step {step}"
 
 
+def test_fastv_ranked_at_the_prompts_end_scores_an_answer_as_generating_it_does(tiny, batch):
+    """One forward of prompt + answer with ``rank_columns`` at the prompt's last token gives the
+    logits (and the selection) of `generate` producing that answer; `prefill` then `continuing`
+    gives them too, each prompt continued twice on its copied cache."""
+    vlm, _ = tiny
+    fastv = build_pruner("fastv", vlm, K)
+    out = fastv.generate(**batch, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    generated = torch.stack(out.logits, dim=1)  # [2, 4, vocab]: at the prompt's last token, then 3 steps
+    chosen = fastv.last_selection.indices
+    prompt = batch["input_ids"].shape[1]
+    mask = torch.nn.functional.pad(batch["attention_mask"], (0, 4), value=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers a left-padded batch
+    inputs = {"input_ids": out.sequences, "attention_mask": mask, "pixel_values": batch["pixel_values"]}
+    end = torch.full((2,), prompt - 1)
+    with torch.no_grad():
+        whole = fastv(**inputs, position_ids=positions, rank_columns=end).logits
+        assert torch.equal(fastv.last_selection.indices, chosen)
+        assert torch.allclose(whole[:, -5:-1], generated, atol=1e-4)
+        last = fastv(**inputs, position_ids=positions).logits  # ranked at its own last token: another cut
+    assert not torch.equal(fastv.last_selection.indices, chosen)
+    assert not torch.allclose(last[:, -5:-1], generated, atol=1e-4)
+
+    with torch.no_grad():
+        head = fastv.prefill(**batch, position_ids=positions[:, :prompt], logits_to_keep=1)
+        assert torch.equal(fastv.last_selection.indices, chosen)
+        head.past_key_values.batch_repeat_interleave(2)
+        with fastv.continuing(2):
+            tail = vlm(input_ids=out.sequences[:, prompt:].repeat_interleave(2, dim=0), attention_mask=mask.repeat_interleave(2, dim=0),
+                       position_ids=positions[:, prompt:].repeat_interleave(2, dim=0), past_key_values=head.past_key_values).logits
+    assert torch.allclose(head.logits[:, -1], generated[:, 0], atol=1e-4)
+    assert torch.allclose(tail[:, :3], generated[:, 1:].repeat_interleave(2, dim=0), atol=1e-4)
+    with pytest.raises(RuntimeError, match="needs a prefill first"):
+        with fastv.continuing(2):
+            pass
+    on_padding = end.clone()
+    on_padding[int((batch["attention_mask"][:, 0] == 0).nonzero()[0, 0])] = 0  # the left-padded row's column 0
+    with pytest.raises(ValueError, match="rank columns"):
+        fastv(**batch, rank_columns=on_padding)
+
+
 def test_fastv_rows_with_different_image_counts_are_repadded(tiny):
     vlm, processor = tiny
     prompts = ["USER: <image><image>\nCompare them. ASSISTANT:", "USER: <image>\nWhat is it? ASSISTANT:"]

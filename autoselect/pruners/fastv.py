@@ -3,7 +3,9 @@ Acceleration for Large Vision-Language Models", ECCV 2024, arXiv 2403.06764).
 
 Acts INSIDE the LLM. Layers ``0 .. L-1`` see all N visual tokens per image. The attention that
 layer ``L-1`` gives from each row's last token (mean over heads, as in the official code; the paper
-text speaks of the attention a token receives) ranks each image's tokens, and layers ``L ..`` run
+text speaks of the attention a token receives; ``rank_columns`` names another column per row, so
+that scoring a prompt with its answer ranks at the prompt's end, as generating the answer does)
+ranks each image's tokens, and layers ``L ..`` run
 on the top K only, in place: their hidden states, rotary positions, mask and KV cache hold K
 tokens per image, and kept tokens keep their original positions (as the official in-place
 variant does).
@@ -18,7 +20,8 @@ Outputs: ``forward`` returns logits for the sequence after layer ``L`` (``S - im
 columns; ``last_columns`` maps each back to its input column) and, given ``labels``, the loss on
 that sequence. ``generate`` prefills pruned and decodes with the pruned cache; it keeps Hugging
 Face's contract: its sequences are the caller's ``input_ids`` (unpruned, padded as passed), then
-the new tokens.
+the new tokens. ``prefill`` and ``continuing`` split that: the prompt once, then any number of
+continuations of each row on copies of its pruned cache (scoring several answers to one prompt).
 """
 
 from __future__ import annotations
@@ -50,8 +53,10 @@ def last_token_attention(
     hidden: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     key_mask: torch.Tensor,
+    query_columns: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Softmax attention from each row's last unmasked token to every column, mean over heads: ``[B, S]``.
+    """Softmax attention from each row's last unmasked token (or its ``query_columns [B]``) to
+    every column up to it, mean over heads: ``[B, S]``.
 
     ``hidden`` is the attention module's input (after the layer norm); this is the row of the
     eager attention map the official code reads, computed from the module's own projections.
@@ -59,6 +64,10 @@ def last_token_attention(
     batch, length, _ = hidden.shape
     rows = torch.arange(batch, device=hidden.device)
     last = key_mask.long().cumsum(-1).argmax(-1)  # first column reaching the final count: the last 1
+    if query_columns is not None:
+        if query_columns.shape != (batch,) or bool((query_columns > last).any()) or not bool(key_mask[rows, query_columns].all()):
+            raise ValueError(f"rank columns {query_columns.tolist()} must be one unmasked column per row, at most its last {last.tolist()}")
+        last = query_columns
     head_dim = attention.head_dim
     query = attention.q_proj(hidden[rows, last]).view(batch, 1, -1, head_dim)
     key = attention.k_proj(hidden).view(batch, length, -1, head_dim)
@@ -76,8 +85,9 @@ def last_token_attention(
 class _Pass:
     """One forward/generate call: where the image tokens are, then which columns layer L keeps."""
 
-    def __init__(self, fastv: "FastV", input_ids: torch.Tensor, num_images: int, budget: int | float) -> None:
-        self.fastv, self.input_ids = fastv, input_ids
+    def __init__(self, fastv: "FastV", input_ids: torch.Tensor, num_images: int, budget: int | float,
+                 rank_columns: torch.Tensor | None = None) -> None:
+        self.fastv, self.input_ids, self.rank_columns = fastv, input_ids, rank_columns
         image_token_id = fastv.adapter.image_token_id
         self.num_tokens = int((input_ids == image_token_id).sum()) // max(num_images, 1)
         self.rows, self.cols = placeholder_positions(input_ids, image_token_id, self.num_tokens, num_images)
@@ -106,6 +116,10 @@ class _Pass:
             for handle in handles:
                 handle.remove()
 
+    def repeat(self, repeats: int) -> None:
+        """Each row's state ``repeats`` times in a row, for that many continuations of it."""
+        self.columns, self.kept_mask = (t.repeat_interleave(repeats, dim=0) for t in (self.columns, self.kept_mask))
+
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """Keep the columns of ``t [1 or B, S, ...]`` that layers >= L see."""
         t = t.expand(self.columns.shape[0], *t.shape[1:])
@@ -133,7 +147,7 @@ class _Pass:
         if not self.prefill:
             return
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        attention = last_token_attention(module, hidden, kwargs["position_embeddings"], self.full_mask)
+        attention = last_token_attention(module, hidden, kwargs["position_embeddings"], self.full_mask, self.rank_columns)
         scores = attention[self.rows, self.cols]  # [num_images, N]
         keep = topk_indices(scores, self.k)
         self.selection = Selection(indices=keep, num_tokens=self.num_tokens, scores=scores)
@@ -202,26 +216,29 @@ class FastV(nn.Module):
         self.default_budget = budget
         self.last_selection: Selection | None = None
         self.last_columns: torch.Tensor | None = None  # [B, S'] input column of each output column
+        self._prefilled: _Pass | None = None  # the last `prefill`, which `continuing` extends
 
     @property
     def decoder(self) -> nn.Module:
         return self.vlm.get_decoder()
 
-    def _pass(self, inputs: dict[str, Any], budget: int | float | None) -> _Pass | None:
+    def _pass(self, inputs: dict[str, Any], budget: int | float | None, rank_columns: torch.Tensor | None = None) -> _Pass | None:
         pixel_values = inputs.get("pixel_values")
         if pixel_values is None:
             return None
         if inputs.get("input_ids") is None:
             raise ValueError("FastV needs input_ids holding the image placeholder tokens")
         # LLaVA-style pixel_values: one entry per image.
-        return _Pass(self, inputs["input_ids"], len(pixel_values), self.default_budget if budget is None else budget)
+        return _Pass(self, inputs["input_ids"], len(pixel_values), self.default_budget if budget is None else budget, rank_columns)
 
     def _finish(self, plan: _Pass) -> None:
         self.last_selection, self.last_columns = plan.selection, plan.columns
 
-    def forward(self, budget: int | float | None = None, **inputs: Any):
+    def forward(self, budget: int | float | None = None, rank_columns: torch.Tensor | None = None, **inputs: Any):
+        """The VLM with the cut; ``rank_columns [B]``: the column whose attention ranks each row's
+        image tokens (default its last token)."""
         labels = inputs.pop("labels", None)
-        plan = self._pass(inputs, budget)
+        plan = self._pass(inputs, budget, rank_columns)
         if plan is None:
             return self.vlm(**inputs, labels=labels)
         with plan.hooked(self.decoder, self.layer):
@@ -233,6 +250,31 @@ class FastV(nn.Module):
                 logits=out.logits, labels=kept, vocab_size=self.vlm.config.text_config.vocab_size
             )
         return out
+
+    @torch.no_grad()
+    def prefill(self, budget: int | float | None = None, **inputs: Any):
+        """The prompt with the cut (ranked at each row's last token, as `generate` prefills) and
+        ``use_cache``; its rows are continued inside `continuing`."""
+        plan = self._pass(inputs, budget)
+        if plan is None:
+            raise ValueError("FastV.prefill needs the prompt's pixel_values")
+        with plan.hooked(self.decoder, self.layer):
+            out = self.vlm(**inputs, use_cache=True)
+        self._finish(plan)
+        self._prefilled = plan
+        return out
+
+    @contextlib.contextmanager
+    def continuing(self, repeats: int = 1) -> Iterator[None]:
+        """VLM calls inside continue the last `prefill`'s rows, each ``repeats`` times in a row (the
+        caller repeats its cache likewise, ``batch_repeat_interleave``), as `generate`'s decoding
+        steps do: layers >= L see the kept tokens only."""
+        plan, self._prefilled = self._prefilled, None
+        if plan is None:
+            raise RuntimeError("FastV.continuing needs a prefill first (each prefill is continued once)")
+        plan.repeat(repeats)
+        with plan.hooked(self.decoder, self.layer):
+            yield
 
     @torch.no_grad()
     def generate(self, budget: int | float | None = None, **inputs: Any) -> torch.Tensor:

@@ -106,6 +106,8 @@ class Method(ABC):
     """``name`` is what the report shows: the pruner (``base``), with its position policy in
     brackets when one run compares both policies (``random[original]``)."""
 
+    own_positions = False  # True: the method fixes its positions itself, so it sits beside every policy
+
     def __init__(self, name: str, budget_label: str | None, budget: int | float | None, model: nn.Module,
                  position_policy: str | None = None, show_policy: bool = False) -> None:
         self.base, self.budget_label, self.budget, self.model = name, budget_label, budget, model
@@ -124,9 +126,11 @@ class Method(ABC):
         """Called with a batch's examples before its forward (the oracle reads their boxes)."""
 
     @abstractmethod
-    def forward(self, batch: dict[str, torch.Tensor], repeats: int, logits_to_keep: int, prefix: int | None = None) -> Forward:
+    def forward(self, batch: dict[str, torch.Tensor], repeats: int, logits_to_keep: int, prefix: int | None = None,
+                prompt_ends: torch.Tensor | None = None) -> Forward:
         """``batch`` without labels; its rows come in groups of ``repeats`` sharing one image (and,
-        with ``prefix``, the same first ``prefix`` columns)."""
+        with ``prefix``, the same first ``prefix`` columns: their prompt). ``prompt_ends [rows]``:
+        each row's last column before its answer (what an in-LLM ranking may read)."""
 
     def kept_indices(self, prompt: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Sorted kept-token indices ``[images, K]`` for a prompt (None: all tokens)."""
@@ -141,7 +145,7 @@ class FullTokens(Method):
     def __init__(self, vlm: nn.Module) -> None:
         super().__init__(FULL, None, None, vlm)
 
-    def forward(self, batch, repeats, logits_to_keep, prefix=None):
+    def forward(self, batch, repeats, logits_to_keep, prefix=None, prompt_ends=None):
         if prefix is None or repeats == 1:
             return Forward(self.model(**batch, logits_to_keep=logits_to_keep).logits, None)
         prompt = prompt_rows(batch, repeats, prefix)
@@ -157,7 +161,7 @@ class PreLLM(Method):
 
     model: PrunedVLM
 
-    def forward(self, batch, repeats, logits_to_keep, prefix=None):
+    def forward(self, batch, repeats, logits_to_keep, prefix=None, prompt_ends=None):
         image_inputs, _ = self.model.split_inputs(dict(batch))
         unique = {key: value[::repeats] for key, value in image_inputs.items()}  # one image per row group
         selection, kept = self.model.select(self.budget, **unique)
@@ -186,13 +190,23 @@ class Oracle(PreLLM):
 class InsideLLM(Method):
     """FastV: prunes after LLM layer L; its logits cover the shorter sequence (``last_columns``).
     Its first L layers see every token at its own position and its pruned layers keep those
-    positions (FastV's method): it runs under ``original`` whatever the evaluation's policy."""
+    positions (FastV's method): it runs under ``original`` whatever the evaluation's policy, and
+    is compared with the pre-LLM methods of either policy. It ranks at the prompt's last token,
+    as when it generates the answer, never at a token of the answer being scored: with a shared
+    prompt, the prompt once and each answer on its pruned cache (`FastV.prefill`), else each
+    row whole with ``prompt_ends`` as its ranking columns."""
 
     model: FastV
+    own_positions = True
 
-    def forward(self, batch, repeats, logits_to_keep, prefix=None):
-        out = self.model(**batch, budget=self.budget, logits_to_keep=logits_to_keep)
-        return Forward(out.logits, self.model.last_selection, self.model.last_columns)
+    def forward(self, batch, repeats, logits_to_keep, prefix=None, prompt_ends=None):
+        if prefix is None or repeats == 1:
+            out = self.model(**batch, budget=self.budget, rank_columns=prompt_ends, logits_to_keep=logits_to_keep)
+            return Forward(out.logits, self.model.last_selection, self.model.last_columns)
+        out = self.model.prefill(budget=self.budget, **prompt_rows(batch, repeats, prefix), logits_to_keep=1)
+        with self.model.continuing(repeats):
+            logits = continue_rows(self.model.vlm, out, batch, repeats, prefix, logits_to_keep, original_positions=True)
+        return Forward(logits, repeat_selection(self.model.last_selection, repeats))  # columns: the selection's re-packing
 
 
 def decode_variants(autoselect: AutoSelectModel, decodes: Sequence[str], dpp_quality_scale: float | None = None) -> dict[str, AutoSelectModel]:

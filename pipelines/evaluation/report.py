@@ -162,15 +162,26 @@ def paired_difference(ours: Sequence[float], theirs: Sequence[float], tokens: Se
     return {"difference": round(sum(diffs) / n, 4), "stderr": round(stderr_of_mean(diffs), 4), "n": n}
 
 
+def beside(rival: Method, mine: Method, methods: Sequence[Method]) -> bool:
+    """Whether ``rival`` is compared with ``mine``: the same budget and position policy, except
+    that a rival fixing its own positions (FastV keeps the original ones, its method) is compared
+    under the run's policy when the run has no pre-LLM method under the rival's."""
+    if rival.budget_label != mine.budget_label:
+        return False
+    if rival.position_policy == mine.position_policy:
+        return True
+    return rival.own_positions and all(m.position_policy != rival.position_policy for m in methods if not m.own_positions)
+
+
 def paired_differences(tasks: Sequence[Task], scores, methods: Sequence[Method], name: str = AUTOSELECT) -> dict[str, Any]:
     """``name`` (AutoSelect, or one of its decode variants) minus every other method at the same
-    budget and policy, per task, on the same examples. AutoSelect is paired with its variants too;
-    a variant only with the baselines and the oracle (its pair with AutoSelect is AutoSelect's)."""
+    budget and policy (FastV: see `beside`), per task, on the same examples. AutoSelect is paired
+    with its variants too; a variant only with the baselines and the oracle (its pair with
+    AutoSelect is AutoSelect's)."""
     ours = [m for m in methods if m.base == name]
     out: dict[str, Any] = {}
     for mine in ours:
-        rivals = [m for m in methods if m.base not in (name, FULL) and m.budget_label == mine.budget_label
-                  and m.position_policy == mine.position_policy
+        rivals = [m for m in methods if m.base not in (name, FULL) and beside(m, mine, methods)
                   and (name == AUTOSELECT or is_baseline(m.base) or m.base == ORACLE)]
         for rival in rivals:
             cell = {}
@@ -222,12 +233,11 @@ def is_baseline(name: str) -> bool:
 
 
 def headroom(got: dict[str, Any], oracle: Method, methods: Sequence[Method]) -> dict[str, Any] | None:
-    """The oracle minus the best training-free baseline beside it (same budget and position
-    policy), paired on the same examples: how far any selector could lead every baseline here. A
+    """The oracle minus the best training-free baseline beside it (`beside`: same budget and
+    position policy, FastV too), paired on the same examples: how far any selector could lead every baseline here. A
     lead under 2 paired SE means no selector can clear "2 SE over every baseline" on these
     examples, however it is trained (None when no such baseline ran)."""
-    rivals = [m for m in methods if is_baseline(m.base) and m.budget_label == oracle.budget_label
-              and m.position_policy == oracle.position_policy and "per_example" in got.get(m.label, {})]
+    rivals = [m for m in methods if is_baseline(m.base) and beside(m, oracle, methods) and "per_example" in got.get(m.label, {})]
     if not rivals or "per_example" not in got[oracle.label]:
         return None
     best = max(rivals, key=lambda m: float(got[m.label]["score"]))
@@ -386,7 +396,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Model `{report['model']}`, N = {report['visual_tokens_per_image']} visual tokens per image, "
         f"seed {report['seed']}, {report.get('split', '?')} split, position policy {report.get('position_policy', '?')} "
-        "for every pre-LLM method (FastV keeps original positions: its method). "
+        "for every pre-LLM method (FastV keeps original positions, its method, and is paired with them). "
         "Cells: score ± standard error over examples (retention); — where a method cannot run the task.",
         *([f"The training-free baselines' cells come from `{report['baselines_from']}` (the same examples, settings "
            "and all-token scores; not run again)."] if report.get("baselines_from") else []),

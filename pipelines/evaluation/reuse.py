@@ -50,6 +50,11 @@ def check_settings(report: dict[str, Any], run: dict[str, Any], settings: dict[s
     for key in SAME:
         if report.get(key) != run.get(key):
             raise ReuseError(f"--baselines-from: {key} is {report.get(key)!r} there and {run.get(key)!r} here")
+    if "fastv" in baselines(report) and report.get("scoring") != run.get("scoring"):
+        # how FastV ranks while scoring answers changed in session 35 (a candidate's last token
+        # then, the prompt's last token now); the pre-LLM methods are scored as before
+        raise ReuseError(f"--baselines-from: FastV there was scored as {report.get('scoring')!r}, "
+                         f"here as {run.get('scoring')!r}: its cells cannot stand in for this run's")
     for name in baselines(report):
         if report["pruners"][name] != settings.get(name, {}):
             raise ReuseError(f"--baselines-from: {name} ran with {report['pruners'][name]} there and {settings.get(name, {})} here")

@@ -28,7 +28,7 @@ from pipelines.preprocessing.samples import chat_messages
 SCORING = {
     "choice": "accuracy: argmax over the choices of the summed log-probability of the full answer turn "
     "(answer + end of turn, as the chat template renders it); pre-LLM pruners choose once per image, "
-    "FastV ranks by the attention of each candidate row's last token",
+    "FastV ranks by the attention of the prompt's last token (once per question, as when it generates)",
     "nll": "mean negative log-likelihood per answer token (nats), token-weighted over the task",
 }
 
@@ -108,6 +108,13 @@ def shared_prompt_length(batch: dict[str, torch.Tensor], repeats: int) -> int | 
     return prefix if bool((groups == groups[:, :1]).all()) and bool(batch["attention_mask"][:, :prefix].all()) else None
 
 
+def prompt_ends(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's last column before its answer ``[rows]`` (its last token if it has no answer)."""
+    labelled = labels != IGNORE_INDEX
+    last = attention_mask.long().cumsum(-1).argmax(-1)
+    return torch.where(labelled.any(-1), labelled.float().argmax(-1) - 1, last)
+
+
 def tail_length(labels: torch.Tensor) -> int:
     """``logits_to_keep``: the columns from the one predicting the earliest answer token to the end.
 
@@ -128,7 +135,8 @@ def answer_log_likelihoods(
     and how many there are ``[rows]``."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    out = method.forward(inputs, repeats, tail_length(labels), shared_prompt_length(batch, repeats) if share_prompts else None)
+    out = method.forward(inputs, repeats, tail_length(labels), shared_prompt_length(batch, repeats) if share_prompts else None,
+                         prompt_ends(labels, batch["attention_mask"]))
     columns, valid = output_columns(batch["input_ids"], batch["attention_mask"], out.selection, image_token_id)
     if out.columns is not None and not torch.equal(columns, out.columns):
         raise RuntimeError(f"{method.label}: its reported output columns differ from the re-packing of its selection")
