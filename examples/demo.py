@@ -45,7 +45,7 @@ TRAIN_TASKS = ["scenes_garment"]  # the recipe's training questions
 # One registered model per backbone: a champion from another backbone (the session-19 demo's
 # autoselect-demo-scenes) would keep its alias here and be compared on a VLM it was not trained on.
 REGISTERED_MODEL = "autoselect-demo-scenes-r2"
-PRUNERS = "autoselect,random,uniform,pooled,divprune,visionzip,oracle"  # FastV, the slowest to evaluate, is in docs/results.md
+PRUNERS = "autoselect,random,uniform,pooled,fastv,divprune,visionzip,oracle"  # every method the evaluation has
 TASK = "scenes_garment"
 
 
