@@ -7,11 +7,12 @@ and which visual tokens it kept, so the scoring code is the same for all of them
 candidate answer). Pre-LLM pruners (AutoSelect, random, uniform, VisionZip, DivPrune) choose
 from the image alone, so they choose ONCE per image and every candidate is scored on the same
 kept tokens (`FixedSelection`): a random baseline does not get a fresh draw per candidate.
-FastV ranks tokens inside the LLM by the attention of each row's last token, which in a
-teacher-forced forward is the end of that row's candidate answer; it runs on every row as is.
+FastV ranks tokens inside the LLM by the attention of the prompt's last token (``prompt_ends``),
+as when it generates the answer, so it too chooses once per question and never reads the answer
+it is scoring (a teacher-forced row's own last token would be the end of its candidate answer).
 
 ``prefix``: when every row's answer starts at the same column, the rows of a group share their
-prompt (image + question) token for token. Full tokens and the pre-LLM pruners then run each
+prompt (image + question) token for token. Full tokens, the pre-LLM pruners and FastV then run each
 prompt once, copy its KV cache to the group's rows and run only the candidate answers: the same
 numbers as one forward per row (tested), about ``repeats`` times less work.
 """
