@@ -66,7 +66,8 @@ def last_token_attention(
     last = key_mask.long().cumsum(-1).argmax(-1)  # first column reaching the final count: the last 1
     if query_columns is not None:
         if query_columns.shape != (batch,) or bool((query_columns > last).any()) or not bool(key_mask[rows, query_columns].all()):
-            raise ValueError(f"rank columns {query_columns.tolist()} must be one unmasked column per row, at most its last {last.tolist()}")
+            raise ValueError(f"rank columns {query_columns.tolist()} must be one unmasked column per row, "
+                             f"at most its last ({last.tolist()})")
         last = query_columns
     head_dim = attention.head_dim
     query = attention.q_proj(hidden[rows, last]).view(batch, 1, -1, head_dim)

@@ -234,9 +234,9 @@ def is_baseline(name: str) -> bool:
 
 def headroom(got: dict[str, Any], oracle: Method, methods: Sequence[Method]) -> dict[str, Any] | None:
     """The oracle minus the best training-free baseline beside it (`beside`: same budget and
-    position policy, FastV too), paired on the same examples: how far any selector could lead every baseline here. A
-    lead under 2 paired SE means no selector can clear "2 SE over every baseline" on these
-    examples, however it is trained (None when no such baseline ran)."""
+    position policy, FastV too), paired on the same examples: how far any selector could lead
+    every baseline here. A lead under 2 paired SE means no selector can clear "2 SE over every
+    baseline" on these examples, however it is trained (None when no such baseline ran)."""
     rivals = [m for m in methods if is_baseline(m.base) and beside(m, oracle, methods) and "per_example" in got.get(m.label, {})]
     if not rivals or "per_example" not in got[oracle.label]:
         return None
