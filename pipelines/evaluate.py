@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="take every training-free baseline (and the oracle) from this earlier report.json instead of running it "
         "again, to pair a new scorer with them; refused unless model, split, limit, seed, dtype, position policy, "
         "batch size, budgets and each baseline's settings match, and the all-token scores (always run) equal the "
-        "report's example for example")
+        "report's example for example; a task the report lacks runs every method")
     add("--tag-version", metavar="models:/NAME/VERSION", default=None,
         help="write AutoSelect's results to this registered version as tags that `promote --require` gates on "
         "(fractions: retention_avg, retention_margin_vs_random, retention.TASK.kK, ...; plus eval_split, eval_n, "
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate(firsts, lambda: [m for m in make_methods() if m.label == FULL], processor, image_token_id,
                         args.batch_size, device, dtype)
 
-    earlier, reused = None, set()
+    earlier, reused, from_earlier = None, set(), []
     if args.baselines_from:
         try:
             earlier = reuse.load(args.baselines_from)
@@ -300,11 +300,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         args.pruners = [*args.pruners, *(p for p in reuse.baselines(earlier) if p not in args.pruners)]
-        reused = reuse.labels(earlier)
-        print(f"baselines from {args.baselines_from}: {', '.join(reuse.baselines(earlier))} (not run again)")
+        reused, from_earlier = reuse.labels(earlier), reuse.reused_tasks(earlier, [t.name for t in tasks])
+        print(f"baselines from {args.baselines_from}: {', '.join(reuse.baselines(earlier))} (not run again) on "
+              f"{', '.join(from_earlier)}; other tasks run every method")
 
-    scores = evaluate(tasks, lambda: [m for m in make_methods() if m.label not in reused], processor, image_token_id,
-                      args.batch_size, device, dtype)
+    scores = {
+        **evaluate([t for t in tasks if t.name in from_earlier], lambda: [m for m in make_methods() if m.label not in reused],
+                   processor, image_token_id, args.batch_size, device, dtype),
+        **evaluate([t for t in tasks if t.name not in from_earlier], make_methods, processor, image_token_id,
+                   args.batch_size, device, dtype),
+    }
+    scores = {t.name: scores[t.name] for t in tasks}  # the tasks' order, as given
     if earlier is not None:
         try:
             reuse.merge(scores, earlier)
@@ -316,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         "autoselect": autoselect_info,
         "pruners": {p: settings.get(p, {}) for p in [*args.pruners, *variants]},
         "baselines_from": str(args.baselines_from) if args.baselines_from else None,
+        "baselines_from_tasks": from_earlier,
         "device": str(device),
         "dtype": run["dtype"],
         "scoring": SCORING,

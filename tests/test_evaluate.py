@@ -618,10 +618,12 @@ def test_baselines_from_an_earlier_report_give_the_report_that_running_them_give
     import pipelines.evaluation.runner as runner
 
     ran: set[str] = set()
+    calls: dict[str, int] = {}
     real = runner.answer_log_likelihoods
 
     def spy(method, *args, **kwargs):
         ran.add(method.label)
+        calls[method.label] = calls.get(method.label, 0) + 1
         return real(method, *args, **kwargs)
 
     monkeypatch.setattr(runner, "answer_log_likelihoods", spy)
@@ -635,6 +637,22 @@ def test_baselines_from_an_earlier_report_give_the_report_that_running_them_give
         assert len(ids) == len(set(ids)) == len(report["per_example"][task][FULL])
     assert again["baselines_from"] == str(earlier)
     assert f"come from `{earlier}`" in (tmp_path / "reused" / "report.md").read_text()
+
+    # a task the earlier report lacks (spatial_markers) runs every method; the others still take its cells
+    partial = json.loads(earlier.read_text())
+    for key in ("per_example", "per_example_ids", "per_example_answer_nll"):
+        partial[key].pop("spatial_markers", None)
+    (tmp_path / "partial.json").write_text(json.dumps(partial))
+    calls.clear()
+    joined = run_cli(taught, tmp_path / "joined", "--pruners", "autoselect", "--baselines-from", str(tmp_path / "partial.json"))
+    for key in ("results", "paired", "per_example", "per_example_answer_nll"):
+        assert joined[key] == report[key], key
+    spatial_batches = -(-len(report["per_example"]["spatial_markers"][FULL]) // 8)
+    assert spatial_batches and calls["random@8"] == calls["divprune@1/4"] == spatial_batches  # spatial_markers' batches only
+    assert joined["baselines_from_tasks"] == ["markers", "caption_nll"]
+    assert "cells on markers, caption_nll come from" in (tmp_path / "joined" / "report.md").read_text()
+    none = {**partial, "per_example": {"other_task": {}}}
+    (tmp_path / "none.json").write_text(json.dumps(none))
 
     changed = json.loads(earlier.read_text())
     changed["per_example"]["markers"][FULL][0] = 1.0 - changed["per_example"]["markers"][FULL][0]
@@ -652,7 +670,8 @@ def test_baselines_from_an_earlier_report_give_the_report_that_running_them_give
                        (["--baselines-from", str(earlier), "--limit", "8"], "limit is 16 there and 8 here"),
                        (["--baselines-from", str(earlier), "--budgets", "8"], "budgets is"),
                        (["--baselines-from", str(tmp_path / "missing.json")], "cannot read a report.json"),
-                       (["--baselines-from", str(tmp_path / "old-fastv.json")], "FastV there was scored as")):
+                       (["--baselines-from", str(tmp_path / "old-fastv.json")], "FastV there was scored as"),
+                       (["--baselines-from", str(tmp_path / "none.json")], "no scores for any of the tasks ['markers']")):
         assert main([*base, *extra]) == 2
         assert why in capsys.readouterr().err
     ran.clear()

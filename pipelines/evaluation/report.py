@@ -83,6 +83,12 @@ def example_ids(tasks: Sequence[Task]) -> dict[str, list[str]]:
     return {t.name: [e.id for e in t.examples] for t in tasks}
 
 
+def reused_on(report: dict[str, Any]) -> str:
+    """`` on TASKS`` where an earlier report gave the baselines of only some of the run's tasks."""
+    tasks = report.get("baselines_from_tasks")
+    return f" on {', '.join(tasks)}" if tasks and set(tasks) != set(report.get("per_example", {})) else ""
+
+
 def build_report(
     meta: dict[str, Any],
     tasks: Sequence[Task],
@@ -398,8 +404,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"seed {report['seed']}, {report.get('split', '?')} split, position policy {report.get('position_policy', '?')} "
         "for every pre-LLM method (FastV keeps original positions, its method, and is paired with them). "
         "Cells: score ± standard error over examples (retention); — where a method cannot run the task.",
-        *([f"The training-free baselines' cells come from `{report['baselines_from']}` (the same examples, settings "
-           "and all-token scores; not run again)."] if report.get("baselines_from") else []),
+        *([f"The training-free baselines' cells{reused_on(report)} come from `{report['baselines_from']}` (the same "
+           "examples, settings and all-token scores; not run again)."] if report.get("baselines_from") else []),
         "",
         f"_{report['retention_definition'][0].upper()}{report['retention_definition'][1:]}._",
         "",

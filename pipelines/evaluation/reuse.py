@@ -9,7 +9,8 @@ this run's example for example (the proof that the examples, and how they are sc
 same: another machine's bf16 kernels can move them); otherwise it is refused, naming what differs.
 The first batch's all-token scores are compared before the run, the rest at its end. Its example ids (``per_example_ids``), where it
 has them, are checked before anything runs, so other examples are refused at once. AutoSelect and
-its decode variants are never taken from it: they are what the run is for.
+its decode variants are never taken from it: they are what the run is for. A task the report
+does not have runs every method, so one report can add tasks to an earlier one's.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def baselines(report: dict[str, Any]) -> list[str]:
 
 def check_settings(report: dict[str, Any], run: dict[str, Any], settings: dict[str, dict], tasks: list[str]) -> None:
     """Refuse when this run's settings (``run``, keyed as the report's) or a reused baseline's own
-    settings differ from the report's, or when the report lacks one of this run's tasks."""
+    settings differ from the report's, or when the report has none of this run's tasks."""
     for key in SAME:
         if report.get(key) != run.get(key):
             raise ReuseError(f"--baselines-from: {key} is {report.get(key)!r} there and {run.get(key)!r} here")
@@ -58,9 +59,13 @@ def check_settings(report: dict[str, Any], run: dict[str, Any], settings: dict[s
     for name in baselines(report):
         if report["pruners"][name] != settings.get(name, {}):
             raise ReuseError(f"--baselines-from: {name} ran with {report['pruners'][name]} there and {settings.get(name, {})} here")
-    missing = [task for task in tasks if task not in report["per_example"]]
-    if missing:
-        raise ReuseError(f"--baselines-from: the report has no scores for task(s) {missing} (it has {sorted(report['per_example'])})")
+    if not reused_tasks(report, tasks):
+        raise ReuseError(f"--baselines-from: the report has no scores for any of the tasks {tasks} (it has {sorted(report['per_example'])})")
+
+
+def reused_tasks(report: dict[str, Any], tasks: list[str]) -> list[str]:
+    """This run's tasks whose baseline cells the report gives; the others run every method."""
+    return [task for task in tasks if task in report["per_example"]]
 
 
 def check_examples(report: dict[str, Any], ids: dict[str, list[str]]) -> None:
@@ -87,6 +92,8 @@ def check_full_scores(report: dict[str, Any], scores: dict[str, dict[str, dict]]
     first ones, example for example: other examples, or other numerics (another CPU's bf16 kernels
     move the scores too)."""
     for task, by_label in scores.items():
+        if task not in report["per_example"]:
+            continue
         mine = by_label[FULL]["per_example"]
         if (report["per_example"][task].get(FULL) or [])[: len(mine)] != mine:
             raise ReuseError(f"--baselines-from: the all-token scores on {task} differ from this run's, so the examples "
@@ -101,6 +108,8 @@ def merge(scores: dict[str, dict[str, dict]], report: dict[str, Any]) -> None:
     wanted = labels(report)
     check_full_scores(report, scores)
     for task, by_label in scores.items():
+        if task not in report["per_example"]:
+            continue  # run whole here
         theirs = report["per_example"][task]
         if len(theirs.get(FULL) or []) != len(by_label[FULL]["per_example"]):
             raise ReuseError(f"--baselines-from: the report scored {len(theirs.get(FULL) or [])} examples on {task}, "
