@@ -283,9 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     def make_methods():
         return build_methods(vlm, args.pruners, budget_args, autoselect, settings, policies, variants)
 
-    def first_batch_full_scores():
-        """All tokens on each task's first batch: a check of the earlier report in seconds, not after the run."""
-        firsts = [dataclasses.replace(t, examples=t.examples[: args.batch_size]) for t in tasks]
+    def first_batch_full_scores(names: list[str]):
+        """All tokens on the first batch of each named task: a check of the earlier report in seconds, not after the run."""
+        firsts = [dataclasses.replace(t, examples=t.examples[: args.batch_size]) for t in tasks if t.name in names]
         return evaluate(firsts, lambda: [m for m in make_methods() if m.label == FULL], processor, image_token_id,
                         args.batch_size, device, dtype)
 
@@ -295,12 +295,13 @@ def main(argv: list[str] | None = None) -> int:
             earlier = reuse.load(args.baselines_from)
             reuse.check_settings(earlier, run, settings, [t.name for t in tasks])
             reuse.check_examples(earlier, example_ids(tasks))
-            reuse.check_full_scores(earlier, first_batch_full_scores())
+            from_earlier = reuse.reused_tasks(earlier, [t.name for t in tasks])
+            reuse.check_full_scores(earlier, first_batch_full_scores(from_earlier))
         except reuse.ReuseError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         args.pruners = [*args.pruners, *(p for p in reuse.baselines(earlier) if p not in args.pruners)]
-        reused, from_earlier = reuse.labels(earlier), reuse.reused_tasks(earlier, [t.name for t in tasks])
+        reused = reuse.labels(earlier)
         print(f"baselines from {args.baselines_from}: {', '.join(reuse.baselines(earlier))} (not run again) on "
               f"{', '.join(from_earlier)}; other tasks run every method")
 

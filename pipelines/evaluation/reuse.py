@@ -91,10 +91,8 @@ def check_full_scores(report: dict[str, Any], scores: dict[str, dict[str, dict]]
     the first batch, which evaluate.py scores before anything else runs) are not the report's
     first ones, example for example: other examples, or other numerics (another CPU's bf16 kernels
     move the scores too)."""
-    for task, by_label in scores.items():
-        if task not in report["per_example"]:
-            continue
-        mine = by_label[FULL]["per_example"]
+    for task in reused_tasks(report, list(scores)):
+        mine = scores[task][FULL]["per_example"]
         if (report["per_example"][task].get(FULL) or [])[: len(mine)] != mine:
             raise ReuseError(f"--baselines-from: the all-token scores on {task} differ from this run's, so the examples "
                              "or their scoring (e.g. another machine's kernels, another dtype) are not the same; "
@@ -107,10 +105,8 @@ def merge(scores: dict[str, dict[str, dict]], report: dict[str, Any]) -> None:
     task's all-token scores are the report's, example for example."""
     wanted = labels(report)
     check_full_scores(report, scores)
-    for task, by_label in scores.items():
-        if task not in report["per_example"]:
-            continue  # run whole here
-        theirs = report["per_example"][task]
+    for task in reused_tasks(report, list(scores)):  # the others ran whole here
+        by_label, theirs = scores[task], report["per_example"][task]
         if len(theirs.get(FULL) or []) != len(by_label[FULL]["per_example"]):
             raise ReuseError(f"--baselines-from: the report scored {len(theirs.get(FULL) or [])} examples on {task}, "
                              f"this run {len(by_label[FULL]['per_example'])}")
