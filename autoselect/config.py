@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 POSITION_POLICIES = ("repack", "original")
-DECODES = ("topk", "dpp")  # inference.decode: the top-K (default) or greedy DPP-MAP
+DECODES = ("topk", "dpp", "topk_dpp")  # inference.decode: the top-K (default), greedy DPP-MAP, or top-K then DPP
+DPP_DECODES = ("dpp", "topk_dpp")  # the decodes with a DPP part (they take dpp_quality_scale)
 
 
 class ConfigError(ValueError):
@@ -115,7 +116,11 @@ class InferenceOptions:
     ``diag(q) S diag(q)``, S the cosine similarity of the pre-projector visual features and
     ``q = exp(dpp_quality_scale * z)``, z the image's standardised logits (see
     `autoselect.selection.dpp_indices`). Deterministic; takes no noise. Chosen over top-K only
-    where it wins on validation."""
+    where it wins on validation.
+
+    ``decode="topk_dpp"``: the top ``K - floor(dpp_share * K)`` by the logits, then the DPP
+    conditioned on them for the last ``floor(dpp_share * K)`` (`autoselect.selection.topk_dpp_indices`):
+    the tokens the scorer is surest of, then what they do not cover. Share 0 is the top-K, 1 the DPP."""
 
     noise: float = 0.0
     seed: int = 0  # only with noise > 0
@@ -123,6 +128,8 @@ class InferenceOptions:
     # Only with decode="dpp": theta in q = exp(theta * z). Larger follows the logits more (the
     # top-K as theta -> inf), smaller favours diversity (0 would ignore the scorer).
     dpp_quality_scale: float = 1.0
+    # Only with decode="topk_dpp": the share of K the DPP picks after the top-K (rounded down).
+    dpp_share: float = 0.5
     # Beyond the paper: this share of K (rounded) is an even grid over a square patch grid (the
     # uniform baseline's lattice), the rest is the decode's choice among the other tokens, so the
     # kept set always covers the image and the scorer spends the rest where it ranks highest.
@@ -139,12 +146,17 @@ class InferenceOptions:
             raise ConfigError(f"inference.decode must be one of {DECODES}, got {self.decode!r}")
         if not (self.dpp_quality_scale > 0 and math.isfinite(self.dpp_quality_scale)):
             raise ConfigError(f"inference.dpp_quality_scale must be a finite number > 0, got {self.dpp_quality_scale}")
-        if self.decode == "dpp" and self.noise:
+        if self.decode != "topk" and self.noise:
             raise OptionDependencyError(
-                f"inference.noise={self.noise} needs inference.decode='topk' (the dpp decode is deterministic and takes no noise)")
-        if self.dpp_quality_scale != 1.0 and self.decode != "dpp":
+                f"inference.noise={self.noise} needs inference.decode='topk' (the {self.decode} decode is deterministic and takes no noise)")
+        if self.dpp_quality_scale != 1.0 and self.decode not in DPP_DECODES:
             raise OptionDependencyError(
-                f"inference.dpp_quality_scale={self.dpp_quality_scale} needs inference.decode='dpp' (the top-K has no quality scale)")
+                f"inference.dpp_quality_scale={self.dpp_quality_scale} needs inference.decode in {DPP_DECODES} (the top-K has no quality scale)")
+        if not 0.0 <= self.dpp_share <= 1.0:
+            raise ConfigError(f"inference.dpp_share must be in [0, 1], got {self.dpp_share}")
+        if self.dpp_share != 0.5 and self.decode != "topk_dpp":
+            raise OptionDependencyError(
+                f"inference.dpp_share={self.dpp_share} needs inference.decode='topk_dpp' (the only decode that splits K)")
 
 
 GROUPS = {"training": TrainingOptions, "inference": InferenceOptions}

@@ -10,7 +10,7 @@ import torch
 
 from autoselect.config import InferenceOptions
 from autoselect.pruners.uniform import grid_indices, square_side
-from autoselect.selection import dpp_indices, seeded_ranking, topk_indices
+from autoselect.selection import dpp_indices, seeded_ranking, topk_dpp_indices, topk_indices
 
 
 def ranking(scores: torch.Tensor, options: InferenceOptions) -> torch.Tensor:
@@ -19,16 +19,19 @@ def ranking(scores: torch.Tensor, options: InferenceOptions) -> torch.Tensor:
 
 
 def decode_among(scores: torch.Tensor, tokens: torch.Tensor, k: int, options: InferenceOptions) -> torch.Tensor:
-    """The decode itself (top-K or DPP) over the tokens given."""
+    """The decode itself (top-K, DPP, or top-K then DPP) over the tokens given."""
     if options.decode == "dpp":
         return dpp_indices(scores, tokens, k, options.dpp_quality_scale)
+    if options.decode == "topk_dpp":
+        return topk_dpp_indices(scores, tokens, k, options.dpp_share, options.dpp_quality_scale)
     return topk_indices(ranking(scores, options), k)
 
 
 def kept_indices(scores: torch.Tensor, tokens: torch.Tensor, k: int, options: InferenceOptions) -> torch.Tensor:
     """The ``k`` kept indices ``[num_images, k]`` (sorted) of ``tokens [num_images, N, D]`` given
     their logits ``scores``: the top K of `ranking`, or with ``decode="dpp"`` the greedy DPP-MAP
-    over the tokens' cosine kernel weighted by the logits; with ``grid_reserve`` an even grid of
+    over the tokens' cosine kernel weighted by the logits, or with ``decode="topk_dpp"`` the top
+    of the logits for part of K and that DPP for the rest; with ``grid_reserve`` an even grid of
     that share of K first (the uniform baseline's lattice), the decode choosing the rest among the
     other tokens."""
     reserve = round(options.grid_reserve * k)

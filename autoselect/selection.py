@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -45,7 +47,25 @@ def dpp_ranking(scores: torch.Tensor, features: torch.Tensor, quality_scale: flo
     return torch.zeros(order.shape, device=scores.device).scatter_(-1, order, picks.expand_as(order))
 
 
-def dpp_order(scores: torch.Tensor, features: torch.Tensor, k: int, quality_scale: float = 1.0) -> torch.Tensor:
+def topk_dpp_indices(scores: torch.Tensor, features: torch.Tensor, k: int, dpp_share: float, quality_scale: float = 1.0) -> torch.Tensor:
+    """``[B, k]`` sorted: the top ``k - floor(dpp_share * k)`` of ``scores`` (the tokens the scorer is
+    surest of), then the greedy DPP-MAP conditioned on them (`dpp_order`'s ``first``) for the last
+    ``floor(dpp_share * k)``: what the kept tokens do not already cover. Share 0 is `topk_indices`,
+    1 is `dpp_indices`."""
+    n = scores.shape[-1]
+    if not 1 <= k <= n:
+        raise ValueError(f"budget K={k} must be between 1 and the {n} visual tokens")
+    head = k - math.floor(dpp_share * k + 1e-9)
+    if head == k:
+        return topk_indices(scores, k)
+    if not head:
+        return dpp_indices(scores, features, k, quality_scale)
+    first = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[..., :head]
+    return dpp_order(scores, features, k, quality_scale, first=first).sort(-1).values
+
+
+def dpp_order(scores: torch.Tensor, features: torch.Tensor, k: int, quality_scale: float = 1.0,
+              first: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy DPP-MAP (Chen et al., NeurIPS 2018, fast greedy MAP by incremental Cholesky) of ``k``
     tokens per row: ``[B, k]`` indices in pick order (`dpp_indices` sorts them into original order).
 
@@ -62,12 +82,19 @@ def dpp_order(scores: torch.Tensor, features: torch.Tensor, k: int, quality_scal
     span every other one, e.g. K above the feature rank or duplicated tokens), the rest of the K
     are the highest-scored remaining tokens (top-K order). ``k`` outside 1..N is an error, as for
     `topk_indices`.
+
+    ``first [B, m]`` (m <= k, distinct per row): the first m picks are these, whatever their gain,
+    and the greedy goes on from them, so the last k - m are the DPP conditioned on that set. A
+    forced token already in the span of the earlier ones adds nothing to the factor.
     """
     batch, n = scores.shape
     if not 1 <= k <= n:
         raise ValueError(f"budget K={k} must be between 1 and the {n} visual tokens")
     if features.shape[:2] != scores.shape:
         raise ValueError(f"features {tuple(features.shape)} do not match scores {tuple(scores.shape)}")
+    forced = 0 if first is None else first.shape[-1]
+    if forced > k:
+        raise ValueError(f"{forced} forced picks exceed the budget K={k}")
     device = scores.device
     logits = scores.detach().double()
     std = logits.std(-1, unbiased=False, keepdim=True).clamp_min(1e-12)
@@ -84,15 +111,16 @@ def dpp_order(scores: torch.Tensor, features: torch.Tensor, k: int, quality_scal
         gain = torch.where(spans, quality + residual.clamp_min(DPP_EPS).log(), -torch.inf).masked_fill(taken, -torch.inf)
         broken |= ~(spans & ~taken).any(-1)
         fill = logits.masked_fill(taken, -torch.inf).argmax(-1)  # the breakdown's top-K fill
-        pick = torch.where(broken, fill, gain.argmax(-1))
+        pick = first[:, step].to(device) if step < forced else torch.where(broken, fill, gain.argmax(-1))
         chosen[:, step] = pick
         taken[rows, pick] = True
         if step + 1 == k:
             break
         # e_i = (S_ij - <c_i, c_j>) / sqrt(r_j): the new column of the Cholesky factor
+        spent = residual[rows, pick] <= DPP_EPS  # only a forced pick can be in the span already
         scale = residual[rows, pick].clamp_min(DPP_EPS).sqrt()
         dot = torch.einsum("bnt,bt->bn", factors[..., :step], factors[rows, pick, :step])
-        column = ((similarity[rows, pick] - dot) / scale[:, None]).masked_fill(broken[:, None], 0.0)
+        column = ((similarity[rows, pick] - dot) / scale[:, None]).masked_fill((broken | spent)[:, None], 0.0)
         factors[..., step] = column
         residual = residual - column.square()
     return chosen

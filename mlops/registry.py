@@ -40,10 +40,11 @@ def scorer_requirements() -> list[str]:
 class AutoSelectScorerModel(mlflow.pyfunc.PythonModel):
     """Scores visual tokens ``[images, N, vision_width]``. With ``params={"k": K}``: the K kept
     indices ``[images, K]`` (sorted, int64), exactly what ``AutoSelectModel`` keeps
-    (`autoselect.decode.kept_indices`: top-K, DPP, grid reserve). Without ``k``: ``[images, N]``
+    (`autoselect.decode.kept_indices`: top-K, DPP, top-K then DPP, grid reserve). Without ``k``: ``[images, N]``
     values whose top K is that choice for every K (the logits, plus the seeded Gumbel vector of a
     scorer with ``inference.noise``; with ``decode="dpp"``, N minus each token's greedy pick
-    position), refused for a grid-reserve scorer, whose lattice differs at every K."""
+    position), refused for a grid-reserve or top-K-then-DPP scorer, whose choice splits K differently
+    at every K."""
 
     def load_context(self, context) -> None:
         from autoselect.model import load_scorer
@@ -74,6 +75,10 @@ class AutoSelectScorerModel(mlflow.pyfunc.PythonModel):
                 raise ValueError(f"this scorer keeps an even grid of {options.grid_reserve} of K first "
                                  "(inference.grid_reserve), a different grid at every K, so no one ranking gives its choice "
                                  'for every K: pass params={"k": K} for the K kept indices')
+            if options.decode == "topk_dpp":
+                raise ValueError(f"this scorer keeps the top K - floor({options.dpp_share} K) first and the DPP picks the rest "
+                                 "(inference.decode='topk_dpp'), a different split at every K, so no one ranking gives its "
+                                 'choice for every K: pass params={"k": K} for the K kept indices')
             if options.decode == "dpp":
                 return dpp_ranking(scores, features, options.dpp_quality_scale).numpy()
             return ranking(scores, options).float().numpy()

@@ -15,7 +15,8 @@ skipped, with the reason.
 
 --autoselect-decode dpp also runs the scorer under the greedy DPP-MAP decode (inference.decode="dpp",
 docs/method.md) as the method autoselect-dpp, paired with autoselect (the scorer as saved) on the same
-examples: a decode is chosen on --split val, never on test.
+examples (topk_dpp: the top-K for part of K, the DPP for the rest, as autoselect-topk_dpp): a decode
+is chosen on --split val, never on test.
 
 Outputs in --out: report.json, report.md, retention_vs_budget.png, kept_patches.png.
 
@@ -41,7 +42,7 @@ from pathlib import Path
 import torch
 
 from autoselect.backbones import get_adapter
-from autoselect.config import DECODES, POSITION_POLICIES
+from autoselect.config import DECODES, DPP_DECODES, POSITION_POLICIES
 from autoselect.pruners import available_pruners
 from mlops.backbone import MINI_LLAVA, TINY_LLAVA
 from pipelines.corpora import DEFAULT_OUT
@@ -81,10 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         "scorer's own policy, else repack)")
     add("--autoselect-decode", type=names, default=[], metavar="DECODE[,DECODE]",
         help=f"also run the scorer under these inference decodes ({','.join(DECODES)}) where they are not its own, "
-        "each as its own method (autoselect-dpp, autoselect-topk) on the same batches, paired with autoselect in the "
+        "each as its own method (autoselect-dpp, autoselect-topk_dpp, autoselect-topk) on the same batches, paired with autoselect in the "
         "report: choose a decode on --split val. autoselect stays the scorer as saved")
     add("--dpp-quality-scale", type=float, default=None,
-        help="inference.dpp_quality_scale of the autoselect-dpp variant (default: the scorer's own, else 1.0)")
+        help="inference.dpp_quality_scale of the autoselect-dpp and autoselect-topk_dpp variants (default: the scorer's own, else 1.0)")
+    add("--dpp-share", type=float, default=None,
+        help="inference.dpp_share of the autoselect-topk_dpp variant: the share of K the DPP picks (default: the scorer's own, else 0.5)")
     add("--tasks", type=names, default=list(TASKS), help=f"comma-separated tasks (default: {','.join(TASKS)})")
     add("--limit", type=int, default=None, help="examples per task (default: every held-out record; 200 for generated tasks)")
     add("--batch-size", type=int, default=8, help="examples per forward; a multiple-choice batch has examples x choices rows (default: %(default)s)")
@@ -126,12 +129,16 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> lis
     unknown_decodes = [d for d in args.autoselect_decode if d not in DECODES]
     if unknown_decodes:
         parser.error(f"unknown --autoselect-decode {unknown_decodes}; choices: {', '.join(DECODES)}")
-    if args.autoselect_decode and AUTOSELECT not in args.pruners:
-        parser.error("--autoselect-decode compares decodes of the AutoSelect scorer: --pruners must include autoselect")
-    if args.dpp_quality_scale is not None and "dpp" not in args.autoselect_decode:
-        parser.error("--dpp-quality-scale sets the autoselect-dpp variant: add --autoselect-decode dpp")
+    if args.dpp_quality_scale is not None and not set(DPP_DECODES) & set(args.autoselect_decode):
+        parser.error(f"--dpp-quality-scale sets the variants with a DPP part: add --autoselect-decode {' or '.join(DPP_DECODES)}")
     if args.dpp_quality_scale is not None and not (args.dpp_quality_scale > 0 and math.isfinite(args.dpp_quality_scale)):
         parser.error(f"--dpp-quality-scale must be a finite number > 0, got {args.dpp_quality_scale}")
+    if args.dpp_share is not None and "topk_dpp" not in args.autoselect_decode:
+        parser.error("--dpp-share sets the autoselect-topk_dpp variant: add --autoselect-decode topk_dpp")
+    if args.dpp_share is not None and not 0 <= args.dpp_share <= 1:
+        parser.error(f"--dpp-share must be in [0, 1], got {args.dpp_share}")
+    if args.autoselect_decode and AUTOSELECT not in args.pruners:
+        parser.error("--autoselect-decode compares decodes of the AutoSelect scorer: --pruners must include autoselect")
     unknown_tasks = [t for t in args.tasks if t not in TASKS]
     if unknown_tasks:
         parser.error(f"unknown task(s) {unknown_tasks}; available: {', '.join(TASKS)}")
@@ -270,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     budget_args = [(b.label, b.value) for b in budgets]
     if autoselect is not None:  # the report records which decode the scorer ran (its own)
         settings[AUTOSELECT] = {"inference": dataclasses.asdict(autoselect.config.inference)}
-    variants = decode_variants(autoselect, args.autoselect_decode, args.dpp_quality_scale) if autoselect is not None else {}
+    variants = decode_variants(autoselect, args.autoselect_decode, args.dpp_quality_scale, args.dpp_share) if autoselect is not None else {}
     for name, variant in variants.items():
         settings[name] = {"inference": dataclasses.asdict(variant.config.inference)}
         print(f"{name}: the same scorer with inference {settings[name]['inference']}")

@@ -9,20 +9,22 @@ from PIL import Image
 
 from autoselect import AutoSelectConfig, AutoSelectModel, ConfigError, InferenceOptions, OptionDependencyError, ScoreMass
 from autoselect.model import load_scorer
-from autoselect.selection import DPP_EPS, dpp_indices, dpp_ranking, topk_indices
+from autoselect.selection import DPP_EPS, dpp_indices, dpp_ranking, topk_dpp_indices, topk_indices
 from autoselect.testing import build_tiny_llava
 
 
-def naive_greedy(scores: torch.Tensor, features: torch.Tensor, k: int, scale: float) -> list[int]:
+def naive_greedy(scores: torch.Tensor, features: torch.Tensor, k: int, scale: float,
+                 start: tuple[int, ...] = (), skip: tuple[int, ...] = ()) -> list[int]:
     """Greedy log-det maximiser of ``L = diag(q) S diag(q)`` for one image, by brute force: each step
-    adds the token whose inclusion gives the largest ``logdet(L_Y)`` (in pick order)."""
+    adds the token whose inclusion gives the largest ``logdet(L_Y)`` (in pick order), from the
+    picks ``start`` on, never picking ``skip``."""
     z = (scores.double() - scores.double().mean()) / scores.double().std(unbiased=False)
     unit = F.normalize(features.double(), dim=-1)
     q = torch.exp(scale * z)
     kernel = q[:, None] * (unit @ unit.T) * q[None, :]
-    chosen: list[int] = []
-    for _ in range(k):
-        gains = {i: torch.logdet(kernel[chosen + [i]][:, chosen + [i]]) for i in range(len(scores)) if i not in chosen}
+    chosen: list[int] = list(start)
+    for _ in range(k - len(start)):
+        gains = {i: torch.logdet(kernel[chosen + [i]][:, chosen + [i]]) for i in range(len(scores)) if i not in chosen + list(skip)}
         chosen.append(max(gains, key=lambda i: (gains[i], -i)))
     return chosen
 
@@ -92,40 +94,51 @@ def test_a_batch_decodes_each_image_as_alone():
 
 
 def test_decode_options_are_validated_and_round_trip():
-    with pytest.raises(ConfigError, match=r"inference.decode must be one of \('topk', 'dpp'\), got 'beam'"):
+    with pytest.raises(ConfigError, match=r"inference.decode must be one of \('topk', 'dpp', 'topk_dpp'\), got 'beam'"):
         InferenceOptions(decode="beam")
     with pytest.raises(OptionDependencyError, match="inference.noise=1.0 needs inference.decode='topk'"):
         InferenceOptions(decode="dpp", noise=1.0)
-    with pytest.raises(OptionDependencyError, match="dpp_quality_scale=2.0 needs inference.decode='dpp'"):
+    with pytest.raises(OptionDependencyError, match=r"dpp_quality_scale=2.0 needs inference.decode in \('dpp', 'topk_dpp'\)"):
         InferenceOptions(dpp_quality_scale=2.0)
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ConfigError, match="dpp_quality_scale must be a finite number > 0"):
             InferenceOptions(decode="dpp", dpp_quality_scale=bad)
-    config = AutoSelectConfig(inference=InferenceOptions(decode="dpp", dpp_quality_scale=2.5))
-    assert AutoSelectConfig.from_json_string(config.to_json_string()) == config
+    for decode in ("dpp", "topk_dpp"):
+        with pytest.raises(OptionDependencyError, match=f"inference.noise=1.0 needs inference.decode='topk' \\(the {decode} decode"):
+            InferenceOptions(decode=decode, noise=1.0)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match="inference.dpp_share must be in"):
+            InferenceOptions(decode="topk_dpp", dpp_share=bad)
+    with pytest.raises(OptionDependencyError, match="inference.dpp_share=0.25 needs inference.decode='topk_dpp'"):
+        InferenceOptions(decode="dpp", dpp_share=0.25)
+    for options in (InferenceOptions(decode="dpp", dpp_quality_scale=2.5), InferenceOptions(decode="topk_dpp", dpp_quality_scale=0.5, dpp_share=0.25)):
+        config = AutoSelectConfig(inference=options)
+        assert AutoSelectConfig.from_json_string(config.to_json_string()) == config
     assert AutoSelectConfig.from_dict({"inference": {"noise": 0.5}}).inference.decode == "topk"  # older saves: top-K
 
 
-def test_the_model_decodes_with_dpp_when_configured_and_saves_the_choice(tmp_path):
+@pytest.mark.parametrize("options, decode", [
+    (InferenceOptions(decode="dpp", dpp_quality_scale=0.5), lambda s, t, k: dpp_indices(s, t, k, 0.5)),
+    (InferenceOptions(decode="topk_dpp", dpp_quality_scale=0.5, dpp_share=0.5), lambda s, t, k: topk_dpp_indices(s, t, k, 0.5, 0.5))])
+def test_the_model_decodes_with_dpp_when_configured_and_saves_the_choice(options, decode, tmp_path):
     vlm, processor = build_tiny_llava(seed=0)
     rng = np.random.default_rng(0)
     pictures = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
     batch = processor(images=pictures, text=["USER: <image>\nWhat is it? ASSISTANT:"] * 2, return_tensors="pt", padding=True)
     torch.manual_seed(0)
-    options = InferenceOptions(decode="dpp", dpp_quality_scale=0.5)
     model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, inference=options)).eval()
     with torch.no_grad():
         tokens = model.visual_tokens(pixel_values=batch["pixel_values"])
         scores = model.scorer(tokens)
         model(**batch)
-        expected = dpp_indices(scores, tokens, 16, 0.5)
+        expected = decode(scores, tokens, 16)
         assert torch.equal(model.last_selection.indices, expected)
         assert not torch.equal(expected, topk_indices(scores, 16))  # the decode matters here
         model.generate(**batch, max_new_tokens=2, do_sample=False)
         assert torch.equal(model.last_selection.indices, expected)
         model.generate(**batch, budget=ScoreMass(0.5), max_new_tokens=1, do_sample=False)  # per image, same decode
         for b, kept in enumerate(model.last_selection.indices):
-            assert torch.equal(kept, dpp_indices(scores[b:b + 1], tokens[b:b + 1], len(kept), 0.5)[0])
+            assert torch.equal(kept, decode(scores[b:b + 1], tokens[b:b + 1], len(kept))[0])
     model.save_pretrained(tmp_path / "s")
     assert AutoSelectModel.from_pretrained(tmp_path / "s", vlm).config.inference == options
     assert load_scorer(tmp_path / "s")[1].inference == options
@@ -187,16 +200,18 @@ def test_a_grid_reserve_keeps_the_uniform_lattice_and_decodes_the_rest_among_the
     assert AutoSelectConfig.from_json_string(config.to_json_string()) == config
 
 
-def test_the_registered_pyfunc_keeps_what_the_model_keeps_given_k_and_refuses_a_grid_reserve_ranking(tmp_path):
-    """``params={"k": K}``: the pyfunc's K indices are the model's choice (grid reserve + DPP here);
-    without K a grid-reserve scorer has no single ranking, and says so."""
+@pytest.mark.parametrize("options, refusal", [
+    (InferenceOptions(decode="dpp", dpp_quality_scale=0.5, grid_reserve=0.5), "a different grid at every K"),
+    (InferenceOptions(decode="topk_dpp", dpp_quality_scale=0.5), "a different split at every K")])
+def test_the_registered_pyfunc_keeps_what_the_model_keeps_given_k_and_refuses_a_split_ranking(options, refusal, tmp_path):
+    """``params={"k": K}``: the pyfunc's K indices are the model's choice (grid reserve + DPP, or
+    top-K then DPP); without K such a scorer has no single ranking, and says so."""
     from types import SimpleNamespace
 
     from mlops.registry import ARTIFACT_KEY, AutoSelectScorerModel
 
     vlm, _ = build_tiny_llava(seed=0)
     torch.manual_seed(1)
-    options = InferenceOptions(decode="dpp", dpp_quality_scale=0.5, grid_reserve=0.5)
     model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, inference=options)).eval()
     model.save_pretrained(tmp_path / "s")
     pyfunc = AutoSelectScorerModel()
@@ -206,7 +221,47 @@ def test_the_registered_pyfunc_keeps_what_the_model_keeps_given_k_and_refuses_a_
         kept = torch.from_numpy(pyfunc.predict(None, {"visual_tokens": tokens.numpy()}, params={"k": k}))
         with torch.no_grad():
             assert torch.equal(kept, model.choose(tokens, k, {}).indices), k
-    with pytest.raises(ValueError, match="a different grid at every K"):
+    with pytest.raises(ValueError, match=refusal):
         pyfunc.predict(None, {"visual_tokens": tokens.numpy()})
     with pytest.raises(ValueError, match="params k=65 must be between 1 and the 64 visual tokens"):
         pyfunc.predict(None, {"visual_tokens": tokens.numpy()}, params={"k": 65})
+
+@pytest.mark.parametrize("k", [1, 4, 9, 20])
+def test_topk_dpp_share_0_is_the_top_k_and_share_1_the_dpp(k):
+    torch.manual_seed(6)
+    scores, features = torch.randn(3, 20), torch.randn(3, 20, 8)
+    assert torch.equal(topk_dpp_indices(scores, features, k, 0.0, 0.5), topk_indices(scores, k))
+    assert torch.equal(topk_dpp_indices(scores, features, k, 1.0, 0.5), dpp_indices(scores, features, k, 0.5))
+
+
+@pytest.mark.parametrize("k, share, head", [(9, 0.5, 5), (10, 0.5, 5), (10, 0.3, 7), (8, 0.75, 2)])
+def test_topk_dpp_keeps_the_top_tokens_then_the_dpp_conditioned_on_them(k, share, head):
+    """The first K - floor(share K) are the highest logits; the rest is the greedy log-det (brute
+    force) started from them, so it picks what they do not cover (the data is chosen so that this
+    differs from both the top-K and the DPP at every case)."""
+    generator = torch.Generator().manual_seed(4)
+    centres = torch.randn(2, 3, 12, generator=generator)  # three clusters of tokens: diversity matters
+    scores = torch.randn(2, 16, generator=generator)
+    features = centres[:, torch.arange(16) % 3] + 0.3 * torch.randn(2, 16, 12, generator=generator)
+    kept = topk_dpp_indices(scores, features, k, share, 0.5)
+    for b in range(2):
+        top = scores[b].argsort(descending=True)[:head].tolist()
+        assert kept[b].tolist() == sorted(naive_greedy(scores[b], features[b], k, 0.5, start=tuple(top))), b
+        assert torch.equal(kept[b], topk_dpp_indices(scores[b:b + 1], features[b:b + 1], k, share, 0.5)[0])  # as alone
+    assert not torch.equal(kept, topk_indices(scores, k)) and not torch.equal(kept, dpp_indices(scores, features, k, 0.5))
+    with pytest.raises(ValueError, match="between 1 and the 16 visual tokens"):
+        topk_dpp_indices(scores, features, 17, share)
+
+
+def test_topk_dpp_with_a_duplicate_among_the_top_tokens_conditions_on_their_span():
+    """Tokens 0 and 1 are the same vector and the two highest logits: both are kept (the top part
+    is the scorer's), and the DPP part is the greedy conditioned on token 0 and the third top token,
+    the duplicate adding nothing."""
+    generator = torch.Generator().manual_seed(8)
+    scores, features = torch.randn(12, generator=generator), torch.randn(12, 10, generator=generator)
+    scores[:2] = torch.tensor([5.0, 4.9])
+    features[1] = features[0]
+    third = int(scores[2:].argmax()) + 2
+    kept = topk_dpp_indices(scores[None], features[None], 6, 0.5, 1.0)[0].tolist()
+    rest = naive_greedy(scores, features, 5, 1.0, start=(0, third), skip=(1,))
+    assert kept == sorted([1, *rest])

@@ -534,6 +534,9 @@ def test_decode_variants_run_the_same_scorer_under_dpp_and_are_paired_with_autos
     vlm = taught["vlm"]
     autoselect = AutoSelectModel.from_pretrained(taught["scorer_dir"], vlm).eval()
     assert decode_variants(autoselect, ["topk"]) == {}  # its own decode: no variant
+    (name, variant), = decode_variants(autoselect, ["topk_dpp"], 0.5, 0.25).items()
+    assert name == "autoselect-topk_dpp" and variant.scorer is autoselect.scorer
+    assert (variant.config.inference.decode, variant.config.inference.dpp_quality_scale, variant.config.inference.dpp_share) == ("topk_dpp", 0.5, 0.25)
     (name, variant), = decode_variants(autoselect, ["topk", "dpp"], 2.0).items()
     assert name == "autoselect-dpp" and variant.scorer is autoselect.scorer
     assert variant.config.inference.dpp_quality_scale == 2.0 and autoselect.config.inference.decode == "topk"
@@ -559,6 +562,8 @@ def test_decode_variants_run_the_same_scorer_under_dpp_and_are_paired_with_autos
     assert "| autoselect-dpp − random | 8 |" in (tmp_path / "dpp" / "report.md").read_text()
     for bad, match in ((["--autoselect-decode", "beam"], "unknown --autoselect-decode"),
                        (["--dpp-quality-scale", "2"], "add --autoselect-decode dpp"),
+                       (["--autoselect-decode", "dpp", "--dpp-share", "0.3"], "add --autoselect-decode topk_dpp"),
+                       (["--autoselect-decode", "topk_dpp", "--dpp-share", "1.5"], "--dpp-share must be in [0, 1], got 1.5"),
                        (["--pruners", "random", "--autoselect-decode", "dpp"], "must include autoselect")):
         with pytest.raises(SystemExit):
             main(["--model", str(taught["model_dir"]), "--out", str(tmp_path / "bad"), *bad])

@@ -20,7 +20,7 @@ numbers as one forward per row (tested), about ``repeats`` times less work.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -210,21 +210,25 @@ class InsideLLM(Method):
         return Forward(logits, repeat_selection(self.model.last_selection, repeats))  # columns: the selection's re-packing
 
 
-def decode_variants(autoselect: AutoSelectModel, decodes: Sequence[str], dpp_quality_scale: float | None = None) -> dict[str, AutoSelectModel]:
+def decode_variants(autoselect: AutoSelectModel, decodes: Sequence[str], dpp_quality_scale: float | None = None,
+                    dpp_share: float | None = None) -> dict[str, AutoSelectModel]:
     """``{"autoselect-dpp": model, ...}``: the scorer under each decode of ``decodes`` other than
     its own (`AutoSelectModel.with_inference`, sharing its weights), to compare on validation. The
-    dpp variant takes ``dpp_quality_scale`` (default: the scorer's own, else 1.0); a top-K variant
-    keeps the scorer's noise and seed, a dpp one has none (it takes no noise)."""
+    variants with a DPP part take ``dpp_quality_scale``, the topk_dpp one ``dpp_share`` (default:
+    the scorer's own); a top-K variant keeps the scorer's noise and seed, the others have none
+    (they take no noise). A variant equal to the scorer's own options (its grid reserve aside) is
+    the scorer itself and is left out."""
     own = autoselect.config.inference
     variants = {}
     for decode in dict.fromkeys(decodes):
-        if decode == own.decode and (decode != "dpp" or dpp_quality_scale in (None, own.dpp_quality_scale)):
-            continue
-        if decode == "dpp":
-            scale = dpp_quality_scale if dpp_quality_scale is not None else own.dpp_quality_scale
-            options = InferenceOptions(decode="dpp", dpp_quality_scale=scale)
-        else:
+        if decode == "topk":
             options = InferenceOptions(noise=own.noise, seed=own.seed) if own.decode == "topk" else InferenceOptions()
+        else:
+            scale = dpp_quality_scale if dpp_quality_scale is not None else own.dpp_quality_scale
+            share = dpp_share if dpp_share is not None else own.dpp_share
+            options = InferenceOptions(decode=decode, dpp_quality_scale=scale, **({"dpp_share": share} if decode == "topk_dpp" else {}))
+        if options == replace(own, grid_reserve=options.grid_reserve):
+            continue
         variants[AUTOSELECT_VARIANT + decode] = autoselect.with_inference(options)
     return variants
 
