@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 
 POSITION_POLICIES = ("repack", "original")
 DECODES = ("topk", "dpp", "topk_dpp")  # inference.decode: the top-K (default), greedy DPP-MAP, or top-K then DPP
-DPP_DECODES = ("dpp", "topk_dpp")  # the decodes with a DPP part (they take dpp_quality_scale)
+DPP_DECODES = ("dpp", "topk_dpp")
+TRAINING_DECODES = ("inference", "topk")  # training.decode: the straight-through forward keeps inference's set, or the top-K  # the decodes with a DPP part (they take dpp_quality_scale)
 
 
 class ConfigError(ValueError):
@@ -62,6 +63,10 @@ class TrainingOptions:
     # then the first-order value of letting it back in *given the kept set*, so a redundant token
     # earns nothing. No noise gate and no denoiser: the model builds and saves none.
     straight_through: bool = False
+    # Only with straight_through: "inference" keeps the set inference's decode keeps (above);
+    # "topk" keeps the hard top-K whatever inference decodes, for a scorer trained under top-K and
+    # read under another decode (chosen on validation), so retraining its recipe trains what was read.
+    decode: str = "inference"
     # For a cheap step: 0 sends the LLM all N (gated) tokens. c > 0 sends only the scorer's hard
     # top-K plus round(c * K) others drawn at random from the rest, each still gated by its
     # retention weight, so the LLM's cost follows K (1 + c), not N. The tokens left out still get
@@ -91,6 +96,11 @@ class TrainingOptions:
         if self.straight_through and not self.gate_standardize:
             raise OptionDependencyError(
                 "training.gate_standardize=False has no effect with training.straight_through (no noise gate runs)")
+        if self.decode not in TRAINING_DECODES:
+            raise ConfigError(f"training.decode must be one of {TRAINING_DECODES}, got {self.decode!r}")
+        if self.decode != "inference" and not self.straight_through:
+            raise OptionDependencyError(
+                f"training.decode={self.decode!r} needs training.straight_through=True (otherwise training keeps the soft top-K's set)")
         if not self.score_noise_anneal and not self.score_noise:
             raise OptionDependencyError(
                 "training.score_noise_anneal=False needs training.score_noise > 0 (there is no noise to keep constant)")

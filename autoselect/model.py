@@ -327,9 +327,10 @@ class AutoSelectModel(PrunedVLM):
         """``[B, N]`` bool: the tokens the training forward keeps from these (noisy) logits. With
         ``training.straight_through`` inference's own decode (``config.inference``: top-K, DPP,
         grid reserve; its seeded ``noise`` aside, training draws its own), so a scorer is trained
-        under the decode it is read with; otherwise the top-K."""
-        options = self.config.inference
-        if not self.config.training.straight_through or (options.decode == "topk" and not options.grid_reserve):
+        under the decode it is read with, unless ``training.decode="topk"``; otherwise the top-K."""
+        options, training = self.config.inference, self.config.training
+        plain = training.decode == "topk" or (options.decode == "topk" and not options.grid_reserve)
+        if not training.straight_through or plain:
             return topk_mask(scores, k, valid)
         options = dataclasses.replace(options, noise=0.0)
         kept = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)

@@ -1,6 +1,7 @@
 """The main job on embedded defaults (`make demo`): from a fresh clone to a served, pruned,
 real-weight VLM on the shipped scenes recipe (`pipelines/configs/mini-llava-scenes.yaml`: the
-three-item garment questions, the straight-through form, plain top-K; chosen on val in session 29),
+three-item garment questions, the straight-through form trained under top-K, chosen on val in session 29;
+read by top-K for half of K and the DPP for the rest, chosen on val in session 37),
 with every product part running for real on this machine.
 
   1. backbone    mini-LLaVA (DINOv2-S + SmolLM2-135M from PyPI wheels) with the committed scenes

@@ -6,7 +6,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from autoselect import AutoSelectConfig, AutoSelectModel, InferenceOptions, OptionDependencyError, TrainingOptions
+from autoselect import AutoSelectConfig, AutoSelectModel, ConfigError, InferenceOptions, OptionDependencyError, TrainingOptions
 from autoselect.decode import ranking
 from autoselect.denoiser import Denoiser
 from autoselect.testing import build_tiny_llava
@@ -425,7 +425,8 @@ def test_score_noise_turns_tied_logits_into_a_hard_random_choice(tiny, batch):
 
 
 @pytest.mark.parametrize("inference", [InferenceOptions(), InferenceOptions(decode="dpp", dpp_quality_scale=0.5),
-                                       InferenceOptions(grid_reserve=0.5)], ids=["topk", "dpp", "grid_reserve"])
+                                       InferenceOptions(decode="topk_dpp", dpp_quality_scale=0.5),
+                                       InferenceOptions(grid_reserve=0.5)], ids=["topk", "dpp", "topk_dpp", "grid_reserve"])
 @pytest.mark.parametrize("candidates", [0.0, 1.0], ids=["all-tokens", "candidates"])
 def test_straight_through_trains_on_the_hard_pruned_sequence_with_gradient_for_every_logit(tiny, batch, inference, candidates):
     """With ``straight_through`` the training forward is the inference forward of the scorer's own
@@ -472,6 +473,33 @@ def test_straight_through_trains_on_the_hard_pruned_sequence_with_gradient_for_e
         assert not torch.equal(decoded, topk)
     with pytest.raises(OptionDependencyError, match="straight_through needs training.gate_attention"):
         TrainingOptions(straight_through=True)
+
+
+def test_training_decode_topk_trains_under_the_top_k_whatever_inference_decodes(tiny):
+    """``training.decode="topk"``: a straight-through scorer read under another decode (here top-K
+    then DPP) keeps the hard top-K of its training logits, as the scorer it retrains was trained;
+    the default keeps inference's set. Needs straight_through."""
+    from autoselect.selection import topk_dpp_indices, topk_indices
+
+    vlm, _ = tiny
+    inference = InferenceOptions(decode="topk_dpp", dpp_quality_scale=0.5)
+    torch.manual_seed(0)
+    tokens, scores, k = torch.randn(2, 64, vlm.config.vision_config.hidden_size), torch.randn(2, 64), torch.tensor([16, 16])
+    kept = {}
+    for decode in ("inference", "topk"):
+        training = TrainingOptions(gate_attention=True, straight_through=True, decode=decode)
+        model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, training=training, inference=inference))
+        kept[decode] = [row.nonzero()[:, 0] for row in model.training_kept(scores, tokens, k, None)]
+    assert torch.equal(torch.stack(kept["topk"]), topk_indices(scores, 16))
+    assert torch.equal(torch.stack(kept["inference"]), topk_dpp_indices(scores, tokens, 16, 0.5, 0.5))
+    assert not torch.equal(torch.stack(kept["topk"]), torch.stack(kept["inference"]))
+    with pytest.raises(OptionDependencyError, match="training.decode='topk' needs training.straight_through=True"):
+        TrainingOptions(decode="topk")
+    with pytest.raises(ConfigError, match=r"training.decode must be one of \('inference', 'topk'\), got 'dpp'"):
+        TrainingOptions(gate_attention=True, straight_through=True, decode="dpp")
+    config = AutoSelectConfig(training=TrainingOptions(gate_attention=True, straight_through=True, decode="topk"), inference=inference)
+    assert AutoSelectConfig.from_json_string(config.to_json_string()) == config
+    assert AutoSelectConfig.from_dict({"training": {"straight_through": True, "gate_attention": True}}).training.decode == "inference"
 
 
 def test_inference_noise_keeps_a_seeded_sample_the_same_alone_or_in_a_batch(tiny, batch, tmp_path):

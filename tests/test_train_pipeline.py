@@ -218,7 +218,7 @@ def test_config_k28_sampled_recipe_is_the_committed_scorers_config():
 
 
 @pytest.mark.parametrize("recipe, scorer, decode", [
-    ("mini-llava-scenes.yaml", "mini-llava-scenes-R2/scorer", ("topk", 1.0)),  # the recipe chosen in session 29
+    ("mini-llava-scenes.yaml", "mini-llava-scenes-R2/scorer", ("topk_dpp", 0.5)),  # session 29's recipe, read by C (session 37)
     ("mini-llava-scenes-captions.yaml", "mini-llava-scenes-drop2/scorer", ("dpp", 0.5)),  # the session-19 recipe (paper form)
 ])
 def test_config_scenes_recipe_is_the_committed_scenes_scorers_config(recipe, scorer, decode):
