@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 
 POSITION_POLICIES = ("repack", "original")
 DECODES = ("topk", "dpp", "topk_dpp")  # inference.decode: the top-K (default), greedy DPP-MAP, or top-K then DPP
-DPP_DECODES = ("dpp", "topk_dpp")
-TRAINING_DECODES = ("inference", "topk")  # training.decode: the straight-through forward keeps inference's set, or the top-K  # the decodes with a DPP part (they take dpp_quality_scale)
+DPP_DECODES = ("dpp", "topk_dpp")  # the decodes with a DPP part (they take dpp_quality_scale)
+TRAINING_DECODES = ("inference", "topk")  # training.decode: the straight-through forward keeps inference's set, or the top-K
 
 
 class ConfigError(ValueError):
@@ -135,7 +135,7 @@ class InferenceOptions:
     noise: float = 0.0
     seed: int = 0  # only with noise > 0
     decode: str = "topk"
-    # Only with decode="dpp": theta in q = exp(theta * z). Larger follows the logits more (the
+    # Only with decode="dpp" or "topk_dpp": theta in q = exp(theta * z). Larger follows the logits more (the
     # top-K as theta -> inf), smaller favours diversity (0 would ignore the scorer).
     dpp_quality_scale: float = 1.0
     # Only with decode="topk_dpp": the share of K the DPP picks after the top-K (rounded down).
