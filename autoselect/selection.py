@@ -51,16 +51,13 @@ def topk_dpp_indices(scores: torch.Tensor, features: torch.Tensor, k: int, dpp_s
     """``[B, k]`` sorted: the top ``k - floor(dpp_share * k)`` of ``scores`` (the tokens the scorer is
     surest of), then the greedy DPP-MAP conditioned on them (`dpp_order`'s ``first``) for the last
     ``floor(dpp_share * k)``: what the kept tokens do not already cover. Share 0 is `topk_indices`,
-    1 is `dpp_indices`."""
-    n = scores.shape[-1]
-    if not 1 <= k <= n:
-        raise ValueError(f"budget K={k} must be between 1 and the {n} visual tokens")
+    1 is `dpp_indices`; ``k`` outside 1..N is refused by the one they call."""
     head = k - math.floor(dpp_share * k + 1e-9)
     if head == k:
         return topk_indices(scores, k)
     if not head:
         return dpp_indices(scores, features, k, quality_scale)
-    first = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[..., :head]
+    first = topk_indices(scores, head)  # the set is what conditions the DPP, not the order it is given in
     return dpp_order(scores, features, k, quality_scale, first=first).sort(-1).values
 
 
