@@ -174,3 +174,17 @@ def test_mix_annotations_weights_a_source_by_drawing_n_of_its_task_and_refuses_a
     for bad in ("0", "11", "x"):
         with pytest.raises(SystemExit, match="N must be a whole number from 1 to 10"):
             mix.main(["--out", str(out), f"{fmnist}:fmnist_class:{bad}"])
+
+
+def test_logit_shape_reads_ranks_and_the_per_image_drop_to_the_kth():
+    shape = load("scorer_logit_shape").shape
+    plateau = torch.tensor([[3.0, 2.9, 2.8, 2.7] + [0.0] * 96])  # four near-equal tokens on top
+    peak = torch.tensor([[9.0, 5.0, 1.0, 0.5] + [0.0] * 96])  # one token standing out
+    cell = shape(torch.cat([plateau, peak]), budgets=[4])
+    assert cell["n"] == 2
+    assert cell["mean_z_at_rank"]["1"] == 6.0 and cell["mean_z_at_rank"]["5"] == 0.0  # mean of the two images
+    drops = cell["drop_z1_minus_zK_quantiles"]["K=4"]
+    assert drops["0.1"] == pytest.approx(0.3 + 0.1 * 8.2, abs=1e-3)  # 0.3 (plateau) .. 8.5 (peak), linear
+    assert drops["0.5"] == pytest.approx(4.4, abs=1e-3)
+    with pytest.raises(ValueError, match=r"budgets \[101\] are not between 1 and the 100 tokens"):
+        shape(plateau, budgets=[101])
