@@ -46,7 +46,8 @@ def shape(z: torch.Tensor, budgets: list[int]) -> dict:
     if too_large:
         raise ValueError(f"budgets {too_large} are not between 1 and the {z.shape[-1]} tokens per image")
     ordered = z.sort(-1, descending=True).values
-    drops = {f"K={k}": dict(zip(map(str, QUANTILES), (ordered[:, 0] - ordered[:, k - 1]).quantile(torch.tensor(QUANTILES)).round(decimals=3).tolist()))
+    quantiles = torch.tensor(QUANTILES)
+    drops = {f"K={k}": {str(q): round(float(v), 3) for q, v in zip(QUANTILES, (ordered[:, 0] - ordered[:, k - 1]).quantile(quantiles))}
              for k in budgets}
     return {"n": len(z), "mean_z_at_rank": {str(r): round(float(ordered[:, r - 1].mean()), 3) for r in RANKS},
             "drop_z1_minus_zK_quantiles": drops}
