@@ -61,6 +61,15 @@ def topk_dpp_indices(scores: torch.Tensor, features: torch.Tensor, k: int, dpp_s
     return dpp_order(scores, features, k, quality_scale, first=first).sort(-1).values
 
 
+def standardized_logits(scores: torch.Tensor) -> torch.Tensor:
+    """``[B, N]`` float64: each row of ``scores`` at mean 0 and unit (population) std, the
+    scale-free logit z whose multiple is the DPP's quality (a constant row stays 0), so a scorer's
+    logits read the same whatever their overall scale."""
+    logits = scores.detach().double()
+    std = logits.std(-1, unbiased=False, keepdim=True).clamp_min(1e-12)
+    return (logits - logits.mean(-1, keepdim=True)) / std
+
+
 def dpp_order(scores: torch.Tensor, features: torch.Tensor, k: int, quality_scale: float = 1.0,
               first: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy DPP-MAP (Chen et al., NeurIPS 2018, fast greedy MAP by incremental Cholesky) of ``k``
@@ -94,8 +103,7 @@ def dpp_order(scores: torch.Tensor, features: torch.Tensor, k: int, quality_scal
         raise ValueError(f"{forced} forced picks exceed the budget K={k}")
     device = scores.device
     logits = scores.detach().double()
-    std = logits.std(-1, unbiased=False, keepdim=True).clamp_min(1e-12)
-    quality = 2.0 * quality_scale * (logits - logits.mean(-1, keepdim=True)) / std  # log q_i^2
+    quality = 2.0 * quality_scale * standardized_logits(scores)  # log q_i^2
     similarity = cosine_kernel(features.detach(), torch.float64)  # [B, N, N]
     residual = similarity.diagonal(dim1=1, dim2=2).clone()  # r_i = S_ii - |c_i|^2
     factors = torch.zeros(batch, n, k, dtype=torch.float64, device=device)  # rows of the Cholesky factor

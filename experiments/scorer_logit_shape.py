@@ -1,7 +1,7 @@
 """How peaked are a scorer's logits on each kind of image? (the vision tower and the scorer only, no LLM).
 
 Per task (val questions, the evaluation's own loader and class-balanced pick), the scorer's logits
-standardized per image (z, as the DPP decode's quality uses them): the mean z at a few ranks, and
+standardized per image (z, `autoselect.selection.standardized_logits`, what the DPP decode's quality reads): the mean z at a few ranks, and
 per image the drop from the 1st to the K-th (z1 - zK) as quantiles. A plateau (small drop) means
 the top-K is an arbitrary, clustered pick among near-equal tokens; a peak means a few tokens stand
 out. Validation only: it explains val numbers, it chooses nothing (docs/scenes.md, session 38).
@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from autoselect.model import AutoSelectModel
+from autoselect.selection import standardized_logits
+from mlops.backbone import load_autoselect, load_vlm_and_processor
 from pipelines.evaluation.scoring import heldout_task
 from results_file import write_result
 
@@ -28,15 +29,14 @@ RANKS = (1, 5, 10, 14, 28, 57)
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
-def standardized_logits(model: AutoSelectModel, processor, examples, batch_size: int) -> torch.Tensor:
-    """``[examples, N]`` the scorer's logits, each image's standardized to mean 0 and std 1."""
+def scorer_z(model: AutoSelectModel, processor, examples, batch_size: int) -> torch.Tensor:
+    """``[examples, N]`` the scorer's logits, each image's standardized (`standardized_logits`)."""
     rows = []
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]
         pixels = processor.image_processor([e.image for e in batch], return_tensors="pt")["pixel_values"]
         with torch.no_grad():
-            logits = model.scorer(model.visual_tokens(pixel_values=pixels)).float()
-        rows.append((logits - logits.mean(-1, keepdim=True)) / logits.std(-1, keepdim=True))
+            rows.append(standardized_logits(model.scorer(model.visual_tokens(pixel_values=pixels))))
     return torch.cat(rows)
 
 
@@ -46,7 +46,7 @@ def shape(z: torch.Tensor, budgets: list[int]) -> dict:
     if too_large:
         raise ValueError(f"budgets {too_large} are not between 1 and the {z.shape[-1]} tokens per image")
     ordered = z.sort(-1, descending=True).values
-    quantiles = torch.tensor(QUANTILES)
+    quantiles = torch.tensor(QUANTILES, dtype=z.dtype)
     drops = {f"K={k}": {str(q): round(float(v), 3) for q, v in zip(QUANTILES, (ordered[:, 0] - ordered[:, k - 1]).quantile(quantiles))}
              for k in budgets}
     return {"n": len(z), "mean_z_at_rank": {str(r): round(float(ordered[:, r - 1].mean()), 3) for r in RANKS},
@@ -55,8 +55,8 @@ def shape(z: torch.Tensor, budgets: list[int]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--scorer", type=Path, required=True)
+    parser.add_argument("--model", required=True, help="the backbone folder the scorer was trained on")
+    parser.add_argument("--scorer", required=True, help="a scorer folder or models:/name@alias")
     parser.add_argument("--task", action="append", required=True, metavar="NAME=CORPORA", help="a task and its corpora export (repeatable)")
     parser.add_argument("--limit", type=int, default=300)
     parser.add_argument("--budgets", type=int, nargs="+", default=[16, 28, 57])
@@ -65,14 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     started = time.time()
-    vlm = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
-    processor = AutoProcessor.from_pretrained(args.model)
-    model = AutoSelectModel.from_pretrained(args.scorer, vlm).eval()
+    vlm, processor = load_vlm_and_processor(args.model, args.dtype, torch.device("cpu"))
+    model, _ = load_autoselect(args.scorer, vlm)
     result = {"model": str(args.model), "scorer": str(args.scorer), "dtype": args.dtype, "split": "val", "limit": args.limit, "tasks": {}}
     for spec in args.task:
         name, _, corpora = spec.partition("=")
         examples = heldout_task(vlm, processor, name, Path(corpora), args.limit).examples
-        result["tasks"][name] = shape(standardized_logits(model, processor, examples, args.batch_size), args.budgets)
+        result["tasks"][name] = shape(scorer_z(model, processor, examples, args.batch_size), args.budgets)
         cell = result["tasks"][name]
         print(f"{name} (n = {cell['n']}): mean z at ranks {cell['mean_z_at_rank']}")
         for k, q in cell["drop_z1_minus_zK_quantiles"].items():

@@ -9,7 +9,7 @@ from PIL import Image
 
 from autoselect import AutoSelectConfig, AutoSelectModel, ConfigError, InferenceOptions, OptionDependencyError, ScoreMass
 from autoselect.model import load_scorer
-from autoselect.selection import DPP_EPS, dpp_indices, dpp_ranking, topk_dpp_indices, topk_indices
+from autoselect.selection import DPP_EPS, dpp_indices, dpp_ranking, standardized_logits, topk_dpp_indices, topk_indices
 from autoselect.testing import build_tiny_llava
 
 
@@ -265,3 +265,13 @@ def test_topk_dpp_with_a_duplicate_among_the_top_tokens_conditions_on_their_span
     kept = topk_dpp_indices(scores[None], features[None], 6, 0.5, 1.0)[0].tolist()
     rest = naive_greedy(scores, features, 5, 1.0, start=(0, third), skip=(1,))
     assert kept == sorted([1, *rest])
+
+
+def test_standardized_logits_are_the_scale_free_z_the_dpp_quality_reads():
+    scores = torch.tensor([[1.0, 2.0, 3.0, 6.0], [5.0, 5.0, 5.0, 5.0]])
+    z = standardized_logits(scores)
+    assert z.dtype == torch.float64
+    assert torch.allclose(z[0].mean(), torch.zeros((), dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(z[0].std(unbiased=False), torch.ones((), dtype=torch.float64))  # population std
+    assert torch.equal(z[1], torch.zeros(4, dtype=torch.float64))  # a constant row stays 0, no NaN
+    assert torch.allclose(standardized_logits(7.0 * scores - 3.0), z)  # the logits' scale and shift do not matter

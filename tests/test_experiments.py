@@ -186,5 +186,6 @@ def test_logit_shape_reads_ranks_and_the_per_image_drop_to_the_kth():
     drops = cell["drop_z1_minus_zK_quantiles"]["K=4"]
     assert drops["0.1"] == pytest.approx(0.3 + 0.1 * 8.2, abs=1e-3)  # 0.3 (plateau) .. 8.5 (peak), linear
     assert drops["0.5"] == pytest.approx(4.4, abs=1e-3)
+    assert shape(torch.cat([plateau, peak]).double(), budgets=[4]) == cell  # float64, as standardized_logits gives
     with pytest.raises(ValueError, match=r"budgets \[101\] are not between 1 and the 100 tokens"):
         shape(plateau, budgets=[101])
