@@ -130,7 +130,9 @@ class InferenceOptions:
 
     ``decode="topk_dpp"``: the top ``K - floor(dpp_share * K)`` by the logits, then the DPP
     conditioned on them for the last ``floor(dpp_share * K)`` (`autoselect.selection.topk_dpp_indices`):
-    the tokens the scorer is surest of, then what they do not cover. Share 0 is the top-K, 1 the DPP."""
+    the tokens the scorer is surest of, then what they do not cover. Share 0 is the top-K, 1 the DPP.
+    With ``dpp_head_quality_scale`` the head is itself the greedy DPP at that (larger) scale: where
+    the logits peak it is the top-K, where they are flat it spreads."""
 
     noise: float = 0.0
     seed: int = 0  # only with noise > 0
@@ -140,6 +142,9 @@ class InferenceOptions:
     dpp_quality_scale: float = 1.0
     # Only with decode="topk_dpp": the share of K the DPP picks after the top-K (rounded down).
     dpp_share: float = 0.5
+    # Only with decode="topk_dpp": the head (K minus the DPP's share) is the greedy DPP at this quality
+    # scale, not the top-K (None, the default; the top-K is the limit of a large scale).
+    dpp_head_quality_scale: float | None = None
     # Beyond the paper: this share of K (rounded) is an even grid over a square patch grid (the
     # uniform baseline's lattice), the rest is the decode's choice among the other tokens, so the
     # kept set always covers the image and the scorer spends the rest where it ranks highest.
@@ -167,6 +172,12 @@ class InferenceOptions:
         if self.dpp_share != 0.5 and self.decode != "topk_dpp":
             raise OptionDependencyError(
                 f"inference.dpp_share={self.dpp_share} needs inference.decode='topk_dpp' (the only decode that splits K)")
+        head = self.dpp_head_quality_scale
+        if head is not None and not (isinstance(head, (int, float)) and head > 0 and math.isfinite(head)):
+            raise ConfigError(f"inference.dpp_head_quality_scale must be a finite number > 0 or None, got {head!r}")
+        if head is not None and self.decode != "topk_dpp":
+            raise OptionDependencyError(
+                f"inference.dpp_head_quality_scale={head} needs inference.decode='topk_dpp' (the only decode with a head)")
 
 
 GROUPS = {"training": TrainingOptions, "inference": InferenceOptions}

@@ -23,7 +23,7 @@ def decode_among(scores: torch.Tensor, tokens: torch.Tensor, k: int, options: In
     if options.decode == "dpp":
         return dpp_indices(scores, tokens, k, options.dpp_quality_scale)
     if options.decode == "topk_dpp":
-        return topk_dpp_indices(scores, tokens, k, options.dpp_share, options.dpp_quality_scale)
+        return topk_dpp_indices(scores, tokens, k, options.dpp_share, options.dpp_quality_scale, options.dpp_head_quality_scale)
     return topk_indices(ranking(scores, options), k)
 
 

@@ -47,17 +47,23 @@ def dpp_ranking(scores: torch.Tensor, features: torch.Tensor, quality_scale: flo
     return torch.zeros(order.shape, device=scores.device).scatter_(-1, order, picks.expand_as(order))
 
 
-def topk_dpp_indices(scores: torch.Tensor, features: torch.Tensor, k: int, dpp_share: float, quality_scale: float = 1.0) -> torch.Tensor:
+def topk_dpp_indices(scores: torch.Tensor, features: torch.Tensor, k: int, dpp_share: float, quality_scale: float = 1.0,
+                     head_quality_scale: float | None = None) -> torch.Tensor:
     """``[B, k]`` sorted: the top ``k - floor(dpp_share * k)`` of ``scores`` (the tokens the scorer is
     surest of), then the greedy DPP-MAP conditioned on them (`dpp_order`'s ``first``) for the last
     ``floor(dpp_share * k)``: what the kept tokens do not already cover. Share 0 is `topk_indices`,
-    1 is `dpp_indices`; ``k`` outside 1..N is refused by the one they call."""
+    1 is `dpp_indices`; ``k`` outside 1..N is refused by the one they call. With
+    ``head_quality_scale`` the head is the greedy DPP at that scale instead of the top-K, so a
+    plateau of near-equal logits is spread while a peak is still taken whole."""
     head = k - math.floor(dpp_share * k + 1e-9)
     if head == k:
+        if head_quality_scale is not None:
+            return dpp_indices(scores, features, k, head_quality_scale)
         return topk_indices(scores, k)
     if not head:
         return dpp_indices(scores, features, k, quality_scale)
-    first = topk_indices(scores, head)  # the set is what conditions the DPP, not the order it is given in
+    # the set is what conditions the DPP, not the order it is given in
+    first = topk_indices(scores, head) if head_quality_scale is None else dpp_order(scores, features, head, head_quality_scale)
     return dpp_order(scores, features, k, quality_scale, first=first).sort(-1).values
 
 

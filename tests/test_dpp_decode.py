@@ -111,7 +111,13 @@ def test_decode_options_are_validated_and_round_trip():
             InferenceOptions(decode="topk_dpp", dpp_share=bad)
     with pytest.raises(OptionDependencyError, match="inference.dpp_share=0.25 needs inference.decode='topk_dpp'"):
         InferenceOptions(decode="dpp", dpp_share=0.25)
-    for options in (InferenceOptions(decode="dpp", dpp_quality_scale=2.5), InferenceOptions(decode="topk_dpp", dpp_quality_scale=0.5, dpp_share=0.25)):
+    for bad in (0.0, -1.0, float("inf"), "2"):
+        with pytest.raises(ConfigError, match="inference.dpp_head_quality_scale must be a finite number > 0 or None"):
+            InferenceOptions(decode="topk_dpp", dpp_head_quality_scale=bad)
+    with pytest.raises(OptionDependencyError, match="inference.dpp_head_quality_scale=2.0 needs inference.decode='topk_dpp'"):
+        InferenceOptions(decode="dpp", dpp_head_quality_scale=2.0)
+    for options in (InferenceOptions(decode="dpp", dpp_quality_scale=2.5), InferenceOptions(decode="topk_dpp", dpp_quality_scale=0.5, dpp_share=0.25),
+                    InferenceOptions(decode="topk_dpp", dpp_quality_scale=0.5, dpp_head_quality_scale=2.0)):
         config = AutoSelectConfig(inference=options)
         assert AutoSelectConfig.from_json_string(config.to_json_string()) == config
     assert AutoSelectConfig.from_dict({"inference": {"noise": 0.5}}).inference.decode == "topk"  # older saves: top-K
@@ -119,7 +125,9 @@ def test_decode_options_are_validated_and_round_trip():
 
 @pytest.mark.parametrize("options, decode", [
     (InferenceOptions(decode="dpp", dpp_quality_scale=0.5), lambda s, t, k: dpp_indices(s, t, k, 0.5)),
-    (InferenceOptions(decode="topk_dpp", dpp_quality_scale=0.5, dpp_share=0.5), lambda s, t, k: topk_dpp_indices(s, t, k, 0.5, 0.5))])
+    (InferenceOptions(decode="topk_dpp", dpp_quality_scale=0.5, dpp_share=0.5), lambda s, t, k: topk_dpp_indices(s, t, k, 0.5, 0.5)),
+    (InferenceOptions(decode="topk_dpp", dpp_quality_scale=0.5, dpp_head_quality_scale=2.0),
+     lambda s, t, k: topk_dpp_indices(s, t, k, 0.5, 0.5, head_quality_scale=2.0))])
 def test_the_model_decodes_with_dpp_when_configured_and_saves_the_choice(options, decode, tmp_path):
     vlm, processor = build_tiny_llava(seed=0)
     rng = np.random.default_rng(0)
@@ -251,6 +259,34 @@ def test_topk_dpp_keeps_the_top_tokens_then_the_dpp_conditioned_on_them(k, share
     assert not torch.equal(kept, topk_indices(scores, k)) and not torch.equal(kept, dpp_indices(scores, features, k, 0.5))
     with pytest.raises(ValueError, match="between 1 and the 16 visual tokens"):
         topk_dpp_indices(scores, features, 17, share)
+
+
+def test_a_dpp_head_spreads_over_a_plateau_and_takes_a_peak_whole():
+    """The head at a DPP scale: tokens 0-5 are near copies of one vector. With near-equal logits on
+    them (a plateau) the head at scale 1 takes one of them and spreads, as C's top-K head does not;
+    with logits standing far above the rest (a peak) the head at scale 4 keeps the peak's tokens as
+    the top-K does (the logit gap outweighs the copies' redundancy); the tail is the DPP conditioned on
+    the head either way (brute force), and a very large head scale is C."""
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(1, 1, 10, generator=generator)
+    features = torch.cat([base + 0.05 * torch.randn(1, 6, 10, generator=generator), torch.randn(1, 10, 10, generator=generator)], 1)
+    plateau = torch.cat([torch.full((1, 6), 1.0) + 0.01 * torch.arange(6.0), torch.linspace(0.8, 0.5, 10)[None]], 1)
+    k, head_scale = 8, 1.0
+    spread = topk_dpp_indices(plateau, features, k, 0.5, 0.5, head_quality_scale=head_scale)
+    assert set(topk_dpp_indices(plateau, features, k, 0.5, 0.5)[0].tolist()) >= {2, 3, 4, 5}  # C's head: the cluster
+    head = naive_greedy(plateau[0], features[0], 4, head_scale)
+    assert len(set(head) & set(range(6))) == 1  # one of the near copies, then other tokens
+    assert spread[0].tolist() == sorted(naive_greedy(plateau[0], features[0], k, 0.5, start=tuple(head)))
+    peak = plateau.clone()
+    peak[0, :6] += 6.0
+    peak_head = naive_greedy(peak[0], features[0], 4, 4.0)
+    assert set(peak_head) <= set(range(6))  # all four from the peak, as the top-K head
+    assert topk_dpp_indices(peak, features, k, 0.5, 0.5, head_quality_scale=4.0)[0].tolist() == sorted(
+        naive_greedy(peak[0], features[0], k, 0.5, start=tuple(peak_head)))
+    assert not torch.equal(topk_dpp_indices(peak, features, k, 0.5, 0.5, head_quality_scale=head_scale),
+                           topk_dpp_indices(peak, features, k, 0.5, 0.5))  # at scale 1 the copies still cost more
+    assert torch.equal(topk_dpp_indices(plateau, features, k, 0.5, 0.5, head_quality_scale=1e3), topk_dpp_indices(plateau, features, k, 0.5, 0.5))
+    assert torch.equal(topk_dpp_indices(plateau, features, k, 0.0, 0.5, head_quality_scale=head_scale), dpp_indices(plateau, features, k, head_scale))
 
 
 def test_topk_dpp_with_a_duplicate_among_the_top_tokens_conditions_on_their_span():

@@ -189,3 +189,19 @@ def test_logit_shape_reads_ranks_and_the_per_image_drop_to_the_kth():
     assert shape(torch.cat([plateau, peak]).double(), budgets=[4]) == cell  # float64, as standardized_logits gives
     with pytest.raises(ValueError, match=r"budgets \[101\] are not between 1 and the 100 tokens"):
         shape(plateau, budgets=[101])
+
+
+def test_decode_sets_parses_variants_and_measures_change_and_coverage():
+    script = load("decode_sets")
+    from autoselect.config import InferenceOptions
+    saved = InferenceOptions(decode="topk_dpp", dpp_quality_scale=0.5)
+    name, options = script.parse_variant("E2=dpp_head_quality_scale=2,dpp_share=0.25", saved)
+    assert name == "E2" and (options.dpp_head_quality_scale, options.dpp_share, options.dpp_quality_scale) == (2.0, 0.25, 0.5)
+    assert script.parse_variant("C=dpp_head_quality_scale=None", options)[1] == InferenceOptions(decode="topk_dpp", dpp_quality_scale=0.5, dpp_share=0.25)
+    with pytest.raises(ValueError, match="'head' is not an inference option"):
+        script.parse_variant("E=head=2", saved)
+    with pytest.raises(ValueError, match="expected NAME=KEY=VALUE"):
+        script.parse_variant("E2", saved)
+    tokens = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]])
+    assert script.coverage(tokens, torch.tensor([[0, 2]])).tolist() == [1.0]  # every token has a copy kept
+    assert script.coverage(tokens, torch.tensor([[0, 1]])).tolist() == [0.5]  # the two orthogonal ones are not covered

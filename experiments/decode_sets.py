@@ -1,0 +1,119 @@
+"""How far do other decodes of one scorer move its kept set? (the vision tower and the scorer only, no LLM).
+
+Per task (val questions, the evaluation's own loader and class-balanced pick), at one budget K, for
+the scorer's saved decode and each variant (`--variant NAME=KEY=VALUE[,KEY=VALUE]`, fields of
+``inference`` replaced): the share of images whose kept set differs from the saved decode's, the
+mean number of its K tokens swapped, the share of the garment box's patches kept (tasks whose
+examples carry boxes), and coverage: each token's largest cosine similarity to a kept token,
+averaged (1 where the kept set stands near every token). An image whose set is unchanged gets the
+same answer, so the first number bounds how much a reading can move. Validation only; it explains
+or narrows a val reading, it reads no answers (docs/scenes.md, session 39).
+
+    python experiments/decode_sets.py --model .cache/backbones/mini-llava-plain-R \
+      --scorer artifacts/mini-llava-scenes-R2/scorer --variant E2=dpp_head_quality_scale=2 \
+      --task fmnist_vqa=.cache/corpora-plain-g6-d2-h4000 --task scenes_garment=.cache/corpora-plain-g6-d2-h4000
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from autoselect.config import InferenceOptions
+from autoselect.decode import kept_indices
+from autoselect.selection import cosine_kernel
+from mlops.backbone import load_autoselect, load_vlm_and_processor
+from pipelines.evaluation.oracle import box_scores
+from pipelines.evaluation.scoring import heldout_task
+from pipelines.evaluation.stats import stderr_of_mean
+from results_file import write_result
+
+
+def parse_variant(spec: str, saved: InferenceOptions) -> tuple[str, InferenceOptions]:
+    """``NAME=KEY=VALUE[,KEY=VALUE]`` -> (NAME, the saved options with those fields replaced)."""
+    name, _, fields = spec.partition("=")
+    if not name or not fields:
+        raise ValueError(f"--variant {spec!r}: expected NAME=KEY=VALUE[,KEY=VALUE]")
+    changes = {}
+    for field in fields.split(","):
+        key, _, value = field.partition("=")
+        known = {f.name: f for f in dataclasses.fields(InferenceOptions)}
+        if key not in known:
+            raise ValueError(f"--variant {spec!r}: {key!r} is not an inference option ({sorted(known)})")
+        default = getattr(saved, key)
+        changes[key] = None if value == "None" else type(default)(value) if default is not None else float(value)
+    return name, dataclasses.replace(saved, **changes)
+
+
+def coverage(tokens: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``[B]`` each image's mean over its tokens of the largest cosine similarity to a kept token."""
+    similarity = cosine_kernel(tokens)
+    return torch.gather(similarity, 2, kept[:, None, :].expand(-1, tokens.shape[1], -1)).amax(-1).mean(-1)
+
+
+def mean_se(values: list[float]) -> dict[str, float | None]:
+    stderr = stderr_of_mean(values)
+    return {"mean": round(sum(values) / len(values), 4), "stderr": None if stderr is None else round(stderr, 4)}
+
+
+def measure(model, processor, examples, options: dict[str, InferenceOptions], k: int, batch_size: int) -> dict:
+    """Per decode name: changed (vs the first), swapped, coverage and, with boxes, the box share kept."""
+    rows: dict[str, dict[str, list[float]]] = {name: {"changed": [], "swapped": [], "coverage": [], "box_kept": []} for name in options}
+    reference = next(iter(options))
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        pixels = processor.image_processor([e.image for e in batch], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            tokens = model.visual_tokens(pixel_values=pixels)
+            logits = model.scorer(tokens)
+        side = math.isqrt(tokens.shape[1])
+        boxes = [box_scores(e.boxes, side, side) > 0.5 if getattr(e, "boxes", None) else None for e in batch]
+        kept = {name: kept_indices(logits, tokens, k, opts) for name, opts in options.items()}
+        for name, index in kept.items():
+            same = torch.tensor([len(set(a.tolist()) & set(b.tolist())) for a, b in zip(index, kept[reference])])
+            rows[name]["changed"] += (same < k).float().tolist()
+            rows[name]["swapped"] += (k - same).float().tolist()
+            rows[name]["coverage"] += coverage(tokens.float(), index).tolist()
+            rows[name]["box_kept"] += [float(box[i].sum() / box.sum().clamp(min=1)) for box, i in zip(boxes, index) if box is not None]
+    return {name: {key: mean_se(values) for key, values in cells.items() if values} for name, cells in rows.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="the backbone folder the scorer was trained on")
+    parser.add_argument("--scorer", required=True, help="a scorer folder or models:/name@alias")
+    parser.add_argument("--variant", action="append", required=True, metavar="NAME=KEY=VALUE[,KEY=VALUE]")
+    parser.add_argument("--task", action="append", required=True, metavar="NAME=CORPORA", help="a task and its corpora export (repeatable)")
+    parser.add_argument("--limit", type=int, default=None, help="questions per task (default: the evaluation's)")
+    parser.add_argument("--budget", type=int, default=28)
+    parser.add_argument("--batch-size", type=int, default=25)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    started = time.time()
+    vlm, processor = load_vlm_and_processor(args.model, args.dtype, torch.device("cpu"))
+    model, _ = load_autoselect(args.scorer, vlm)
+    saved = model.config.inference
+    options = {"saved": saved, **dict(parse_variant(spec, saved) for spec in args.variant)}
+    result = {"model": str(args.model), "scorer": str(args.scorer), "dtype": args.dtype, "split": "val", "k": args.budget,
+              "decodes": {name: dataclasses.asdict(o) for name, o in options.items()}, "tasks": {}}
+    for spec in args.task:
+        task, _, corpora = spec.partition("=")
+        examples = heldout_task(vlm, processor, task, Path(corpora), args.limit).examples
+        cells = measure(model, processor, examples, options, args.budget, args.batch_size)
+        result["tasks"][task] = {"n": len(examples), **cells}
+        print(f"{task} (n = {len(examples)}, K = {args.budget})")
+        for name, cell in cells.items():
+            print(f"  {name:10s} " + "  ".join(f"{key} {value['mean']:.3f}" for key, value in cell.items()))
+    result["seconds"] = round(time.time() - started, 1)
+    write_result(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
