@@ -31,23 +31,23 @@ from mlops.backbone import load_autoselect, load_vlm_and_processor
 from pipelines.evaluation.oracle import box_scores
 from pipelines.evaluation.scoring import heldout_task
 from pipelines.evaluation.stats import stderr_of_mean
+from pipelines.training.config_io import from_mapping, set_dotted
 from results_file import write_result
 
 
 def parse_variant(spec: str, saved: InferenceOptions) -> tuple[str, InferenceOptions]:
-    """``NAME=KEY=VALUE[,KEY=VALUE]`` -> (NAME, the saved options with those fields replaced)."""
+    """``NAME=KEY=VALUE[,KEY=VALUE]`` -> (NAME, the saved options with those fields replaced), the
+    values read and checked as a config file's (`pipelines.training.config_io`)."""
     name, _, fields = spec.partition("=")
     if not name or not fields:
         raise ValueError(f"--variant {spec!r}: expected NAME=KEY=VALUE[,KEY=VALUE]")
-    changes = {}
+    given = dataclasses.asdict(saved)
     for field in fields.split(","):
-        key, _, value = field.partition("=")
-        known = {f.name: f for f in dataclasses.fields(InferenceOptions)}
-        if key not in known:
-            raise ValueError(f"--variant {spec!r}: {key!r} is not an inference option ({sorted(known)})")
-        default = getattr(saved, key)
-        changes[key] = None if value == "None" else type(default)(value) if default is not None else float(value)
-    return name, dataclasses.replace(saved, **changes)
+        key, sep, value = field.partition("=")
+        if not sep:
+            raise ValueError(f"--variant {spec!r}: expected NAME=KEY=VALUE[,KEY=VALUE]")
+        set_dotted(given, key, value)
+    return name, from_mapping(InferenceOptions, given, where=f"--variant {name}")
 
 
 def coverage(tokens: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

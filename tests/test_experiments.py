@@ -197,9 +197,11 @@ def test_decode_sets_parses_variants_and_measures_change_and_coverage():
     saved = InferenceOptions(decode="topk_dpp", dpp_quality_scale=0.5)
     name, options = script.parse_variant("E2=dpp_head_quality_scale=2,dpp_share=0.25", saved)
     assert name == "E2" and (options.dpp_head_quality_scale, options.dpp_share, options.dpp_quality_scale) == (2.0, 0.25, 0.5)
-    assert script.parse_variant("C=dpp_head_quality_scale=None", options)[1] == InferenceOptions(decode="topk_dpp", dpp_quality_scale=0.5, dpp_share=0.25)
-    with pytest.raises(ValueError, match="'head' is not an inference option"):
+    assert script.parse_variant("C=dpp_head_quality_scale=null", options)[1] == InferenceOptions(decode="topk_dpp", dpp_quality_scale=0.5, dpp_share=0.25)
+    with pytest.raises(ValueError, match=r"--variant E: unknown key\(s\) \['head'\]"):
         script.parse_variant("E=head=2", saved)
+    with pytest.raises(ValueError, match="--variant E.dpp_share: expected float, got 'wide'"):
+        script.parse_variant("E=dpp_share=wide", saved)
     with pytest.raises(ValueError, match="expected NAME=KEY=VALUE"):
         script.parse_variant("E2", saved)
     tokens = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]])

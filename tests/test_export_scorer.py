@@ -76,7 +76,8 @@ def test_inference_options_replace_the_runs_own_and_bad_ones_are_refused_before_
     out = tmp_path / "topk"
     assert main(["--scorer", str(source), "--model", TINY, "--out", str(out), "--dtype", "float32",
                  "--inference", "decode=topk"]) == 0
-    expected = {"noise": 0.0, "seed": 0, "decode": "topk", "dpp_quality_scale": 1.0, "dpp_share": 0.5, "grid_reserve": 0.0}
+    expected = {"noise": 0.0, "seed": 0, "decode": "topk", "dpp_quality_scale": 1.0, "dpp_share": 0.5, "grid_reserve": 0.0,
+                "dpp_head_quality_scale": None}
     assert json.loads(capsys.readouterr().out)["inference"] == expected
     assert json.loads((out / "config.json").read_text())["inference"] == expected
     assert AutoSelectModel.from_pretrained(out, load_vlm(TINY, "float32")).config.inference.decode == "topk"
