@@ -20,18 +20,16 @@ import argparse
 import dataclasses
 import math
 import time
-from pathlib import Path
 
 import torch
 
 from autoselect.config import InferenceOptions
 from autoselect.decode import kept_indices
 from autoselect.selection import cosine_kernel
-from mlops.backbone import load_autoselect, load_vlm_and_processor
 from pipelines.evaluation.oracle import box_scores
-from pipelines.evaluation.scoring import heldout_task
 from pipelines.evaluation.stats import stderr_of_mean
 from pipelines.training.config_io import from_mapping, set_dotted
+import scorer_tasks
 from results_file import write_result
 
 
@@ -65,12 +63,7 @@ def measure(model, processor, examples, options: dict[str, InferenceOptions], k:
     """Per decode name: changed (vs the first), swapped, coverage and, with boxes, the box share kept."""
     rows: dict[str, dict[str, list[float]]] = {name: {"changed": [], "swapped": [], "coverage": [], "box_kept": []} for name in options}
     reference = next(iter(options))
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
-        pixels = processor.image_processor([e.image for e in batch], return_tensors="pt")["pixel_values"]
-        with torch.no_grad():
-            tokens = model.visual_tokens(pixel_values=pixels)
-            logits = model.scorer(tokens)
+    for batch, tokens, logits in scorer_tasks.scored_batches(model, processor, examples, batch_size):
         side = math.isqrt(tokens.shape[1])
         boxes = [box_scores(e.boxes, side, side) > 0.5 if getattr(e, "boxes", None) else None for e in batch]
         kept = {name: kept_indices(logits, tokens, k, opts) for name, opts in options.items()}
@@ -85,26 +78,17 @@ def measure(model, processor, examples, options: dict[str, InferenceOptions], k:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="the backbone folder the scorer was trained on")
-    parser.add_argument("--scorer", required=True, help="a scorer folder or models:/name@alias")
+    scorer_tasks.add_arguments(parser, limit=None)
     parser.add_argument("--variant", action="append", required=True, metavar="NAME=KEY=VALUE[,KEY=VALUE]")
-    parser.add_argument("--task", action="append", required=True, metavar="NAME=CORPORA", help="a task and its corpora export (repeatable)")
-    parser.add_argument("--limit", type=int, default=None, help="questions per task (default: the evaluation's)")
     parser.add_argument("--budget", type=int, default=28)
-    parser.add_argument("--batch-size", type=int, default=25)
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32")
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     started = time.time()
-    vlm, processor = load_vlm_and_processor(args.model, args.dtype, torch.device("cpu"))
-    model, _ = load_autoselect(args.scorer, vlm)
+    vlm, processor, model = scorer_tasks.load(args)
     saved = model.config.inference
     options = {"saved": saved, **dict(parse_variant(spec, saved) for spec in args.variant)}
     result = {"model": str(args.model), "scorer": str(args.scorer), "dtype": args.dtype, "split": "val", "k": args.budget,
               "decodes": {name: dataclasses.asdict(o) for name, o in options.items()}, "tasks": {}}
-    for spec in args.task:
-        task, _, corpora = spec.partition("=")
-        examples = heldout_task(vlm, processor, task, Path(corpora), args.limit).examples
+    for task, examples in scorer_tasks.tasks(vlm, processor, args):
         cells = measure(model, processor, examples, options, args.budget, args.batch_size)
         result["tasks"][task] = {"n": len(examples), **cells}
         print(f"{task} (n = {len(examples)}, K = {args.budget})")

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
 from autoselect.model import AutoSelectModel
 from autoselect.selection import standardized_logits
-from mlops.backbone import load_autoselect, load_vlm_and_processor
-from pipelines.evaluation.scoring import heldout_task
+import scorer_tasks
 from results_file import write_result
 
 RANKS = (1, 5, 10, 14, 28, 57)
@@ -31,13 +29,7 @@ QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 def scorer_z(model: AutoSelectModel, processor, examples, batch_size: int) -> torch.Tensor:
     """``[examples, N]`` the scorer's logits, each image's standardized (`standardized_logits`)."""
-    rows = []
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
-        pixels = processor.image_processor([e.image for e in batch], return_tensors="pt")["pixel_values"]
-        with torch.no_grad():
-            rows.append(standardized_logits(model.scorer(model.visual_tokens(pixel_values=pixels))))
-    return torch.cat(rows)
+    return torch.cat([standardized_logits(logits) for _, _, logits in scorer_tasks.scored_batches(model, processor, examples, batch_size)])
 
 
 def shape(z: torch.Tensor, budgets: list[int]) -> dict:
@@ -55,22 +47,13 @@ def shape(z: torch.Tensor, budgets: list[int]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="the backbone folder the scorer was trained on")
-    parser.add_argument("--scorer", required=True, help="a scorer folder or models:/name@alias")
-    parser.add_argument("--task", action="append", required=True, metavar="NAME=CORPORA", help="a task and its corpora export (repeatable)")
-    parser.add_argument("--limit", type=int, default=300)
+    scorer_tasks.add_arguments(parser, limit=300)
     parser.add_argument("--budgets", type=int, nargs="+", default=[16, 28, 57])
-    parser.add_argument("--batch-size", type=int, default=25)
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32")
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     started = time.time()
-    vlm, processor = load_vlm_and_processor(args.model, args.dtype, torch.device("cpu"))
-    model, _ = load_autoselect(args.scorer, vlm)
+    vlm, processor, model = scorer_tasks.load(args)
     result = {"model": str(args.model), "scorer": str(args.scorer), "dtype": args.dtype, "split": "val", "limit": args.limit, "tasks": {}}
-    for spec in args.task:
-        name, _, corpora = spec.partition("=")
-        examples = heldout_task(vlm, processor, name, Path(corpora), args.limit).examples
+    for name, examples in scorer_tasks.tasks(vlm, processor, args):
         result["tasks"][name] = shape(scorer_z(model, processor, examples, args.batch_size), args.budgets)
         cell = result["tasks"][name]
         print(f"{name} (n = {cell['n']}): mean z at ranks {cell['mean_z_at_rank']}")

@@ -207,3 +207,39 @@ def test_decode_sets_parses_variants_and_measures_change_and_coverage():
     tokens = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]])
     assert script.coverage(tokens, torch.tensor([[0, 2]])).tolist() == [1.0]  # every token has a copy kept
     assert script.coverage(tokens, torch.tensor([[0, 1]])).tolist() == [0.5]  # the two orthogonal ones are not covered
+
+
+def test_decode_sets_measures_a_tiny_models_batches_as_one_pass_would():
+    """`scorer_tasks.scored_batches` gives every example once, in batches, with the scorer's logits
+    on the vision tower's tokens; `measure` over it finds the saved decode unchanged against itself
+    and a plain top-K variant changed where the decodes differ, and reads boxes where examples have them."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from autoselect.config import AutoSelectConfig, InferenceOptions
+    from autoselect.model import AutoSelectModel
+    from autoselect.testing import build_tiny_llava
+
+    script, tasks = load("decode_sets"), load("scorer_tasks")
+    vlm, processor = build_tiny_llava(seed=0)
+    torch.manual_seed(0)
+    saved = InferenceOptions(decode="dpp", dpp_quality_scale=0.5)
+    model = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, inference=saved)).eval()
+    rng = np.random.default_rng(0)
+    examples = [SimpleNamespace(image=Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)),
+                                boxes=[[0.0, 0.0, 0.5, 0.5]] if i % 2 else []) for i in range(5)]
+    batches = list(tasks.scored_batches(model, processor, examples, batch_size=2))
+    assert [len(b) for b, _, _ in batches] == [2, 2, 1]
+    tokens, logits = torch.cat([t for _, t, _ in batches]), torch.cat([s for _, _, s in batches])
+    with torch.no_grad():
+        pixels = processor.image_processor([e.image for e in examples], return_tensors="pt")["pixel_values"]
+        alone = model.visual_tokens(pixel_values=pixels)
+    assert torch.allclose(tokens, alone, atol=1e-5) and torch.allclose(logits, model.scorer(alone), atol=1e-5)
+    cells = script.measure(model, processor, examples, {"saved": saved, "topk": InferenceOptions()}, k=4, batch_size=2)
+    assert cells["saved"]["changed"]["mean"] == 0.0 and cells["saved"]["swapped"]["mean"] == 0.0
+    differ = [not torch.equal(a, b) for a, b in zip(script.kept_indices(logits, tokens, 4, saved), script.kept_indices(logits, tokens, 4, InferenceOptions()))]
+    assert cells["topk"]["changed"]["mean"] == round(sum(differ) / 5, 4) and any(differ)
+    assert set(cells["saved"]) == {"changed", "swapped", "coverage", "box_kept"}  # two of the five carry a box
+    assert 0 < cells["saved"]["coverage"]["mean"] <= 1
