@@ -5,7 +5,11 @@ the scorer's saved decode and each variant (`--variant NAME=KEY=VALUE[,KEY=VALUE
 ``inference`` replaced): the share of images whose kept set differs from the saved decode's, the
 mean number of its K tokens swapped, the share of the garment box's patches kept (tasks whose
 examples carry boxes), and coverage: each token's largest cosine similarity to a kept token,
-averaged (1 where the kept set stands near every token). An image whose set is unchanged gets the
+averaged (1 where the kept set stands near every token); and the share of the kept patches that
+are near-black in the image (the background of a centered Fashion-MNIST garment); and reach: each
+patch's grid distance to the nearest kept patch, averaged (how evenly the kept set spreads over
+the image, which the lattice does best). The uniform
+lattice's numbers stand beside them as a reference. An image whose set is unchanged gets the
 same answer, so the first number bounds how much a reading can move. Validation only; it explains
 or narrows a val reading, it reads no answers (docs/scenes.md, session 39).
 
@@ -21,16 +25,22 @@ import dataclasses
 import math
 import time
 
+import numpy as np
 import torch
+from PIL import Image
 
 from autoselect.config import InferenceOptions
 from autoselect.decode import kept_indices
+from autoselect.pruners.uniform import grid_indices
 from autoselect.selection import cosine_kernel
 from pipelines.evaluation.oracle import box_scores
 from pipelines.evaluation.stats import stderr_of_mean
 from pipelines.training.config_io import from_mapping, set_dotted
 import scorer_tasks
 from results_file import write_result
+
+
+DARK = 8  # gray level (0-255) under which a patch counts as background: Fashion-MNIST's is 0
 
 
 def parse_variant(spec: str, saved: InferenceOptions) -> tuple[str, InferenceOptions]:
@@ -48,6 +58,20 @@ def parse_variant(spec: str, saved: InferenceOptions) -> tuple[str, InferenceOpt
     return name, from_mapping(InferenceOptions, given, where=f"--variant {name}")
 
 
+def dark_patches(image, side: int, level: int = DARK) -> torch.Tensor:
+    """``[side * side]`` bool: the patches whose mean gray level (0-255) is under ``level``."""
+    gray = np.asarray(image.convert("L").resize((side, side), Image.BOX), dtype=np.float32)
+    return torch.from_numpy(gray < level).reshape(-1)
+
+
+def reach(kept: torch.Tensor, side: int) -> torch.Tensor:
+    """``[B]`` each image's mean over its ``side x side`` patches of the grid (Euclidean) distance to
+    the nearest kept patch (0 where every patch is kept)."""
+    cells = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2).float()
+    distance = torch.cdist(cells, cells)  # [N, N]
+    return torch.stack([distance[:, k].amin(-1).mean() for k in kept])
+
+
 def coverage(tokens: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """``[B]`` each image's mean over its tokens of the largest cosine similarity to a kept token."""
     similarity = cosine_kernel(tokens)
@@ -60,18 +84,24 @@ def mean_se(values: list[float]) -> dict[str, float | None]:
 
 
 def measure(model, processor, examples, options: dict[str, InferenceOptions], k: int, batch_size: int) -> dict:
-    """Per decode name: changed (vs the first), swapped, coverage and, with boxes, the box share kept."""
-    rows: dict[str, dict[str, list[float]]] = {name: {"changed": [], "swapped": [], "coverage": [], "box_kept": []} for name in options}
+    """Per decode name and the uniform lattice: changed (vs the first decode), swapped, coverage, the
+    share of dark patches kept and, with boxes, the box share kept."""
+    names = [*options, "uniform"]
+    rows: dict[str, dict[str, list[float]]] = {name: {"changed": [], "swapped": [], "coverage": [], "reach": [], "dark_kept": [], "box_kept": []} for name in names}
     reference = next(iter(options))
     for batch, tokens, logits in scorer_tasks.scored_batches(model, processor, examples, batch_size):
         side = math.isqrt(tokens.shape[1])
         boxes = [box_scores(e.boxes, side, side) > 0.5 if getattr(e, "boxes", None) else None for e in batch]
         kept = {name: kept_indices(logits, tokens, k, opts) for name, opts in options.items()}
+        kept["uniform"] = grid_indices(k, side, side).expand(len(batch), -1)
+        dark = torch.stack([dark_patches(e.image, side) for e in batch])
         for name, index in kept.items():
             same = torch.tensor([len(set(a.tolist()) & set(b.tolist())) for a, b in zip(index, kept[reference])])
             rows[name]["changed"] += (same < k).float().tolist()
             rows[name]["swapped"] += (k - same).float().tolist()
             rows[name]["coverage"] += coverage(tokens.float(), index).tolist()
+            rows[name]["reach"] += reach(index, side).tolist()
+            rows[name]["dark_kept"] += (torch.gather(dark, 1, index).float().mean(1)).tolist()
             rows[name]["box_kept"] += [float(box[i].sum() / box.sum().clamp(min=1)) for box, i in zip(boxes, index) if box is not None]
     return {name: {key: mean_se(values) for key, values in cells.items() if values} for name, cells in rows.items()}
 

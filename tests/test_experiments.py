@@ -209,6 +209,21 @@ def test_decode_sets_parses_variants_and_measures_change_and_coverage():
     assert script.coverage(tokens, torch.tensor([[0, 1]])).tolist() == [0.5]  # the two orthogonal ones are not covered
 
 
+def test_reach_is_the_mean_grid_distance_to_the_nearest_kept_patch():
+    reach = load("decode_sets").reach
+    assert reach(torch.tensor([[0, 1, 2, 3]]), side=2).tolist() == [0.0]  # all kept
+    assert reach(torch.tensor([[0], [3]]), side=2).tolist() == pytest.approx([(0 + 1 + 1 + 2 ** 0.5) / 4] * 2)  # one corner
+
+
+def test_dark_patches_are_the_near_black_cells_of_the_patch_grid():
+    import numpy as np
+    from PIL import Image
+    pixels = np.zeros((32, 32), dtype=np.uint8)
+    pixels[8:24, 8:24] = 200  # a centered bright square on black: the inner 2 x 2 of a 4 x 4 grid
+    dark = load("decode_sets").dark_patches(Image.fromarray(pixels).convert("RGB"), side=4)
+    assert dark.reshape(4, 4).tolist() == [[True] * 4, [True, False, False, True], [True, False, False, True], [True] * 4]
+
+
 def test_decode_sets_measures_a_tiny_models_batches_as_one_pass_would():
     """`scorer_tasks.scored_batches` gives every example once, in batches, with the scorer's logits
     on the vision tower's tokens; `measure` over it finds the saved decode unchanged against itself
@@ -241,5 +256,6 @@ def test_decode_sets_measures_a_tiny_models_batches_as_one_pass_would():
     assert cells["saved"]["changed"]["mean"] == 0.0 and cells["saved"]["swapped"]["mean"] == 0.0
     differ = [not torch.equal(a, b) for a, b in zip(script.kept_indices(logits, tokens, 4, saved), script.kept_indices(logits, tokens, 4, InferenceOptions()))]
     assert cells["topk"]["changed"]["mean"] == round(sum(differ) / 5, 4) and any(differ)
-    assert set(cells["saved"]) == {"changed", "swapped", "coverage", "box_kept"}  # two of the five carry a box
+    assert set(cells["saved"]) == {"changed", "swapped", "coverage", "reach", "dark_kept", "box_kept"}  # two of the five carry a box
+    assert cells["uniform"]["dark_kept"]["mean"] == 0.0  # random pixels: no near-black patch
     assert 0 < cells["saved"]["coverage"]["mean"] <= 1
