@@ -54,7 +54,8 @@ def topk_dpp_indices(scores: torch.Tensor, features: torch.Tensor, k: int, dpp_s
     ``floor(dpp_share * k)``: what the kept tokens do not already cover. Share 0 is `topk_indices`,
     1 is `dpp_indices`; ``k`` outside 1..N is refused by the one they call. With
     ``head_quality_scale`` the head is the greedy DPP at that scale instead of the top-K, so a
-    plateau of near-equal logits is spread while a peak is still taken whole."""
+    plateau of near-equal logits is spread while a peak standing above the head tokens' redundancy
+    is taken as the top-K takes it."""
     head = k - math.floor(dpp_share * k + 1e-9)
     if head == k:
         if head_quality_scale is not None:

@@ -1,17 +1,19 @@
 """How far do other decodes of one scorer move its kept set? (the vision tower and the scorer only, no LLM).
 
 Per task (val questions, the evaluation's own loader and class-balanced pick), at one budget K, for
-the scorer's saved decode and each variant (`--variant NAME=KEY=VALUE[,KEY=VALUE]`, fields of
-``inference`` replaced): the share of images whose kept set differs from the saved decode's, the
-mean number of its K tokens swapped, the share of the garment box's patches kept (tasks whose
-examples carry boxes), and coverage: each token's largest cosine similarity to a kept token,
-averaged (1 where the kept set stands near every token); and the share of the kept patches that
-are near-black in the image (the background of a centered Fashion-MNIST garment); and reach: each
-patch's grid distance to the nearest kept patch, averaged (how evenly the kept set spreads over
-the image, which the lattice does best). The uniform
-lattice's numbers stand beside them as a reference. An image whose set is unchanged gets the
-same answer, so the first number bounds how much a reading can move. Validation only; it explains
-or narrows a val reading, it reads no answers (docs/scenes.md, session 39).
+the scorer's saved decode, each variant (`--variant NAME=KEY=VALUE[,KEY=VALUE]`, fields of
+``inference`` replaced) and the uniform lattice as a reference:
+- changed / swapped: the share of images whose kept set differs from the saved decode's, and the
+  mean number of its K tokens swapped (an unchanged set gets the same answer, so these bound how
+  much a reading can move);
+- coverage: each token's largest cosine similarity to a kept token, averaged (1: the kept set
+  stands near every token in feature space);
+- reach: each patch's grid distance to the nearest kept patch, averaged (spread in space; the
+  lattice's is the least);
+- dark_kept: the share of kept patches that are near-black (a centered Fashion-MNIST garment's
+  background);
+- box_kept: the share of the garment box's patches kept (tasks whose examples carry boxes).
+Validation only; it explains or narrows a val reading and reads no answers (docs/scenes.md, session 39).
 
     python experiments/decode_sets.py --model .cache/backbones/mini-llava-plain-R \
       --scorer artifacts/mini-llava-scenes-R2/scorer --variant E2=dpp_head_quality_scale=2 \
