@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import time
 
@@ -36,28 +37,21 @@ from autoselect.decode import kept_indices
 from autoselect.pruners.uniform import grid_indices
 from autoselect.selection import cosine_kernel
 from pipelines.evaluation.oracle import box_scores
-from pipelines.evaluation.stats import stderr_of_mean
-from pipelines.training.config_io import from_mapping, set_dotted
+from pipelines.export_scorer import inference_options
 import scorer_tasks
-from results_file import write_result
+from results_file import mean_se, write_result
 
 
 DARK = 8  # gray level (0-255) under which a patch counts as background: Fashion-MNIST's is 0
 
 
 def parse_variant(spec: str, saved: InferenceOptions) -> tuple[str, InferenceOptions]:
-    """``NAME=KEY=VALUE[,KEY=VALUE]`` -> (NAME, the saved options with those fields replaced), the
-    values read and checked as a config file's (`pipelines.training.config_io`)."""
+    """``NAME=KEY=VALUE[,KEY=VALUE]`` -> (NAME, the saved options with those fields replaced), read
+    and checked as `export_scorer --inference` reads its options."""
     name, _, fields = spec.partition("=")
     if not name or not fields:
         raise ValueError(f"--variant {spec!r}: expected NAME=KEY=VALUE[,KEY=VALUE]")
-    given = dataclasses.asdict(saved)
-    for field in fields.split(","):
-        key, sep, value = field.partition("=")
-        if not sep:
-            raise ValueError(f"--variant {spec!r}: expected NAME=KEY=VALUE[,KEY=VALUE]")
-        set_dotted(given, key, value)
-    return name, from_mapping(InferenceOptions, given, where=f"--variant {name}")
+    return name, inference_options(fields.split(","), base=saved, where=f"--variant {name}")
 
 
 def dark_patches(image, side: int, level: int = DARK) -> torch.Tensor:
@@ -66,11 +60,17 @@ def dark_patches(image, side: int, level: int = DARK) -> torch.Tensor:
     return torch.from_numpy(gray < level).reshape(-1)
 
 
+@functools.lru_cache
+def grid_distances(side: int) -> torch.Tensor:
+    """``[N, N]`` the Euclidean distances between the cells of a ``side x side`` patch grid."""
+    cells = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2).float()
+    return torch.cdist(cells, cells)
+
+
 def reach(kept: torch.Tensor, side: int) -> torch.Tensor:
     """``[B]`` each image's mean over its ``side x side`` patches of the grid (Euclidean) distance to
     the nearest kept patch (0 where every patch is kept)."""
-    cells = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2).float()
-    distance = torch.cdist(cells, cells)  # [N, N]
+    distance = grid_distances(side)
     return torch.stack([distance[:, k].amin(-1).mean() for k in kept])
 
 
@@ -78,11 +78,6 @@ def coverage(tokens: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """``[B]`` each image's mean over its tokens of the largest cosine similarity to a kept token."""
     similarity = cosine_kernel(tokens)
     return torch.gather(similarity, 2, kept[:, None, :].expand(-1, tokens.shape[1], -1)).amax(-1).mean(-1)
-
-
-def mean_se(values: list[float]) -> dict[str, float | None]:
-    stderr = stderr_of_mean(values)
-    return {"mean": round(sum(values) / len(values), 4), "stderr": None if stderr is None else round(stderr, 4)}
 
 
 def measure(model, processor, examples, options: dict[str, InferenceOptions], k: int, batch_size: int) -> dict:

@@ -31,8 +31,7 @@ from autoselect.pruners.uniform import grid_indices
 from pipelines.corpora import load_records
 from pipelines.evaluation.oracle import OraclePruner, box_scores
 from pipelines.evaluation.scoring import heldout_task
-from pipelines.evaluation.stats import stderr_of_mean
-from results_file import write_result
+from results_file import mean_se, write_result
 
 
 def auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
@@ -61,14 +60,6 @@ def region_masks(record: dict, side: int) -> dict[str, torch.Tensor]:
     items = record["items"]
     garment = inside([i["box_fraction"] for i in items if i["kind"] == "garment"])
     return {"garment": garment, "drawings": inside([i["box_fraction"] for i in items if i["kind"] != "garment"]) & ~garment}
-
-
-def mean_se(values: list[float]) -> dict[str, float | None]:
-    """Mean, standard error and count of the defined (non-NaN) values; None where undefined."""
-    kept = [v for v in values if not math.isnan(v)]
-    stderr = stderr_of_mean(kept)
-    return {"mean": round(sum(kept) / len(kept), 4) if kept else None,
-            "stderr": None if stderr is None else round(stderr, 4), "n": len(kept)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,16 +47,16 @@ def resolve_source(source: str) -> str:
                      f"checkpoint (no {AUTOSELECT_DIR}/{CONFIG_NAME}) nor a models:/ URI")
 
 
-def inference_options(items: list[str]) -> InferenceOptions:
-    """``["decode=topk", ...]`` -> the options they give, the defaults for the rest, checked as a
-    config file's are (unknown keys and wrong types named)."""
-    given: dict = {}
+def inference_options(items: list[str], base: InferenceOptions | None = None, where: str = "--inference") -> InferenceOptions:
+    """``["decode=topk", ...]`` -> the options they give, ``base``'s (default: the defaults) for the
+    rest, checked as a config file's are (unknown keys and wrong types named, under ``where``)."""
+    given: dict = dataclasses.asdict(base) if base is not None else {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--inference {item!r}: expected KEY=VALUE")
+            raise ValueError(f"{where} {item!r}: expected KEY=VALUE")
         set_dotted(given, key, value)
-    return from_mapping(InferenceOptions, given, where="--inference")
+    return from_mapping(InferenceOptions, given, where=where)
 
 
 def export(source: str, model_path: str, out: Path, dtype: str = "auto", tracking_uri: str | None = None,
