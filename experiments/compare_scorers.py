@@ -9,6 +9,11 @@ report's, paired, with standard errors:
 
     python experiments/compare_scorers.py A/report.json B/report.json [--method autoselect@28 ...] [--out F.json]
 
+A report may be read as ``PATH:METHOD=AS``: its method METHOD (every budget) stands in as AS, so a
+scorer run as a decode variant beside another (``autoselect-topk_dpp`` in that report) pairs with
+a scorer run on its own (``autoselect``), e.g. the committed scorer under its decode read beside a
+candidate in an earlier run.
+
 --backbones compares the same methods on different backbones instead (e.g. a re-aligned VLM
 against the one before it): the reports may differ in model, so their all-token scores differ
 too, and the examples are matched by split, limit and seed alone (each task's count is checked);
@@ -27,9 +32,24 @@ from results_file import write_result
 SAME = ("model", "split", "limit", "dtype", "position_policy", "seed")
 
 
-def load(path: Path) -> dict:
+def load(spec: str) -> dict:
+    """A report from ``PATH`` or ``PATH:METHOD=AS`` (METHOD's scores under the label AS, see above)."""
+    path, _, rename = spec.partition(":")
+    path = Path(path)
     report = json.loads(path.read_text())
     report["_name"] = path.parent.name if path.name == "report.json" else path.stem
+    if rename:
+        method, equals, alias = rename.partition("=")
+        if not (equals and method and alias):
+            raise SystemExit(f"{spec}: expected PATH:METHOD=AS, e.g. report.json:autoselect-topk_dpp=autoselect")
+        for key in ("per_example", "per_example_answer_nll"):
+            for task, methods in report.get(key, {}).items():
+                old = {m.partition("@")[2]: v for m, v in methods.items() if m.partition("@")[0] == method}
+                if key == "per_example" and not old:
+                    raise SystemExit(f"{spec}: no method {method!r} on {task} (there: {sorted(methods)})")
+                methods = {m: v for m, v in methods.items() if m.partition("@")[0] not in (method, alias)}
+                report[key][task] = {**methods, **{f"{alias}@{budget}": v for budget, v in old.items()}}
+        report["_name"] += f":{method}"
     return report
 
 
@@ -81,7 +101,7 @@ def _cell(value: float, paired: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("reports", nargs="+", type=Path, help="report.json files; the first is the reference")
+    parser.add_argument("reports", nargs="+", help="report.json files (PATH or PATH:METHOD=AS); the first is the reference")
     parser.add_argument("--method", action="append", help="method labels to compare (default: every autoselect one that all the reports ran)")
     parser.add_argument("--backbones", action="store_true", help="the reports ran on different backbones (see above)")
     parser.add_argument("--out", type=Path)

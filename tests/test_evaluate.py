@@ -614,6 +614,22 @@ def test_compare_scorers_pairs_reports_of_the_same_examples_and_refuses_others(t
     short.write_text(json.dumps({**json.loads(other.read_text()), "per_example": {"t": {"full": [1.0] * 3, "autoselect@2": [1.0] * 3}}}))
     with pytest.raises(SystemExit, match="t has 3 examples"):
         compare.main([str(a), str(short), "--backbones"])
+    # PATH:METHOD=AS: a decode variant run beside another scorer pairs with a scorer run on its own
+    beside = tmp_path / "g.json"
+    beside.write_text(json.dumps({**json.loads(b.read_text()), "per_example": {
+        "t": {"full": [1.0, 1.0, 0.0, 1.0], "autoselect@2": [0.0] * 4, "autoselect-topk_dpp@2": [1.0, 1.0, 1.0, 1.0]},
+        "c": {"full": [2.0, 2.0], "autoselect@2": [9.0, 9.0], "autoselect-topk_dpp@2": [7.0, 9.0]}},
+        "per_example_answer_nll": {"t": {"full": [0.1] * 4, "autoselect@2": [2.0] * 4, "autoselect-topk_dpp@2": [0.5, 0.7, 0.9, 0.3]}}}))
+    compare.main([f"{beside}:autoselect-topk_dpp=autoselect", str(a), "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["t"]) == {"autoselect@2"}  # the variant stands in for the scorer; its own run's cells are gone
+    assert result["t"]["autoselect@2"]["a"]["accuracy_vs_first"]["difference"] == -0.5
+    assert result["t"]["autoselect@2"]["a"]["answer_nll_vs_first"]["difference"] == pytest.approx(0.0)
+    assert result["c"]["autoselect@2"]["g:autoselect-topk_dpp"]["nll"] == pytest.approx(0.8)
+    for bad, match in ((f"{beside}:autoselect-dpp=autoselect", "no method 'autoselect-dpp' on t"),
+                       (f"{beside}:autoselect-topk_dpp", "expected PATH:METHOD=AS")):
+        with pytest.raises(SystemExit, match=match):
+            compare.main([bad, str(a)])
 
 
 def test_baselines_from_an_earlier_report_give_the_report_that_running_them_gives(report, out_dir, taught, tmp_path, monkeypatch, capsys):
