@@ -259,3 +259,16 @@ def test_decode_sets_measures_a_tiny_models_batches_as_one_pass_would():
     assert set(cells["saved"]) == {"changed", "swapped", "coverage", "reach", "dark_kept", "box_kept"}  # two of the five carry a box
     assert cells["uniform"]["dark_kept"]["mean"] == 0.0  # random pixels: no near-black patch
     assert 0 < cells["saved"]["coverage"]["mean"] <= 1
+
+
+def test_fixed_selections_outline_rule_finds_the_edge_and_the_lattice_rule_keeps_uniforms_patches():
+    fixed = load_script("experiments/fixed_selections.py")
+    from autoselect.pruners.uniform import grid_indices
+
+    pixels = torch.zeros(1, 3, 8, 8)
+    pixels[..., :, 3:] = 1.0  # a vertical edge inside the 2nd column of 2x2-pixel patches (a 4x4 grid)
+    tokens, generator = torch.zeros(1, 16, 4), torch.Generator()
+    sharp = fixed.patch_sharpness(tokens, {"pixel_values": pixels}, generator).view(4, 4)
+    assert torch.allclose(sharp[:, 1], torch.full((4,), 0.5)) and sharp[:, [0, 2, 3]].abs().max() < 1e-6
+    kept = fixed.lattice(4)(tokens, {"pixel_values": pixels}, generator)
+    assert torch.equal(kept.nonzero()[:, 1], grid_indices(4, 4, 4))
