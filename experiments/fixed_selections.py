@@ -33,11 +33,16 @@ from train_inference_gap import add_heldout_arguments, heldout_batches, mean_los
 Rule = Callable[[torch.Tensor, dict[str, Any], torch.Generator], torch.Tensor]
 
 
+def patch_means(tokens: torch.Tensor, image_inputs: dict[str, Any], power: int = 1) -> torch.Tensor:
+    """Mean of the gray pixel values (to ``power``) over each patch (row-major, the visual tokens'
+    order; square grid)."""
+    gray = image_inputs["pixel_values"].float().mean(1, keepdim=True)
+    return F.adaptive_avg_pool2d(gray**power, int(tokens.shape[1] ** 0.5)).flatten(1)
+
+
 def patch_brightness(tokens: torch.Tensor, image_inputs: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-    """Mean pixel value of each patch (row-major, the visual tokens' order; square grid)."""
-    pixels = image_inputs["pixel_values"].float().mean(1, keepdim=True)
-    side = int(tokens.shape[1] ** 0.5)
-    return F.adaptive_avg_pool2d(pixels, side).flatten(1)
+    """Mean pixel value of each patch."""
+    return patch_means(tokens, image_inputs)
 
 
 def foreground_at_random(tokens: torch.Tensor, image_inputs: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
@@ -48,10 +53,7 @@ def foreground_at_random(tokens: torch.Tensor, image_inputs: dict[str, Any], gen
 def patch_sharpness(tokens: torch.Tensor, image_inputs: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
     """Pixel standard deviation inside each patch: highest where an edge crosses it (the garment's
     outline against the background), low on flat background and flat fabric."""
-    pixels = image_inputs["pixel_values"].float().mean(1, keepdim=True)
-    side = int(tokens.shape[1] ** 0.5)
-    mean = F.adaptive_avg_pool2d(pixels, side)
-    return (F.adaptive_avg_pool2d(pixels**2, side) - mean**2).clamp_min(0).sqrt().flatten(1)
+    return (patch_means(tokens, image_inputs, 2) - patch_means(tokens, image_inputs) ** 2).clamp_min(0).sqrt()
 
 
 def lattice(budget: int) -> Rule:

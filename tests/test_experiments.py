@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from autoselect.pruners.uniform import grid_indices
 from tests.support.scripts import load_script
 
 
@@ -263,8 +264,6 @@ def test_decode_sets_measures_a_tiny_models_batches_as_one_pass_would():
 
 def test_fixed_selections_outline_rule_finds_the_edge_and_the_lattice_rule_keeps_uniforms_patches():
     fixed = load_script("experiments/fixed_selections.py")
-    from autoselect.pruners.uniform import grid_indices
-
     pixels = torch.zeros(1, 3, 8, 8)
     pixels[..., :, 3:] = 1.0  # a vertical edge inside the 2nd column of 2x2-pixel patches (a 4x4 grid)
     tokens, generator = torch.zeros(1, 16, 4), torch.Generator()
