@@ -269,6 +269,21 @@ def test_demo_runs_the_shipped_recipe_with_its_scorer_backbone_and_export():
     assert f"--tasks {' '.join(demo.TRAIN_TASKS)}" in header
 
 
+def test_demo_workload_follows_the_dtype_the_vlm_runs_in(monkeypatch):
+    """A float32 VLM (a CPU without native bf16) gets the shorter demo; flags given are kept."""
+    import mlops.backbone
+    from tests.support.scripts import load_script
+
+    demo = load_script("examples/demo.py")
+    monkeypatch.setattr(mlops.backbone, "default_device", lambda: torch.device("cpu"))  # a GPU machine too
+    for native_bf16, dtype, workload in (("0", "float32", (40, 64)), ("1", "bfloat16", (60, 120))):
+        monkeypatch.setenv(mlops.backbone.CPU_BF16_ENV, native_bf16)
+        args = demo.build_parser().parse_args([])
+        assert demo.fill_workload(args) == dtype and (args.train_steps, args.eval_limit) == workload
+        args = demo.build_parser().parse_args(["--train-steps", "7", "--eval-limit", "16"])
+        assert demo.fill_workload(args) == dtype and (args.train_steps, args.eval_limit) == (7, 16)
+
+
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parent.parent.glob("pipelines/configs/*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load_and_validate(path):
     config = load_train_config(path)
