@@ -146,6 +146,28 @@ def test_ranks_draw_different_training_noise_from_one_seed():
     assert loss0 != loss1 and loss0 == again0
 
 
+def test_resuming_ranks_each_restore_into_a_folder_of_their_own(tmp_path):
+    """Ranks resuming on one node must not share Ray's per-checkpoint temporary folder: one rank
+    deleting it as the other starts its download failed a two-node resume in CI. Each restore
+    gets its own copy, which outlives the other rank's exit and is removed after its own."""
+    import pyarrow.fs
+    import ray.train
+    from pipelines.training.loop import restored
+
+    (tmp_path / "remote" / "checkpoint_000001").mkdir(parents=True)
+    (tmp_path / "remote" / "checkpoint_000001" / "state.pt").write_text("weights")
+    remote = pyarrow.fs.SubTreeFileSystem(str(tmp_path / "remote"), pyarrow.fs.LocalFileSystem())
+    checkpoint = ray.train.Checkpoint("checkpoint_000001", filesystem=remote)  # downloaded, as from S3
+
+    with restored(checkpoint) as first:
+        with restored(checkpoint) as second:
+            assert first != second and checkpoint._get_temporary_checkpoint_dir() not in (first, second)
+            assert (Path(second) / "state.pt").read_text() == "weights"
+        assert not Path(second).exists()
+        assert (Path(first) / "state.pt").read_text() == "weights"
+    assert not Path(first).exists()
+
+
 def test_config_errors_are_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\noptim: {stpes: 3}\n")

@@ -130,7 +130,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     step, epoch, skip, resumed_from = 0, 0, 0, -1
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
+        with restored(checkpoint) as directory:
             _, client_state = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG, load_module_strict=False)
         step, epoch, skip = client_state["step"], client_state["epoch"], client_state["batch_in_epoch"]
         resumed_from = step
@@ -182,6 +182,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         epoch, skip = epoch + 1, 0
     if rank == 0:
         mlflow.end_run()
+
+
+@contextlib.contextmanager
+def restored(checkpoint: ray.train.Checkpoint) -> Iterator[str]:
+    """The checkpoint downloaded into a directory of this worker's own, removed on exit.
+
+    ``Checkpoint.as_directory`` shares one temporary folder per checkpoint among the processes of
+    a node: when one rank finishes and deletes it just as another rank starts its download, the
+    second fails ("Checkpoint directory ... does not exist, even though it should have been
+    created by another process"). Ranks that resume together on one node hit that window; a
+    private folder costs one more download of a small (trainable-only) checkpoint and no race.
+    """
+    with tempfile.TemporaryDirectory(prefix="autoselect-restore-") as directory:
+        yield checkpoint.to_directory(directory)
 
 
 def report_checkpoint(engine, model: AutoSelectModel, config: TrainConfig, metrics: dict, step: int, epoch: int, batch_in_epoch: int, rank: int) -> None:
