@@ -271,3 +271,61 @@ def test_fixed_selections_outline_rule_finds_the_edge_and_the_lattice_rule_keeps
     assert torch.allclose(sharp[:, 1], torch.full((4,), 0.5)) and sharp[:, [0, 2, 3]].abs().max() < 1e-6
     kept = fixed.lattice(4)(tokens, {"pixel_values": pixels}, generator)
     assert torch.equal(kept.nonzero()[:, 1], grid_indices(4, 4, 4))
+
+
+def test_set_level_heads_are_plackett_luce_draws_with_their_exact_log_probability():
+    """`set_level_finetune.sample_heads`: distinct tokens per draw, each draw's log-probability the
+    Plackett-Luce product (checked by hand), differentiable in the logits; the leave-one-out
+    baseline is the mean of the other samples."""
+    script = load("set_level_finetune")
+    z = torch.tensor([[1.0, 0.0, -1.0, 0.5, 2.0]], requires_grad=True)
+    heads, log_prob = script.sample_heads(z, 2, 6, torch.Generator().manual_seed(0))
+    assert heads.shape == (1, 6, 2) and log_prob.shape == (1, 6)
+    weights = z.detach()[0].exp()
+    for (a, b), value in zip(heads[0].tolist(), log_prob[0].tolist()):
+        assert a != b
+        by_hand = math.log(weights[a] / weights.sum()) + math.log(weights[b] / (weights.sum() - weights[a]))
+        assert value == pytest.approx(by_hand, abs=1e-5)
+    log_prob.sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    # the most likely token leads most draws of many
+    many, _ = script.sample_heads(z.detach(), 1, 2000, torch.Generator().manual_seed(1))
+    share = float((many[0, :, 0] == 4).float().mean())
+    assert share == pytest.approx(float(weights[4] / weights.sum()), abs=0.04)
+    costs = torch.tensor([[1.0, 2.0, 3.0]])
+    assert torch.allclose(script.leave_one_out(costs), torch.tensor([[-1.5, 0.0, 1.5]]))
+
+
+def test_set_level_costs_read_each_sampled_set_as_the_evaluation_does():
+    """`set_costs` reuses the batch's visual tokens for every sampled set: each set's cost equals
+    the evaluation's reading of that set with the vision tower run on the images, and a set
+    completed by `complete_sets` keeps its head and K distinct tokens."""
+    from autoselect.data import collate, encode_example
+    from autoselect.testing import build_tiny_llava
+    from autoselect.testing.synthetic import COLOURS, marker_image, messages
+    from pipelines.evaluation.methods import PreLLM
+
+    import numpy as np
+
+    script, signal = load("set_level_finetune"), load("training_signal")
+    vlm, processor = build_tiny_llava(seed=0)
+    rng = np.random.default_rng(0)
+    colours = list(COLOURS)[:2]
+    batch = collate([encode_example(processor, messages(c), [marker_image(rng, c)[0]]) for c in colours],
+                    processor.tokenizer.pad_token_id, padding_side="right")
+    pruner = script.SetPruner(vlm, 6, position_policy="repack")
+    with torch.no_grad():
+        tokens = pruner.adapter.visual_tokens(pixel_values=batch["pixel_values"])
+    tokens = torch.stack(tokens) if isinstance(tokens, list) else tokens
+    scores = torch.randn(tokens.shape[:2], generator=torch.Generator().manual_seed(0))
+    heads, _ = script.sample_heads(scores, 3, 2, torch.Generator().manual_seed(0))
+    kept = script.complete_sets(scores, tokens, heads, 6, 0.5)
+    assert kept.shape == (4, 6) and all(len(set(row)) == 6 for row in kept.tolist())
+    assert all(set(h) <= set(row) for h, row in zip(heads.reshape(4, 3).tolist(), kept.tolist()))
+    costs = script.set_costs(PreLLM("set", None, 6, pruner), pruner, batch, tokens, kept, 2, pruner.adapter.image_token_id)
+    reference = signal.RankPruner(vlm, 6, position_policy="repack")  # runs the vision tower itself
+    for sample in range(2):
+        rows = kept.view(2, 2, 6)[:, sample]
+        reference.scores = torch.zeros(tokens.shape[:2]).scatter_(1, rows, 1.0)
+        sums, counts = signal.row_nll(PreLLM("ref", None, 6, reference), dict(batch), pruner.adapter.image_token_id)
+        assert torch.allclose(costs[:, sample], (sums / counts).float(), atol=1e-5)
