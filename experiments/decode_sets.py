@@ -2,7 +2,8 @@
 
 Per task (val questions, the evaluation's own loader and class-balanced pick), at one budget K, for
 the scorer's saved decode, each variant (`--variant NAME=KEY=VALUE[,KEY=VALUE]`, fields of
-``inference`` replaced) and the uniform lattice as a reference:
+``inference`` replaced), each other scorer (`--compare NAME=SCORER`, read with its own saved
+decode on the same tokens) and the uniform lattice as a reference:
 - changed / swapped: the share of images whose kept set differs from the saved decode's, and the
   mean number of its K tokens swapped (an unchanged set gets the same answer, so these bound how
   much a reading can move);
@@ -37,6 +38,7 @@ from autoselect.decode import kept_indices
 from autoselect.pruners.uniform import grid_indices
 from autoselect.selection import cosine_kernel
 from pipelines.evaluation.oracle import box_scores
+from mlops.backbone import load_autoselect
 from pipelines.export_scorer import inference_options
 import scorer_tasks
 from results_file import mean_se, write_result
@@ -80,16 +82,21 @@ def coverage(tokens: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return torch.gather(similarity, 2, kept[:, None, :].expand(-1, tokens.shape[1], -1)).amax(-1).mean(-1)
 
 
-def measure(model, processor, examples, options: dict[str, InferenceOptions], k: int, batch_size: int) -> dict:
-    """Per decode name and the uniform lattice: changed (vs the first decode), swapped, coverage, the
-    share of dark patches kept and, with boxes, the box share kept."""
-    names = [*options, "uniform"]
+def measure(model, processor, examples, options: dict[str, InferenceOptions], k: int, batch_size: int,
+            others: dict | None = None) -> dict:
+    """Per decode name, other scorer (``others``: name -> a model over the same VLM, read with its
+    own saved decode on the same tokens) and the uniform lattice: changed (vs the first decode),
+    swapped, coverage, the share of dark patches kept and, with boxes, the box share kept."""
+    others = others or {}
+    names = [*options, *others, "uniform"]
     rows: dict[str, dict[str, list[float]]] = {name: {"changed": [], "swapped": [], "coverage": [], "reach": [], "dark_kept": [], "box_kept": []} for name in names}
     reference = next(iter(options))
     for batch, tokens, logits in scorer_tasks.scored_batches(model, processor, examples, batch_size):
         side = math.isqrt(tokens.shape[1])
         boxes = [box_scores(e.boxes, side, side) > 0.5 if getattr(e, "boxes", None) else None for e in batch]
         kept = {name: kept_indices(logits, tokens, k, opts) for name, opts in options.items()}
+        with torch.no_grad():
+            kept.update({name: other.decode(other.scorer(tokens), tokens, k) for name, other in others.items()})
         kept["uniform"] = grid_indices(k, side, side).expand(len(batch), -1)
         dark = torch.stack([dark_patches(e.image, side) for e in batch])
         for name, index in kept.items():
@@ -106,17 +113,26 @@ def measure(model, processor, examples, options: dict[str, InferenceOptions], k:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     scorer_tasks.add_arguments(parser, limit=None)
-    parser.add_argument("--variant", action="append", required=True, metavar="NAME=KEY=VALUE[,KEY=VALUE]")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]")
+    parser.add_argument("--compare", action="append", default=[], metavar="NAME=SCORER",
+                        help="another scorer folder, read with its own saved decode on the same tokens")
     parser.add_argument("--budget", type=int, default=28)
     args = parser.parse_args(argv)
+    if not args.variant and not args.compare:
+        parser.error("give at least one --variant or --compare")
+    if any("=" not in spec for spec in args.compare):
+        parser.error("--compare takes NAME=SCORER")
     started = time.time()
     vlm, processor, model = scorer_tasks.load(args)
     saved = model.config.inference
     options = {"saved": saved, **dict(parse_variant(spec, saved) for spec in args.variant)}
+    others = {name: load_autoselect(path, vlm)[0].eval() for name, _, path in (spec.partition("=") for spec in args.compare)}
     result = {"model": str(args.model), "scorer": str(args.scorer), "dtype": args.dtype, "split": "val", "k": args.budget,
-              "decodes": {name: dataclasses.asdict(o) for name, o in options.items()}, "tasks": {}}
+              "decodes": {name: dataclasses.asdict(o) for name, o in options.items()},
+              "compared": {name: {"scorer": spec.partition("=")[2], "decode": dataclasses.asdict(others[name].config.inference)}
+                           for name, spec in zip(others, args.compare)}, "tasks": {}}
     for task, examples in scorer_tasks.tasks(vlm, processor, args):
-        cells = measure(model, processor, examples, options, args.budget, args.batch_size)
+        cells = measure(model, processor, examples, options, args.budget, args.batch_size, others)
         result["tasks"][task] = {"n": len(examples), **cells}
         print(f"{task} (n = {len(examples)}, K = {args.budget})")
         for name, cell in cells.items():

@@ -260,6 +260,14 @@ def test_decode_sets_measures_a_tiny_models_batches_as_one_pass_would():
     assert set(cells["saved"]) == {"changed", "swapped", "coverage", "reach", "dark_kept", "box_kept"}  # two of the five carry a box
     assert cells["uniform"]["dark_kept"]["mean"] == 0.0  # random pixels: no near-black patch
     assert 0 < cells["saved"]["coverage"]["mean"] <= 1
+    # another scorer over the same tokens, read with its own saved decode
+    torch.manual_seed(1)
+    other = AutoSelectModel.attach(vlm, AutoSelectConfig(budget=16, inference=saved)).eval()
+    compared = script.measure(model, processor, examples, {"saved": saved}, k=4, batch_size=2, others={"itself": model, "other": other})
+    assert compared["itself"]["changed"]["mean"] == 0.0 and compared["itself"]["box_kept"] == compared["saved"]["box_kept"]
+    with torch.no_grad():
+        moved = [not torch.equal(a, b) for a, b in zip(model.decode(logits, tokens, 4), other.decode(other.scorer(tokens), tokens, 4))]
+    assert compared["other"]["changed"]["mean"] == round(sum(moved) / 5, 4) and any(moved)
 
 
 def test_fixed_selections_outline_rule_finds_the_edge_and_the_lattice_rule_keeps_uniforms_patches():
