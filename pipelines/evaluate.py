@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
         "again, to pair a new scorer with them; refused unless model, split, limit, seed, dtype, position policy, "
         "batch size, budgets and each baseline's settings match, and the all-token scores (always run) equal the "
         "report's example for example; a task the report lacks runs every method")
+    add("--reuse-all-tokens", action="store_true",
+        help="with --baselines-from, take the all-token cells from the report too, once this run's all-token scores "
+        "on each reused task's first and last batch equal the report's (the check runs two batches, not every "
+        "example; the all-token pass costs about 3x a pruned method's on a CPU)")
     add("--tag-version", metavar="models:/NAME/VERSION", default=None,
         help="write AutoSelect's results to this registered version as tags that `promote --require` gates on "
         "(fractions: retention_avg, retention_margin_vs_random, retention.TASK.kK, ...; plus eval_split, eval_n, "
@@ -142,6 +146,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> lis
     unknown_tasks = [t for t in args.tasks if t not in TASKS]
     if unknown_tasks:
         parser.error(f"unknown task(s) {unknown_tasks}; available: {', '.join(TASKS)}")
+    if args.reuse_all_tokens and not args.baselines_from:
+        parser.error("--reuse-all-tokens takes the all-token cells from the --baselines-from report: give that report")
     if args.limit is not None and args.limit < 1 or args.batch_size < 1:
         parser.error("--limit and --batch-size must be >= 1")
     unknown_overlay = [m for m in args.overlay or [] if m not in args.pruners]
@@ -290,11 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     def make_methods():
         return build_methods(vlm, args.pruners, budget_args, autoselect, settings, policies, variants)
 
-    def first_batch_full_scores(names: list[str]):
-        """All tokens on the first batch of each named task: a check of the earlier report in seconds, not after the run."""
-        firsts = [dataclasses.replace(t, examples=t.examples[: args.batch_size]) for t in tasks if t.name in names]
-        return evaluate(firsts, lambda: [m for m in make_methods() if m.label == FULL], processor, image_token_id,
-                        args.batch_size, device, dtype)
+    def batch_full_scores(names: list[str], last: bool = False):
+        """All tokens on the first (or the last) batch of each named task, as the run batches it: a
+        check of the earlier report in seconds, not after the run; and where each batch starts."""
+        starts = {t.name: ((len(t.examples) - 1) // args.batch_size) * args.batch_size if last else 0 for t in tasks}
+        chosen = [dataclasses.replace(t, examples=t.examples[starts[t.name]: starts[t.name] + args.batch_size])
+                  for t in tasks if t.name in names]
+        return evaluate(chosen, lambda: [m for m in make_methods() if m.label == FULL], processor, image_token_id,
+                        args.batch_size, device, dtype), starts
 
     earlier, reused, from_earlier = None, set(), []
     if args.baselines_from:
@@ -303,12 +312,14 @@ def main(argv: list[str] | None = None) -> int:
             reuse.check_settings(earlier, run, settings, [t.name for t in tasks])
             reuse.check_examples(earlier, example_ids(tasks))
             from_earlier = reuse.reused_tasks(earlier, [t.name for t in tasks])
-            reuse.check_full_scores(earlier, first_batch_full_scores(from_earlier))
+            reuse.check_full_scores(earlier, batch_full_scores(from_earlier)[0])
+            if args.reuse_all_tokens:
+                reuse.check_full_scores(earlier, *batch_full_scores(from_earlier, last=True))
         except reuse.ReuseError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         args.pruners = [*args.pruners, *(p for p in reuse.baselines(earlier) if p not in args.pruners)]
-        reused = reuse.labels(earlier)
+        reused = reuse.labels(earlier) | ({FULL} if args.reuse_all_tokens else set())
         print(f"baselines from {args.baselines_from}: {', '.join(reuse.baselines(earlier))} (not run again) on "
               f"{', '.join(from_earlier)}; other tasks run every method")
 
@@ -321,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     scores = {t.name: scores[t.name] for t in tasks}  # the tasks' order, as given
     if earlier is not None:
         try:
-            reuse.merge(scores, earlier)
+            reuse.merge(scores, earlier, all_tokens=args.reuse_all_tokens)
         except reuse.ReuseError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -331,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         "pruners": {p: settings.get(p, {}) for p in [*args.pruners, *variants]},
         "baselines_from": str(args.baselines_from) if args.baselines_from else None,
         "baselines_from_tasks": from_earlier,
+        "all_tokens_from": str(args.baselines_from) if args.reuse_all_tokens else None,
         "device": str(device),
         "dtype": run["dtype"],
         "scoring": SCORING,

@@ -705,3 +705,40 @@ def test_baselines_from_an_earlier_report_give_the_report_that_running_them_give
     (tmp_path / "changed-last.json").write_text(json.dumps(changed_last))
     assert main([*base, "--baselines-from", str(tmp_path / "changed-last.json")]) == 2  # past the first batch: at the end
     assert "all-token scores on markers differ" in capsys.readouterr().err
+
+
+def test_reuse_all_tokens_takes_the_all_token_cells_too_after_its_first_and_last_batch(report, out_dir, taught, tmp_path, monkeypatch, capsys):
+    """``--reuse-all-tokens``: all tokens run on each reused task's first and last batch only (the
+    check), AutoSelect on every batch; the report equals running everything. A report whose last
+    batch scores otherwise is refused before AutoSelect runs; without --baselines-from it is an error."""
+    import pipelines.evaluation.runner as runner
+
+    calls: dict[str, int] = {}
+    real = runner.answer_log_likelihoods
+
+    def spy(method, *args, **kwargs):
+        calls[method.label] = calls.get(method.label, 0) + 1
+        return real(method, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "answer_log_likelihoods", spy)
+    earlier = out_dir / "report.json"
+    again = run_cli(taught, tmp_path / "reused", "--pruners", "autoselect", "--baselines-from", str(earlier), "--reuse-all-tokens")
+    batches = {task: -(-len(values[FULL]) // 8) for task, values in report["per_example"].items()}
+    assert min(batches.values()) == 2 and calls[FULL] == 2 * len(batches)  # a first and a last batch per task
+    assert calls["autoselect@8"] == sum(batches.values())
+    for key in ("results", "paired", "selection_check", "per_example", "per_example_answer_nll", "per_example_ids"):
+        assert again[key] == report[key], key
+    assert again["all_tokens_from"] == str(earlier)
+    assert "So do the all-token cells" in (tmp_path / "reused" / "report.md").read_text()
+
+    changed_last = json.loads(earlier.read_text())
+    changed_last["per_example"]["markers"][FULL][-1] = 1.0 - changed_last["per_example"]["markers"][FULL][-1]
+    (tmp_path / "changed-last.json").write_text(json.dumps(changed_last))
+    base = ["--model", str(taught["model_dir"]), "--autoselect", str(taught["scorer_dir"]), "--pruners", "autoselect",
+            "--budgets", *BUDGETS, "--tasks", "markers", "--limit", "16", "--out", str(tmp_path / "bad")]
+    calls.clear()
+    assert main([*base, "--baselines-from", str(tmp_path / "changed-last.json"), "--reuse-all-tokens"]) == 2
+    assert "all-token scores on markers differ" in capsys.readouterr().err and set(calls) == {FULL}
+    with pytest.raises(SystemExit):
+        main([*base, "--reuse-all-tokens"])
+    assert "--reuse-all-tokens takes the all-token cells from the --baselines-from report" in capsys.readouterr().err

@@ -7,7 +7,9 @@ its cells to compare one more scorer costs over an hour on a CPU and changes not
 earlier report is used only when all of those match this run, and when its all-token scores equal
 this run's example for example (the proof that the examples, and how they are scored, are the
 same: another machine's bf16 kernels can move them); otherwise it is refused, naming what differs.
-The first batch's all-token scores are compared before the run, the rest at its end. Its example ids (``per_example_ids``), where it
+The first batch's all-token scores are compared before the run, the rest at its end;
+with ``--reuse-all-tokens`` the all-token cells are taken from the report as well, once the first
+and the last batch score as there (the all-token pass is about 3x a pruned method's on a CPU). Its example ids (``per_example_ids``), where it
 has them, are checked before anything runs, so other examples are refused at once. AutoSelect and
 its decode variants are never taken from it: they are what the run is for. A task the report
 does not have runs every method, so one report can add tasks to an earlier one's.
@@ -86,28 +88,30 @@ def labels(report: dict[str, Any]) -> set[str]:
             if label != FULL and label.split("@")[0].split("[")[0] in names}
 
 
-def check_full_scores(report: dict[str, Any], scores: dict[str, dict[str, dict]]) -> None:
-    """Refuse when this run's all-token scores (``runner.evaluate``'s form: every example, or only
-    the first batch, which evaluate.py scores before anything else runs) are not the report's
-    first ones, example for example: other examples, or other numerics (another CPU's bf16 kernels
-    move the scores too)."""
+def check_full_scores(report: dict[str, Any], scores: dict[str, dict[str, dict]], start: dict[str, int] | None = None) -> None:
+    """Refuse when this run's all-token scores (``runner.evaluate``'s form: every example, or one
+    batch, which evaluate.py scores before anything else runs) are not the report's from example
+    ``start[task]`` (default 0) on, example for example: other examples, or other numerics
+    (another CPU's bf16 kernels move the scores too)."""
     for task in reused_tasks(report, list(scores)):
-        mine = scores[task][FULL]["per_example"]
-        if (report["per_example"][task].get(FULL) or [])[: len(mine)] != mine:
+        mine, first = scores[task][FULL]["per_example"], (start or {}).get(task, 0)
+        if (report["per_example"][task].get(FULL) or [])[first : first + len(mine)] != mine:
             raise ReuseError(f"--baselines-from: the all-token scores on {task} differ from this run's, so the examples "
                              "or their scoring (e.g. another machine's kernels, another dtype) are not the same; "
                              "run the baselines instead")
 
 
-def merge(scores: dict[str, dict[str, dict]], report: dict[str, Any]) -> None:
+def merge(scores: dict[str, dict[str, dict]], report: dict[str, Any], all_tokens: bool = False) -> None:
     """Add the report's baseline cells to this run's ``scores`` (``runner.evaluate``'s form), each
     rebuilt from its per-example values as the run would have tallied them, after checking that each
-    task's all-token scores are the report's, example for example."""
-    wanted = labels(report)
-    check_full_scores(report, scores)
+    task's all-token scores are the report's, example for example. With ``all_tokens`` the
+    all-token cells are the report's too (the caller has checked its first and last batches)."""
+    wanted = labels(report) | ({FULL} if all_tokens else set())
+    if not all_tokens:
+        check_full_scores(report, scores)
     for task in reused_tasks(report, list(scores)):  # the others ran whole here
         by_label, theirs = scores[task], report["per_example"][task]
-        if len(theirs.get(FULL) or []) != len(by_label[FULL]["per_example"]):
+        if not all_tokens and len(theirs.get(FULL) or []) != len(by_label[FULL]["per_example"]):
             raise ReuseError(f"--baselines-from: the report scored {len(theirs.get(FULL) or [])} examples on {task}, "
                              f"this run {len(by_label[FULL]['per_example'])}")
         choice = task in report.get("per_example_answer_nll", {})
