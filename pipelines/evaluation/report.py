@@ -406,7 +406,7 @@ def markdown(report: dict[str, Any]) -> str:
         "Cells: score ± standard error over examples (retention); — where a method cannot run the task.",
         *([f"The training-free baselines' cells{reused_on(report)} come from `{report['baselines_from']}` (the same "
            "examples, settings and all-token scores; not run again)."] if report.get("baselines_from") else []),
-        *([f"So do the all-token cells (`--reuse-all-tokens`): this run scored all tokens on each of those tasks' "
+        *(["So do the all-token cells (`--reuse-all-tokens`): this run scored all tokens on each of those tasks' "
            "first and last batch only, and found them equal there."] if report.get("all_tokens_from") else []),
         "",
         f"_{report['retention_definition'][0].upper()}{report['retention_definition'][1:]}._",
