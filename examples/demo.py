@@ -193,15 +193,19 @@ def challenger_step(args, data: str, data_key: str) -> str:
     return str(summary["version"])
 
 
-def evaluate_step(args, version: str, pruners: str, out: Path) -> dict:
-    """Evaluate a version on the val scenes and tag it with the results (``evaluate.py --tag-version``)."""
+def evaluate_step(args, version: str, out: Path, earlier: Path | None = None) -> dict:
+    """Evaluate a version with every method on the val scenes and tag it with the results
+    (``evaluate.py --tag-version``). With ``earlier`` (the champion's report from this run) the
+    baselines and the all-token cells come from it (``--baselines-from --reuse-all-tokens``): only
+    the version's own cells run, and all tokens on a first and a last batch as the check."""
     from pipelines import evaluate
 
     uri = f"models:/{args.registered_model}/{version}"
+    reuse = ["--baselines-from", str(earlier), "--reuse-all-tokens"] if earlier is not None else []
     code = evaluate.main([
         "--model", str(BACKBONE), "--corpora", str(CORPORA), "--autoselect", uri, "--tag-version", uri,
-        "--budgets", "28", "--pruners", pruners, "--tasks", TASK, "--split", "val", "--limit", str(args.eval_limit),
-        "--position-policy", "repack", "--out", str(out), "--tracking-uri", args.tracking_uri,
+        "--budgets", "28", "--pruners", PRUNERS, "--tasks", TASK, "--split", "val", "--limit", str(args.eval_limit),
+        "--position-policy", "repack", "--out", str(out), "--tracking-uri", args.tracking_uri, *reuse,
     ])
     if code != 0:
         raise RuntimeError(f"evaluation of version {version} failed (exit {code})")
@@ -310,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         challenger = challenger_step(args, stats["data"], source_sha)
 
         progress.step(6, f"evaluate on {args.eval_limit} val scenes: the champion with the baselines, then the challenger")
-        report = evaluate_step(args, champion, PRUNERS, args.out / "eval-champion")
-        challenger_report = evaluate_step(args, challenger, "autoselect", args.out / "eval-challenger")
+        report = evaluate_step(args, champion, args.out / "eval-champion")
+        challenger_report = evaluate_step(args, challenger, args.out / "eval-challenger", args.out / "eval-champion" / "report.json")
 
         progress.step(7, "promote: `champion` moves only if the challenger beats it")
         promoted = promote_step(args, challenger)
