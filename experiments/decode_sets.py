@@ -120,17 +120,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.variant and not args.compare:
         parser.error("give at least one --variant or --compare")
-    if any("=" not in spec for spec in args.compare):
-        parser.error("--compare takes NAME=SCORER")
+    compared = dict(spec.split("=", 1) for spec in args.compare if "=" in spec)
+    if len(compared) != len(args.compare):
+        parser.error("--compare takes NAME=SCORER, each NAME once")
     started = time.time()
     vlm, processor, model = scorer_tasks.load(args)
     saved = model.config.inference
     options = {"saved": saved, **dict(parse_variant(spec, saved) for spec in args.variant)}
-    others = {name: load_autoselect(path, vlm)[0].eval() for name, _, path in (spec.partition("=") for spec in args.compare)}
+    others = {name: load_autoselect(path, vlm)[0].eval() for name, path in compared.items()}
     result = {"model": str(args.model), "scorer": str(args.scorer), "dtype": args.dtype, "split": "val", "k": args.budget,
               "decodes": {name: dataclasses.asdict(o) for name, o in options.items()},
-              "compared": {name: {"scorer": spec.partition("=")[2], "decode": dataclasses.asdict(others[name].config.inference)}
-                           for name, spec in zip(others, args.compare)}, "tasks": {}}
+              "compared": {name: {"scorer": path, "decode": dataclasses.asdict(others[name].config.inference)}
+                           for name, path in compared.items()}, "tasks": {}}
     for task, examples in scorer_tasks.tasks(vlm, processor, args):
         cells = measure(model, processor, examples, options, args.budget, args.batch_size, others)
         result["tasks"][task] = {"n": len(examples), **cells}
