@@ -1,7 +1,5 @@
 """`ray job submit` of pipelines/train.py against a `ray start` cluster on this machine: two nodes,
 of which one is lost mid-run; the job resumes from its S3 checkpoint, ends and registers the scorer.
-(A separate one-node submit to completion was folded into this run in session 42: it checked
-nothing this one does not, and cost 1.5-3 minutes of the suite.)
 
 Every node is its own `ray start --block` process group, started here and stopped by signalling
 exactly that process (never `ray stop`, which would end every Ray on the machine).

@@ -7,10 +7,11 @@ its cells to compare one more scorer costs over an hour on a CPU and changes not
 earlier report is used only when all of those match this run, and when its all-token scores equal
 this run's example for example (the proof that the examples, and how they are scored, are the
 same: another machine's bf16 kernels can move them); otherwise it is refused, naming what differs.
-The first batch's all-token scores are compared before the run, the rest at its end;
-with ``--reuse-all-tokens`` the all-token cells are taken from the report as well, once the first
-and the last batch score as there (the all-token pass is about 3x a pruned method's on a CPU). Its example ids (``per_example_ids``), where it
-has them, are checked before anything runs, so other examples are refused at once. AutoSelect and
+The first batch's all-token scores are compared before the run, the rest at its end; with
+``--reuse-all-tokens`` the all-token cells are taken from the report as well, once the first and
+the last batch score as there (the all-token pass is about 3x a pruned method's on a CPU). Its
+example ids (``per_example_ids``), where it has them, are checked before anything runs, so other
+examples are refused at once. AutoSelect and
 its decode variants are never taken from it: they are what the run is for. A task the report
 does not have runs every method, so one report can add tasks to an earlier one's.
 """
