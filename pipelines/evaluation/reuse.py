@@ -112,10 +112,11 @@ def merge(scores: dict[str, dict[str, dict]], report: dict[str, Any], all_tokens
         check_full_scores(report, scores)
     for task in reused_tasks(report, list(scores)):  # the others ran whole here
         by_label, theirs = scores[task], report["per_example"][task]
-        ran = len(next(iter(by_label.values()))["per_example"]) if by_label else None  # any method run here
-        if by_label and len(theirs.get(FULL) or []) != ran:
-            raise ReuseError(f"--baselines-from: the report scored {len(theirs.get(FULL) or [])} examples on {task}, "
-                             f"this run {ran}")
+        if by_label:  # any method run here gives this run's example count
+            ran = len(next(iter(by_label.values()))["per_example"])
+            if len(theirs.get(FULL) or []) != ran:
+                raise ReuseError(f"--baselines-from: the report scored {len(theirs.get(FULL) or [])} examples on {task}, "
+                                 f"this run {ran}")
         choice = task in report.get("per_example_answer_nll", {})
         for label in sorted(wanted & set(theirs)):
             values = theirs[label]
