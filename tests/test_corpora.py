@@ -54,7 +54,7 @@ def test_export_is_deterministic_and_cached(corpora, tmp_path):
 def test_committed_projector_beats_an_unaligned_one_on_held_out_fashion_mnist(corpora):
     """The committed artifact is what its metrics say: aligned answers far above chance, a fresh
     projector near chance, on held-out Fashion-MNIST (3 images per class)."""
-    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlavaForConditionalGeneration
 
     from minillava.aligned import DEFAULT_PROJECTOR, load_aligned_mini_llava
     from pipelines.align.evaluate import choice_accuracy
@@ -64,8 +64,9 @@ def test_committed_projector_beats_an_unaligned_one_on_held_out_fashion_mnist(co
     unaligned = LlavaForConditionalGeneration.from_pretrained(aligned.name_or_path, dtype=torch.float32).eval()
     records = balanced_subset(load_records(corpora, "fashion_mnist", "heldout"), 30)
     choices = read_manifest(corpora)["tasks"]["fmnist_class"]["choices"]
-    good = choice_accuracy(aligned, processor, corpora, records, choices)["accuracy"]
-    bad = choice_accuracy(unaligned, processor, corpora, records, choices)["accuracy"]
+    # batches of 4 images (40 rows): on a 2-core CPU ~45 s a model against ~56 s at the default 16, same accuracy
+    good = choice_accuracy(aligned, processor, corpora, records, choices, batch_size=4)["accuracy"]
+    bad = choice_accuracy(unaligned, processor, corpora, records, choices, batch_size=4)["accuracy"]
     claimed = json.loads(DEFAULT_PROJECTOR.with_name("metrics.json").read_text())["heldout"]["fmnist_class"]["accuracy"]
     assert good >= 0.3 and good >= bad + 0.2, (good, bad)
     assert abs(good - claimed) <= 0.25, f"committed metrics say {claimed}, this sample gives {good}"

@@ -248,7 +248,7 @@ def test_training_across_two_nodes_resumes_after_one_is_lost(cluster, moto_s3, t
     head = cluster.start_head(num_cpus=2)  # 0.5 for a worker, the rest for Ray Data's read tasks
     second = cluster.add_node("second", num_cpus=1)
     data = tmp_path / "shards"
-    write_shards(data, 16)
+    write_shards(data, 2 * 2 * STEPS)  # one epoch: 2 workers x 2 rows a step (an epoch restarts the input)
     moto_s3.client.create_bucket(Bucket=BUCKET)
     command = submit_command(cluster.dashboard, tmp_path, data, [
         f"optim.steps={STEPS}", f"optim.checkpoint_every={EVERY}", "optim.log_every=1",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -159,3 +160,16 @@ def test_an_image_over_the_cap_even_as_a_jpeg_is_quarantined():
     big = Encoder(TINY_LLAVA, max_length=1000, image_fs=pafs.LocalFileSystem(), max_image_bytes=200)
     row = big.encode(SAMPLES[1])
     assert (row["status"], row["id"]) == (IMAGE_TOO_LARGE, "png") and "max_image_bytes 200" in row["detail"]
+
+
+def test_the_shard_module_imports_without_torch_or_transformers():
+    """Ray Data's coordinating actors unpickle the training plan that names ``ImageTensors``: its
+    module must not pull torch and transformers into them (seconds of CPU each per run)."""
+    import subprocess
+    import sys
+
+    probe = "import sys, pipelines.preprocessing.shards; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    root = Path(__file__).resolve().parent.parent  # `python -c` imports from its working folder first
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", done.stdout

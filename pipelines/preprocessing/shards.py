@@ -27,21 +27,25 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import torch
 from PIL import Image
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
-from autoselect.data import image_inputs
-from mlops.backbone import load_processor
 from pipelines.preprocessing.samples import Rejected, decode_image
+
+# torch and the backbone loaders are imported where they are used, not here: Ray Data's
+# coordinating actors (Ray Train's dataset manager, the split coordinator) unpickle the training
+# plan that names ImageTensors, and importing torch + transformers there cost each ~7 s of CPU
+# per run, on a 2-core machine beside the workers. The decoding actors import them once, on start.
+if TYPE_CHECKING:
+    import torch
 
 OK = "ok"
 SHAPE_SUFFIX = "_shape"
@@ -107,12 +111,17 @@ class ImageTensors:
     """
 
     def __init__(self, model: str):
+        from autoselect.data import image_inputs
+        from mlops.backbone import load_processor
+
         self.model = model
         self.processor = load_processor(model)
         probe = image_inputs(self.processor, [Image.new("RGB", (32, 32))])
         self.types = {name: tensor_type(tensor) for name, tensor in probe.items()}
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        from autoselect.data import image_inputs
+
         names = image_tensor_names(table.column_names)
         if set(names) != set(self.types):
             raise ValueError(f"the shards record image tensors {sorted(names)} but {self.model!r}'s processor "
@@ -159,6 +168,8 @@ def list_values(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
 def examples_from_table(table: pa.Table) -> list[dict[str, torch.Tensor]]:
     """Tensors for each training row, ready for ``autoselect.data.collate``: ``input_ids``/``labels``
     as int64, every ``<tensor>`` reshaped to ``<tensor>_shape`` (float32 or int64)."""
+    import torch
+
     names = table.column_names
     if has_encoded_images(names) or image_tensor_names(names):
         raise ValueError(f"rows without their image tensors {image_tensor_names(names)}: shards with image "
