@@ -109,9 +109,11 @@ def prefill_cases(model: AutoSelectModel, budgets: list[int], text_tokens: int, 
             return gather_tokens(tokens, topk_indices(model.scorer(tokens), k))
 
         cases: dict[str, Callable[[], object]] = {"full": lambda: prefill(tokens, ids)}
+        logits = model.scorer(tokens)  # once: every budget's kept tokens and placeholders come from it
         for k in budgets:
-            pruned_ids = prune_placeholders(ids, topk_indices(model.scorer(tokens), k), IMAGE_TOKEN_ID, n).input_ids
-            cases[f"pruned_{k}"] = lambda kept=select(k), pruned_ids=pruned_ids: prefill(kept, pruned_ids)
+            indices = topk_indices(logits, k)
+            pruned_ids = prune_placeholders(ids, indices, IMAGE_TOKEN_ID, n).input_ids
+            cases[f"pruned_{k}"] = lambda kept=gather_tokens(tokens, indices), pruned_ids=pruned_ids: prefill(kept, pruned_ids)
         cases["scorer"] = lambda: select(min(budgets))
     return cases
 
