@@ -1,6 +1,7 @@
 """The training pipeline end to end on loopback: corpus on S3 (moto) -> Ray Data preprocessing
--> Ray Train with DeepSpeed ZeRO-2 on 2 CPU workers, checkpoints on S3, a worker killed
-mid-run -> MLflow (sqlite) metrics and a registered model that loads back."""
+-> Ray Train with DeepSpeed ZeRO-2 on 2 CPU workers, checkpoints on S3 -> MLflow (sqlite)
+metrics and a registered model that loads back. A lost worker group resuming from its S3
+checkpoint is `tests/test_ray_job.py`'s two-node run (ZeRO-2 too)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def s3_env(moto_s3):
         yield moto_s3
 
 
-def test_train_resumes_after_worker_death_and_registers(ray_local, s3_env, tiny_llava_dir, tmp_path, capsys):
+def test_train_pipeline_checkpoints_on_s3_and_registers_a_scorer_that_loads_back(ray_local, s3_env, tiny_llava_dir, tmp_path, capsys):
     upload_marker_corpus(s3_env.client, "corpus", 24)
     stats = preprocess.run(preprocess.PreprocessConfig(
         input=[f"s3://{BUCKET}/corpus/corpus.json"], output=f"s3://{BUCKET}/pre", model=str(tiny_llava_dir)))
@@ -66,8 +67,8 @@ def test_train_resumes_after_worker_death_and_registers(ray_local, s3_env, tiny_
         "model": {"path": TINY_LLAVA, "dtype": "float32"},  # compared with float32 models below
         "autoselect": {"budget": 16, "temperature_steps": 6},
         "data": {"train": stats["data"], "batch_size": 2, "decode_cpus": 0},  # 2 CPUs: Ray Data gets 1
-        "optim": {"steps": 6, "lr": 1e-3, "checkpoint_every": 2, "fail_at_step": 3},
-        "ray": {"num_workers": 2, "cpus_per_worker": 0.5, "storage_path": f"s3://{BUCKET}/ray", "max_failures": 1},
+        "optim": {"steps": 6, "lr": 1e-3, "checkpoint_every": 2},
+        "ray": {"num_workers": 2, "cpus_per_worker": 0.5, "storage_path": f"s3://{BUCKET}/ray", "max_failures": 0},
         "deepspeed": {"zero_stage": 2},
         "mlflow": {"tracking_uri": tracking, "experiment": "pipeline-test", "registered_model": "tiny-scorer",
                    "artifact_location": (tmp_path / "artifacts").as_uri(), "log_system_metrics": False},
@@ -78,7 +79,7 @@ def test_train_resumes_after_worker_death_and_registers(ray_local, s3_env, tiny_
     assert "train step 3/6" in printed.split("train step 6/6")[0]  # and not only at the end
 
     assert summary["metrics"]["step"] == 6
-    assert summary["metrics"]["resumed_from_step"] == 2  # the checkpoint taken before the kill
+    assert summary["metrics"]["resumed_from_step"] == -1  # one worker group ran it all (max_failures 0)
     assert summary["checkpoint"].startswith(f"{BUCKET}/ray/")
     listed = s3_env.client.list_objects_v2(Bucket=BUCKET, Prefix="ray/")["Contents"]
     names = {item["Key"].rsplit("/", 1)[-1] for item in listed}
@@ -88,7 +89,7 @@ def test_train_resumes_after_worker_death_and_registers(ray_local, s3_env, tiny_
     mlflow.set_tracking_uri(tracking)
     client = MlflowClient()
     run = client.get_run(summary["run_id"])
-    assert run.data.tags["resumed_from_step"] == "2"
+    assert "resumed_from_step" not in run.data.tags
     losses = client.get_metric_history(summary["run_id"], "loss")
     assert sorted({m.step for m in losses}) == [1, 2, 3, 4, 5, 6]
     for name in ("temperature", "lr", "tokens_per_s", "alpha_mean", "alpha_entropy"):

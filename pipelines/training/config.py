@@ -83,7 +83,6 @@ class OptimSection:
     checkpoint_every: int = 50
     log_every: int = 1
     seed: int = 0
-    fail_at_step: int | None = None  # fault injection for tests: worker rank 1 exits once at this step
 
     def __post_init__(self) -> None:
         for name in ("steps", "checkpoint_every", "log_every"):

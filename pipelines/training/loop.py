@@ -9,7 +9,6 @@ AutoSelect folder (``autoselect/``) that registration and serving use.
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -97,17 +96,6 @@ def full_parameters(model: AutoSelectModel, zero_stage: int):
         yield
 
 
-def maybe_fail(config: TrainConfig, step: int, rank: int, world: int, marker: Path) -> None:
-    """Fault injection for tests: one worker dies (once per run) when reaching ``fail_at_step``."""
-    if config.optim.fail_at_step != step or rank != min(1, world - 1) or marker.exists():
-        return
-    marker.write_text(f"worker rank {rank} killed at step {step}\n")
-    # Die only once Ray Train has registered every checkpoint reported so far, so the test
-    # knows which one the restarted group must resume from (otherwise it is a race).
-    ray.train.get_all_reported_checkpoints(timeout_s=120)
-    os._exit(1)
-
-
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config = from_mapping(TrainConfig, loop_config["config"])
     context = ray.train.get_context()
@@ -140,7 +128,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         mlflow.start_run(run_id=loop_config["run_id"], log_system_metrics=config.mlflow.log_system_metrics)
         if resumed_from >= 0:
             mlflow.set_tag("resumed_from_step", str(resumed_from))
-    marker = Path(tempfile.gettempdir()) / f"autoselect-fault-{loop_config['run_id']}"
     shard = ray.train.get_dataset_shard("train")
     pad = model.adapter.pad_token_id
 
@@ -150,7 +137,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         seed = (config.optim.seed * 1_000_003 + epoch) * 1_009 + rank  # per run, epoch and rank
         for batch in batches(shard, config.data.batch_size, pad, skip, config.data.shuffle_buffer, seed):
             produced = True
-            maybe_fail(config, step, rank, world, marker)
             started = time.perf_counter()
             batch = {k: v.to(device) for k, v in batch.items()}
             loss, metrics = compute_loss(model, batch, step, forward=engine)
