@@ -31,6 +31,7 @@ from safetensors import safe_open
 
 from autoselect.model import WEIGHTS_NAME
 from mlops import registry, storage
+from pipelines.preprocessing.parquet_reads import read_parquet
 from pipelines.preprocessing.shards import ImageTensors, has_encoded_images
 from pipelines.training import AUTOSELECT_DIR
 from pipelines.training.config import TrainConfig, load_train_config
@@ -87,7 +88,7 @@ def training_input(config: TrainConfig) -> ray.data.Dataset:
     fs, data_path = storage.resolve(config.data.train, config.data.s3_endpoint)
     # reading is I/O: a small CPU share, so the reads still get scheduled beside actors that hold
     # the CPUs Ray Train leaves to Ray Data (a whole CPU each would wait on them for ever)
-    dataset = ray.data.read_parquet(data_path, filesystem=fs, num_cpus=READ_CPUS)
+    dataset = read_parquet(data_path, filesystem=fs, num_cpus=READ_CPUS)
     if not has_encoded_images(dataset.schema()):
         return dataset
     return dataset.map_batches(

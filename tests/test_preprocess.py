@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -376,6 +377,25 @@ def test_tasks_keep_only_those_records_and_every_rejected_one(ray_local, tiny_ll
     for bad in ([], [""], [3]):
         with pytest.raises(ValueError, match="tasks"):
             PreprocessConfig(input=["a.json"], output="o", model="m", tasks=bad)
+
+
+def planned_footer_readers(dataset) -> int:
+    """The footer-reader pool Ray Data's planned parquet read will start (its ListFiles operator's
+    indexer): a guard that the pinned Ray still takes the number from the environment at plan time."""
+    (listing,) = dataset._logical_plan.dag.input_dependencies
+    return listing.file_indexer._num_actors
+
+
+def test_parquet_reads_start_one_footer_reader_unless_the_environment_says_otherwise(ray_local, tmp_path, monkeypatch):
+    from pipelines.preprocessing.parquet_reads import FOOTER_READERS_ENV, read_parquet
+
+    pq.write_table(pa.table({"x": [1, 2, 3]}), tmp_path / "part-0.parquet")
+    monkeypatch.delenv(FOOTER_READERS_ENV, raising=False)
+    dataset = read_parquet(str(tmp_path))
+    assert planned_footer_readers(dataset) == 1 and FOOTER_READERS_ENV not in os.environ  # set around the call only
+    assert planned_footer_readers(ray_local.data.read_parquet(str(tmp_path))) == 32  # other reads keep Ray's default
+    monkeypatch.setenv(FOOTER_READERS_ENV, "8")  # a user's own setting (a read of many thousands of files) wins
+    assert planned_footer_readers(read_parquet(str(tmp_path))) == 8 and os.environ[FOOTER_READERS_ENV] == "8"
 
 
 def test_in_subset_is_a_stable_nested_share_of_ids():

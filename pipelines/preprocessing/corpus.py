@@ -26,6 +26,7 @@ import pyarrow.fs as pafs
 import ray.data
 
 from mlops import storage
+from pipelines.preprocessing.parquet_reads import read_parquet
 from pipelines.preprocessing.samples import BAD_RECORD, EMPTY_TEXT, MISSING_IMAGE, Rejected, chat_messages
 
 FORMATS = ("llava", "parquet", "webdataset")
@@ -133,7 +134,7 @@ def read_corpus(
         samples = files.flat_map(llava_file_samples, fn_kwargs=kwargs)
         return Corpus(samples=samples, records=samples, image_fs=image_fs)
     if fmt == "parquet":
-        raw = ray.data.read_parquet(paths, filesystem=fs, include_paths=True)
+        raw = read_parquet(paths, filesystem=fs, include_paths=True)
         return Corpus(samples=raw.map(parquet_sample, fn_kwargs=kwargs), records=raw, image_fs=image_fs)
     if fmt == "webdataset":
         raw = ray.data.read_webdataset(paths, filesystem=fs, decoder=None)
